@@ -1,0 +1,122 @@
+"""Callbacks: ``pruning/*`` scalars for TensorBoard through SB3's logger, and resumable checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prunegym.compression.checkpoint import read_json, write_json
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import HParam
+
+__all__ = ["PruningCallback", "CheckpointCallback", "latest_checkpoint"]
+
+
+class PruningCallback(BaseCallback):
+    """Logs every finished pruning episode and remembers the best one (AMC exports the best episode).
+
+    Scalars, averaged over the episodes between two dumps: ``pruning/episode_reward``,
+    ``pruning/accuracy``, ``pruning/loss``, ``pruning/density``, ``pruning/flops_ratio``; and
+    ``pruning/best_reward`` with ``pruning/best_keep_ratio/<group>`` for the best episode so far.
+    ``hparams`` are logged once, at the start of training.
+    """
+
+    def __init__(self, group_names: list[str], hparams: dict[str, Any] | None = None, verbose: int = 0):
+        super().__init__(verbose)
+        self.group_names = group_names
+        self.hparams = hparams or {}
+        self.episodes = 0
+        self.best: dict[str, Any] | None = None  # info of the best episode, with its reward
+
+    def _on_training_start(self) -> None:
+        if self.hparams and self.episodes == 0:
+            hparams = {k: (v if isinstance(v, bool | str | float | int) or v is None else str(v))
+                       for k, v in self.hparams.items()}
+            self.logger.record("hparams", HParam(hparams, {"pruning/best_reward": 0.0, "pruning/accuracy": 0.0}),
+                               exclude=("stdout", "log", "json", "csv"))
+
+    def _on_step(self) -> bool:
+        rewards = self.locals.get("rewards")
+        for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"], strict=True)):
+            if not done or "keep_ratios" not in info:
+                continue
+            reward = float(np.asarray(rewards)[i])
+            self.episodes += 1
+            self.logger.record_mean("pruning/episode_reward", reward)
+            for key in ("accuracy", "loss", "density", "flops_ratio"):
+                self.logger.record_mean(f"pruning/{key}", float(info[key]))
+            if self.best is None or reward > self.best["reward"]:
+                self.best = {"reward": reward, "episode": self.episodes, "timestep": int(self.num_timesteps),
+                             **{k: info[k] for k in ("accuracy", "loss", "density", "flops", "flops_ratio",
+                                                     "params", "keep_ratios", "keep_counts")}}
+        if self.best is not None:
+            self.logger.record("pruning/best_reward", self.best["reward"])
+            self.logger.record("pruning/episodes", self.episodes)
+            for t, (name, ratio) in enumerate(zip(self.group_names, self.best["keep_ratios"], strict=True)):
+                self.logger.record(f"pruning/best_keep_ratio/{t:02d}_{name}", ratio)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.logger.dump(self.num_timesteps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episodes": self.episodes, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episodes = int(state["episodes"])
+        self.best = state["best"]
+
+
+def latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint in ``directory``: (agent zip, its state), or None."""
+    state_path = Path(directory) / "state.json"
+    if not state_path.is_file():
+        return None
+    state = read_json(state_path)
+    agent = Path(directory) / state["agent"]
+    if not agent.is_file():
+        raise FileNotFoundError(f"{state_path} names {agent}, which is missing: the checkpoint is damaged")
+    return agent, state
+
+
+class CheckpointCallback(BaseCallback):
+    """Every ``save_freq`` steps and at the end: the agent zip, the replay buffer (off-policy agents)
+    and ``state.json`` (timesteps, the pruning callback's best episode). ``state.json`` is written last
+    and atomically, so it only ever names a complete checkpoint."""
+
+    def __init__(self, directory: str | Path, save_freq: int, pruning: PruningCallback, keep: int = 2):
+        super().__init__()
+        if save_freq < 1:
+            raise ValueError(f"save_freq must be >= 1, got {save_freq}")
+        self.directory = Path(directory)
+        self.save_freq = save_freq
+        self.pruning = pruning
+        self.keep = keep
+        self._last_saved = -1
+
+    def _save(self) -> None:
+        if self.num_timesteps == self._last_saved:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"agent_{self.num_timesteps}_steps"
+        self.model.save(self.directory / f"{name}.zip")
+        state = {"agent": f"{name}.zip", "num_timesteps": int(self.num_timesteps),
+                 "callback": self.pruning.state_dict()}
+        if hasattr(self.model, "replay_buffer") and self.model.replay_buffer is not None:
+            self.model.save_replay_buffer(self.directory / f"{name}_replay_buffer.pkl")
+            state["replay_buffer"] = f"{name}_replay_buffer.pkl"
+        write_json(self.directory / "state.json", state)
+        self._last_saved = self.num_timesteps
+        old = sorted(self.directory.glob("agent_*_steps.zip"), key=lambda p: int(p.stem.split("_")[1]))
+        for path in old[: -self.keep]:
+            path.unlink(missing_ok=True)
+            (self.directory / f"{path.stem}_replay_buffer.pkl").unlink(missing_ok=True)
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            self._save()
+        return True
+
+    def _on_training_end(self) -> None:
+        self._save()

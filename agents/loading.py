@@ -1,0 +1,53 @@
+"""From a run directory back to models: the inference model, and the trained agent with its env config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prunegym.compression.checkpoint import load_checkpoint, read_json
+from stable_baselines3.common.base_class import BaseAlgorithm
+from torch import nn
+
+from .factory import ALGORITHMS
+
+__all__ = ["load_inference_model", "load_agent"]
+
+
+def _run_dir(run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a prunegym run directory (no config.json)")
+    return path
+
+
+def load_inference_model(run_dir: str | os.PathLike) -> nn.Module:
+    """The pruned (physically smaller) model of a finished run, in eval mode on the CPU.
+
+    It is a plain ``nn.Module``: running it needs neither gymnasium nor stable-baselines3.
+    """
+    path = _run_dir(run_dir)
+    if not (path / "model.pt").is_file():
+        raise FileNotFoundError(f"run {path} is incomplete (no model.pt); continue it with "
+                                f"`python scripts/train.py --run-dir {path} --resume`")
+    model, _, _ = load_checkpoint(path / "model.pt")
+    return model
+
+
+def load_agent(run_dir: str | os.PathLike, device: str = "auto") -> tuple[BaseAlgorithm, dict[str, Any]]:
+    """The trained SB3 agent and the keywords of the env it was trained on.
+
+    ``gymnasium.make("prunegym/LayerPruning-v0", **env_kwargs)`` rebuilds that env. A run that was
+    stopped during the search yields its latest checkpoint's agent.
+    """
+    path = _run_dir(run_dir)
+    data = read_json(path / "config.json")
+    algo = data["config"]["algo"]
+    agent_path = path / "agent.zip"
+    if not agent_path.is_file():
+        state_path = path / "checkpoints" / "state.json"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"run {path} has no agent.zip and no checkpoint yet")
+        agent_path = path / "checkpoints" / read_json(state_path)["agent"]
+    return ALGORITHMS[algo].load(agent_path, device=device), dict(data["env_kwargs"])

@@ -1,0 +1,297 @@
+"""The main job, readable top to bottom: base model -> RL search -> best policy -> hard prune ->
+fine-tune -> report, everything in one run directory.
+
+A run directory holds ``config.json`` (written first), ``checkpoints/`` (during the search),
+``tb/`` (TensorBoard events), ``agent.zip``, ``model.pt`` (the pruned, fine-tuned model with its
+architecture), ``uniform.pt`` (the uniform baseline) and ``report.json``, written last: a run is
+complete exactly when ``report.json`` exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import os
+import platform
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prunegym.compression.channels import prune_channels
+from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
+from prunegym.compression.data import load_dataset
+from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes
+from prunegym.compression.models import MODELS
+from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
+from prunegym.envs import DENSITY_KINDS, LayerPruningEnv
+from stable_baselines3.common.monitor import Monitor
+
+from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
+from .factory import ALGORITHMS, make_agent
+
+__all__ = ["TrainConfig", "train", "env_kwargs", "load_config", "format_report", "field_docs", "uniform_keep_counts",
+           "RunDirError"]
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, is incomplete, or is not a run)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs, written once to ``config.json``."""
+
+    env: str = "layer"
+    """which environment: ``layer`` (per-layer static masks); ``input`` is not available yet"""
+    model: str = "digits_cnn"
+    """zoo name (digits_cnn, resnet20, resnet56, vgg_small) or ``package.module:factory``"""
+    dataset: str = "digits"
+    """``digits``, ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
+    algo: str = "ppo"
+    """the SB3 algorithm: ppo, a2c, sac, td3, ddpg"""
+    lam: float = 1.0
+    """λ, the price of density in the reward ``-task_loss - λ·density``"""
+    density: str = "flops"
+    """what density measures: flops, params or channels"""
+    flops_target: float | None = None
+    """budget mode: the largest FLOPs ratio the pruned model may have (the reward is then ``-task_loss``)"""
+    min_keep: float = 0.1
+    """the smallest keep ratio the agent may choose for a group"""
+    importance: str = "l1"
+    """which channels stay inside a group: l1, l2 or bn_scale"""
+    timesteps: int = 6000
+    """environment steps of the search (one step per channel group)"""
+    seed: int = 0
+    """seed of the data split, the base model, the agent and the fine-tune"""
+    base_epochs: int = BASE_EPOCHS
+    """epochs to train the dense base model (cached per model, dataset, seed and epochs)"""
+    finetune_epochs: int = 10
+    """epochs of fine-tuning after pruning, the same for the RL-pruned and the uniform model"""
+    finetune_lr: float = 5e-4
+    """learning rate of the fine-tune"""
+    device: str = "auto"
+    """where the search and the fine-tune run: auto, cpu, cuda; latency is always timed on the CPU"""
+    threads: int = 1
+    """CPU threads for the latency measurements"""
+    checkpoint_freq: int = 1000
+    """save a resumable checkpoint every this many timesteps"""
+    run_dir: str = ""
+    """the run directory; empty: ``runs/<env>__<model>__<dataset>__<seed>__<time>``"""
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    """overrides of the agent's default hyper-parameters"""
+
+    def validate(self) -> None:
+        if self.env != "layer":
+            raise ValueError(f"env {self.env!r} is not available; expected 'layer'")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
+        if self.density not in DENSITY_KINDS:
+            raise ValueError(f"density {self.density!r} is unknown; expected one of {DENSITY_KINDS}")
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
+        if self.flops_target is not None and not 0 < self.flops_target <= 1:
+            raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target}")
+        for name in ("timesteps", "checkpoint_freq", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("finetune_epochs", "base_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if ":" not in self.model and self.model not in MODELS:
+            raise ValueError(f"model {self.model!r} is unknown; expected one of {sorted(MODELS)} "
+                             "or 'package.module:factory'")
+
+    def default_run_dir(self) -> str:
+        dataset = self.dataset.split(":")[0]
+        model = self.model.replace(":", ".").replace("/", "_")
+        return os.path.join("runs", f"{self.env}__{model}__{dataset}__{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (read from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = after.value.value
+    return docs
+
+
+def env_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The keywords of ``prunegym/LayerPruning-v0`` this config trains on."""
+    return {"model": config.model, "dataset": config.dataset, "lam": config.lam, "density": config.density,
+            "seed": config.seed, "flops_target": config.flops_target, "min_keep": config.min_keep,
+            "importance": config.importance, "base_epochs": config.base_epochs}
+
+
+def uniform_keep_counts(env: LayerPruningEnv, flops: float) -> np.ndarray:
+    """Keep counts of one keep ratio for every group: the largest ratio whose FLOPs stay within ``flops``."""
+    ratios = np.linspace(0.0, 1.0, 2001)
+    counts = np.stack([np.clip(np.rint(r * env.graph.num_channels), 1, env.graph.num_channels) for r in ratios])
+    fits = np.flatnonzero(env.graph.flops(counts) <= flops * (1 + 1e-9))
+    return counts[fits[-1] if len(fits) else 0].astype(np.int64)
+
+
+def _measure(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
+    model = model.cpu().eval()
+    x1 = splits.test.x[:1]
+    x64 = splits.test.x[:64].repeat(-(-64 // min(64, len(splits.test))), 1, 1, 1)[:64]
+    loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
+    return {
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "flops": count_flops(model, x1),
+        "params": count_params(model),
+        "bytes": model_bytes(model),
+        "latency_b1_ms": 1e3 * measure_latency(model, x1, repeats=200, warmup=20, threads=threads),
+        "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=50, warmup=5, threads=threads),
+    }
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
+    run_dir = Path(config.run_dir or config.default_run_dir())
+    config_path = run_dir / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise RunDirError(f"cannot resume {run_dir}: it has no config.json (not a prunegym run directory)")
+        # The run is incomplete again until the new report is written.
+        (run_dir / "report.json").unlink(missing_ok=True)
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                          "or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.run_dir = str(run_dir)
+    write_json(config_path, {"config": dataclasses.asdict(config), "env_id": "prunegym/LayerPruning-v0",
+                             "env_kwargs": env_kwargs(config), "python": sys.version.split()[0],
+                             "torch": torch.__version__, "platform": platform.platform()})
+    return run_dir
+
+
+def load_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The ``TrainConfig`` a run directory was started with."""
+    data = read_json(Path(run_dir) / "config.json")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in data["config"].items() if k in known})
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
+          log: Any = print) -> dict[str, Any]:
+    """Run the whole job (or resume it from its last checkpoint) and return the report."""
+    if resume:
+        if not config.run_dir:
+            raise RunDirError("--resume needs --run-dir, the run to continue")
+        saved = load_config(config.run_dir)
+        saved.timesteps = max(saved.timesteps, config.timesteps) if config.timesteps else saved.timesteps
+        config = saved
+    config.validate()
+    run_dir = _prepare_run_dir(config, resume)
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    log(f"run directory: {run_dir}")
+
+    # 1. Base model (trained once per model, dataset, seed, then cached) and the environment.
+    splits = load_dataset(config.dataset, config.seed)
+    env = LayerPruningEnv(**env_kwargs(config), device=str(device))
+    dense = env.evaluate_counts(env.graph.num_channels)
+    log(f"base model {config.model}: reward-split accuracy {dense['accuracy']:.4f}, "
+        f"{len(env.graph.groups)} channel groups, {env.dense_flops / 1e6:.2f} MFLOPs")
+
+    # 2. The RL search, resumable from the latest checkpoint.
+    monitored = Monitor(env)
+    hparams = {**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)}
+    pruning_cb = PruningCallback([g.name for g in env.graph.groups], hparams=hparams)
+    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, pruning_cb)
+    agent_cls = ALGORITHMS[config.algo]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if checkpoint is not None:
+        path, state = checkpoint
+        agent = agent_cls.load(path, env=monitored, device=device, tensorboard_log=str(run_dir / "tb"))
+        if "replay_buffer" in state:
+            agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
+        pruning_cb.load_state_dict(state["callback"])
+        log(f"resuming from {path} at timestep {agent.num_timesteps}")
+    else:
+        agent = make_agent(config.algo, monitored, episode_length=env.num_groups, seed=config.seed,
+                           device=str(device), tensorboard_log=str(run_dir / "tb"),
+                           hyperparameters=config.hyperparameters)
+    remaining = config.timesteps - agent.num_timesteps
+    if remaining > 0:
+        agent.learn(remaining, callback=[pruning_cb, ckpt_cb], tb_log_name=config.algo,
+                    reset_num_timesteps=checkpoint is None, progress_bar=progress_bar)
+    agent.save(run_dir / "agent.zip")
+    search_seconds = time.perf_counter() - started
+
+    # 3. The best policy found: the best episode of the search, or the final deterministic policy.
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        action, _ = agent.predict(obs, deterministic=True)
+        obs, reward, done, _, info = env.step(action)
+    candidates = [("final deterministic policy", float(reward), info)]
+    if pruning_cb.best is not None:
+        candidates.append(("best search episode", pruning_cb.best["reward"], pruning_cb.best))
+    source, best_reward, best = max(candidates, key=lambda c: c[1])
+    counts = np.asarray(best["keep_counts"], dtype=np.int64)
+    log(f"best policy ({source}): reward {best_reward:.4f}, FLOPs ratio {best['flops_ratio']:.3f}, "
+        f"keep ratios {np.round(best['keep_ratios'], 3).tolist()}")
+
+    # 4. Hard prune and fine-tune the RL choice and the uniform L1 baseline at the same FLOPs.
+    uniform = uniform_keep_counts(env, float(env.graph.flops(counts)))
+    models = {"dense": env.model}
+    for name, keep in (("rl", counts), ("uniform", uniform)):
+        pruned = prune_channels(env.model, env.graph, env.kept_channels(keep))
+        train_classifier(pruned, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                         seed=config.seed, device=device)
+        models[name] = pruned
+
+    # 5. Report: test split only, latency on the CPU with fixed threads, all models in one process.
+    results = {name: _measure(model, splits, config.threads) for name, model in models.items()}
+    for name in ("rl", "uniform"):
+        results[name]["keep_ratios"] = ((counts if name == "rl" else uniform) / env.graph.num_channels).tolist()
+    for result in results.values():
+        result["flops_ratio"] = result["flops"] / results["dense"]["flops"]
+        for b in ("b1", "b64"):
+            result[f"latency_ratio_{b}"] = result[f"latency_{b}_ms"] / results["dense"][f"latency_{b}_ms"]
+    arch_of = lambda m: describe_architecture(m, config.model, splits.in_channels, splits.num_classes,  # noqa: E731
+                                              splits.image_size)
+    save_checkpoint(run_dir / "model.pt", models["rl"], arch_of(models["rl"]),
+                    {"kind": "static", "keep_ratios": results["rl"]["keep_ratios"], "run_dir": str(run_dir)})
+    save_checkpoint(run_dir / "uniform.pt", models["uniform"], arch_of(models["uniform"]),
+                    {"kind": "static", "keep_ratios": results["uniform"]["keep_ratios"]})
+    report = {
+        "results": results,
+        "search": {"source": source, "best_reward": best_reward, "episodes": pruning_cb.episodes,
+                   "timesteps": int(agent.num_timesteps), "seconds": search_seconds,
+                   "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups]},
+        "notes": "FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
+                 f"{config.threads} thread(s); accuracy on the test split after {config.finetune_epochs} "
+                 "fine-tune epochs for both pruned models.",
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(run_dir / "report.json", report)
+    log(format_report(report))
+    env.close()
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a table for the terminal."""
+    header = (f"{'model':<10}{'test acc':>10}{'FLOPs':>12}{'ratio':>8}{'params':>10}{'bytes':>10}"
+              f"{'b1 ms':>9}{'b64 ms':>9}{'b64 ratio':>11}")
+    lines = [header, "-" * len(header)]
+    for name, r in report["results"].items():
+        lines.append(f"{name:<10}{r['test_accuracy']:>10.4f}{r['flops']:>12,}{r['flops_ratio']:>8.3f}"
+                     f"{r['params']:>10,}{r['bytes']:>10,}{r['latency_b1_ms']:>9.3f}{r['latency_b64_ms']:>9.3f}"
+                     f"{r['latency_ratio_b64']:>11.3f}")
+    lines.append(report["notes"])
+    return "\n".join(lines)

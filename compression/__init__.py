@@ -1,0 +1,53 @@
+"""The compression core: data, models, training, channel machinery and metrics. Knows nothing of RL."""
+
+from .channels import (
+    IMPORTANCES,
+    BNScaleImportance,
+    ChannelGraph,
+    ChannelGroup,
+    Importance,
+    L1Importance,
+    L2Importance,
+    SoftMask,
+    make_importance,
+    prune_channels,
+    recalibrate_bn,
+)
+from .checkpoint import build_from_architecture, describe_architecture, load_checkpoint, save_checkpoint
+from .data import DATASETS, Split, Splits, load_dataset
+from .metrics import count_flops, count_layer_flops, count_params, measure_latency, model_bytes
+from .models import MODELS, build_model
+from .training import base_model, evaluate, resolve_device, train_classifier
+
+__all__ = [
+    "BNScaleImportance",
+    "ChannelGraph",
+    "ChannelGroup",
+    "DATASETS",
+    "IMPORTANCES",
+    "Importance",
+    "L1Importance",
+    "L2Importance",
+    "MODELS",
+    "SoftMask",
+    "Split",
+    "Splits",
+    "base_model",
+    "build_from_architecture",
+    "build_model",
+    "count_flops",
+    "count_layer_flops",
+    "count_params",
+    "describe_architecture",
+    "evaluate",
+    "load_checkpoint",
+    "load_dataset",
+    "make_importance",
+    "measure_latency",
+    "model_bytes",
+    "prune_channels",
+    "recalibrate_bn",
+    "resolve_device",
+    "save_checkpoint",
+    "train_classifier",
+]

@@ -1,0 +1,416 @@
+"""Channel machinery: prunable channel groups, importance criteria, soft masks, hard pruning.
+
+Channel groups come from torch-pruning's dependency graph, which traces the network and couples
+every layer that must lose the same channels (the convs and BNs feeding one residual add, the
+consumers reading them). A group is pruned as a unit; which of its channels go is the importance
+criterion's choice.
+
+Soft masks multiply the *inputs of a group's consumers* by a 0/1 vector. A zeroed input channel
+contributes nothing to any consumer, and the group's channels reach nothing else, so the soft-masked
+network computes exactly what the physically pruned one computes (``prune_channels``): the soft mask
+is the fast way to evaluate a pruning decision, the hard prune the way to ship it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .metrics import count_layer_flops
+
+__all__ = [
+    "ChannelGroup",
+    "ChannelGraph",
+    "Importance",
+    "L1Importance",
+    "L2Importance",
+    "BNScaleImportance",
+    "IMPORTANCES",
+    "make_importance",
+    "SoftMask",
+    "prune_channels",
+    "recalibrate_bn",
+    "bn_state",
+    "load_bn_state",
+]
+
+_PARAM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads a group's channels: ``input_index[j]`` of its input is channel ``channel[j]``."""
+
+    name: str
+    input_index: torch.Tensor
+    channel: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be pruned together, e.g. every output feeding one residual add."""
+
+    index: int
+    name: str  # the first producer in module order; the group's "layer" for the environment
+    num_channels: int
+    producers: tuple[str, ...]  # conv/linear layers whose output channels are this group
+    norms: tuple[str, ...]  # batch norms over this group's channels
+    consumers: tuple[Consumer, ...]
+    in_channels: int  # of the first producer
+    kernel_size: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """A conv/linear/BN layer's share of FLOPs and parameters and the groups that scale it."""
+
+    name: str
+    flops: int
+    weight: int  # parameters that scale with in x out channels
+    per_out: int  # parameters that scale with out channels only (bias, BN affine)
+    in_group: int | None
+    out_group: int | None
+
+
+def _kernel_stride(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
+        return int(module.kernel_size[0]), int(module.stride[0])
+    return 1, 1
+
+
+def _in_channels(module: nn.Module) -> int:
+    return int(module.in_channels if hasattr(module, "in_channels") else module.in_features)
+
+
+class ChannelGraph:
+    """The prunable channel groups of a model, with an exact cost model for any keep counts.
+
+    ``ignored`` names layers whose output channels must not be pruned; the classifier (the last
+    linear layer) is always ignored, since its outputs are the classes.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignored: Iterable[str] = ()):
+        self.model = model
+        self.example_input = example_input
+        names = {m: n for n, m in model.named_modules()}
+        order = {n: i for i, n in enumerate(names.values())}
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        ignored_modules = [dict(model.named_modules())[n] for n in ignored]
+        if linears:
+            ignored_modules.append(linears[-1])
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+
+        groups = []
+        for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=_PARAM_LAYERS):
+            producers, norms, consumers = [], [], []
+            for item in group:
+                module, handler = item.dep.target.module, item.dep.handler
+                if module not in names:
+                    continue  # functional nodes (add, relu, flatten) own no parameters
+                is_out = graph.is_out_channel_pruning_fn(handler)
+                is_in = graph.is_in_channel_pruning_fn(handler)
+                if isinstance(module, _NORM_LAYERS):
+                    norms.append(names[module])
+                elif isinstance(module, _PARAM_LAYERS) and is_out and not is_in:
+                    producers.append(names[module])
+                elif isinstance(module, _PARAM_LAYERS) and is_in:
+                    consumers.append(
+                        Consumer(
+                            names[module],
+                            torch.as_tensor(item.idxs, dtype=torch.long),
+                            torch.as_tensor(item.root_idxs, dtype=torch.long),
+                        )
+                    )
+            if not producers:
+                continue
+            producers.sort(key=order.__getitem__)
+            groups.append((producers, norms, consumers, len(group[0].idxs)))
+        groups.sort(key=lambda g: order[g[0][0]])
+
+        modules = dict(model.named_modules())
+        self.groups: list[ChannelGroup] = []
+        for index, (producers, norms, consumers, num_channels) in enumerate(groups):
+            root = modules[producers[0]]
+            kernel, stride = _kernel_stride(root)
+            self.groups.append(
+                ChannelGroup(
+                    index=index,
+                    name=producers[0],
+                    num_channels=num_channels,
+                    producers=tuple(producers),
+                    norms=tuple(sorted(set(norms), key=order.__getitem__)),
+                    consumers=tuple(sorted(consumers, key=lambda c: order[c.name])),
+                    in_channels=_in_channels(root),
+                    kernel_size=kernel,
+                    stride=stride,
+                )
+            )
+        if not self.groups:
+            raise ValueError(f"{type(model).__name__} has no prunable channel groups")
+        self.num_channels = np.array([g.num_channels for g in self.groups], dtype=np.int64)
+        self.layers = self._layer_costs(modules, example_input)
+        self.dense_flops = int(sum(layer.flops for layer in self.layers))
+        self.dense_params = int(sum(p.numel() for p in model.parameters()))
+        self._cost_tables()
+
+    def _layer_costs(self, modules: dict[str, nn.Module], example_input: torch.Tensor) -> list[LayerCost]:
+        out_group: dict[str, int] = {}
+        in_group: dict[str, int] = {}
+        for g in self.groups:
+            for name in g.producers + g.norms:
+                out_group[name] = g.index
+            for c in g.consumers:
+                in_group[c.name] = g.index
+        flops = count_layer_flops(self.model, example_input)
+        layers = []
+        for name, m in modules.items():
+            if isinstance(m, _NORM_LAYERS):
+                per_out = sum(p.numel() for p in m.parameters(recurse=False))
+                layers.append(LayerCost(name, 0, 0, per_out, None, out_group.get(name)))
+            elif isinstance(m, _PARAM_LAYERS):
+                bias = m.bias.numel() if m.bias is not None else 0
+                layers.append(
+                    LayerCost(name, flops.get(name, 0), m.weight.numel(), bias, in_group.get(name), out_group.get(name))
+                )
+        return layers
+
+    # ---- cost model ------------------------------------------------------------------------------
+    def _cost_tables(self) -> None:
+        # Column G of the padded fraction matrix is all ones: "scaled by no group".
+        n = len(self.groups)
+        none = lambda g: n if g is None else g  # noqa: E731
+        self._flops = np.array([layer.flops for layer in self.layers], dtype=np.float64)
+        self._weight = np.array([layer.weight for layer in self.layers], dtype=np.float64)
+        self._per_out = np.array([layer.per_out for layer in self.layers], dtype=np.float64)
+        self._out = np.array([none(layer.out_group) for layer in self.layers], dtype=np.int64)
+        # A layer whose input and output are the same group (depthwise) scales once, not twice.
+        self._in = np.array([n if layer.in_group == layer.out_group else none(layer.in_group)
+                             for layer in self.layers], dtype=np.int64)
+        self._fixed_params = float(self.dense_params - self._weight.sum() - self._per_out.sum())
+
+    def _fractions(self, keep_counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        counts = np.asarray(keep_counts, dtype=np.float64)
+        if counts.shape[-1:] != (len(self.groups),):
+            raise ValueError(f"need one keep count per group ({len(self.groups)}), got shape {counts.shape}")
+        frac = counts / self.num_channels
+        return np.concatenate([frac, np.ones(frac.shape[:-1] + (1,))], axis=-1)
+
+    def flops(self, keep_counts: Sequence[int] | np.ndarray) -> float | np.ndarray:
+        """FLOPs of the model pruned to ``keep_counts`` channels per group, exactly as FlopCounterMode
+        counts them. A 2-D array of keep counts (one row per candidate) gives one value per row."""
+        frac = self._fractions(keep_counts)
+        return (frac[..., self._in] * frac[..., self._out]) @ self._flops
+
+    def params(self, keep_counts: Sequence[int] | np.ndarray) -> float | np.ndarray:
+        """Parameters of the model pruned to ``keep_counts`` (conv, linear and BN layers scale)."""
+        frac = self._fractions(keep_counts)
+        f_out = frac[..., self._out]
+        return self._fixed_params + (frac[..., self._in] * f_out) @ self._weight + f_out @ self._per_out
+
+    def keep_counts(self, keep_ratios: Sequence[float] | np.ndarray, min_channels: int = 1) -> np.ndarray:
+        """Channels kept per group for the given keep ratios (rounded, at least ``min_channels``)."""
+        ratios = np.asarray(keep_ratios, dtype=np.float64)
+        if ratios.shape != (len(self.groups),) or np.any(ratios < 0) or np.any(ratios > 1):
+            raise ValueError(f"need {len(self.groups)} keep ratios in [0, 1], got {ratios.tolist()}")
+        counts = np.rint(ratios * self.num_channels).astype(np.int64)
+        return np.clip(counts, np.minimum(min_channels, self.num_channels), self.num_channels)
+
+    def kept_channels(self, importance: Importance, keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+        """The indices of the ``keep_counts`` most important channels of each group, ascending."""
+        kept = []
+        for group, k in zip(self.groups, keep_counts, strict=True):
+            if not 1 <= int(k) <= group.num_channels:
+                raise ValueError(f"group {group.name!r} has {group.num_channels} channels, cannot keep {k}")
+            ranking = torch.argsort(importance(self.model, group), descending=True, stable=True)
+            kept.append(torch.sort(ranking[: int(k)]).values)
+        return kept
+
+
+# ---- importance criteria -----------------------------------------------------------------------
+class Importance:
+    """Scores a group's channels; higher means more important. Subclasses implement ``__call__``."""
+
+    name = "base"
+
+    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _NormImportance(Importance):
+    p: int = 1
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+        modules = dict(model.named_modules())
+        score = torch.zeros(group.num_channels)
+        for name in group.producers:
+            weight = modules[name].weight.detach().float().flatten(1)
+            # Normalise per producer so that coupled layers of different fan-in weigh alike.
+            norms = weight.norm(p=self.p, dim=1) / weight.shape[1]
+            score += norms.cpu()
+        return score
+
+
+class L1Importance(_NormImportance):
+    """Li et al. 2017: the L1 norm of each output filter, summed over the group's producers."""
+
+    name = "l1"
+    p = 1
+
+
+class L2Importance(_NormImportance):
+    """The L2 norm of each output filter, summed over the group's producers."""
+
+    name = "l2"
+    p = 2
+
+
+class BNScaleImportance(Importance):
+    """Network slimming: |gamma| of the batch norms over the group's channels, summed."""
+
+    name = "bn_scale"
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+        if not group.norms:
+            raise ValueError(f"group {group.name!r} has no batch norm; use the l1 or l2 criterion")
+        modules = dict(model.named_modules())
+        return sum(modules[n].weight.detach().abs().float().cpu() for n in group.norms)
+
+
+IMPORTANCES: dict[str, type[Importance]] = {"l1": L1Importance, "l2": L2Importance, "bn_scale": BNScaleImportance}
+
+
+def make_importance(name: str) -> Importance:
+    if name not in IMPORTANCES:
+        raise ValueError(f"unknown importance {name!r}; expected one of {sorted(IMPORTANCES)}")
+    return IMPORTANCES[name]()
+
+
+# ---- soft masks ---------------------------------------------------------------------------------
+class SoftMask:
+    """Zeroes the inputs that a group's consumers read from its pruned channels (forward pre-hooks).
+
+    Attach once, then call ``set`` with new keep indices as often as needed; ``remove`` detaches.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph):
+        self.graph = graph
+        self._modules = dict(model.named_modules())
+        self._masks: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for group in graph.groups:
+            for consumer in group.consumers:
+                if consumer.name not in self._masks:
+                    module = self._modules[consumer.name]
+                    self._masks[consumer.name] = torch.ones(_in_channels(module))
+                    self._handles.append(module.register_forward_pre_hook(self._hook(consumer.name)))
+        self.active = False
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]):
+            if not self.active:
+                return None
+            x = args[0]
+            mask = self._masks[name].to(x.device, x.dtype)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return (x * mask.view(shape),) + args[1:]
+
+        return hook
+
+    def set(self, kept: Sequence[torch.Tensor] | None) -> None:
+        """Keep only ``kept[g]`` channels of each group g; ``None`` turns masking off."""
+        if kept is None:
+            self.active = False
+            return
+        if len(kept) != len(self.graph.groups):
+            raise ValueError(f"need kept channels for {len(self.graph.groups)} groups, got {len(kept)}")
+        for mask in self._masks.values():
+            mask.fill_(1.0)
+        for group, idx in zip(self.graph.groups, kept, strict=True):
+            channel_mask = torch.zeros(group.num_channels)
+            channel_mask[idx] = 1.0
+            for consumer in group.consumers:
+                self._masks[consumer.name][consumer.input_index] = channel_mask[consumer.channel]
+        self.active = True
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.active = False
+
+
+# ---- batch-norm recalibration ------------------------------------------------------------------
+def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every batch norm's running statistics."""
+    return {
+        k: v.clone()
+        for name, m in model.named_modules()
+        if isinstance(m, _NORM_LAYERS)
+        for k, v in ((f"{name}.{b}", buf) for b, buf in m.named_buffers(recurse=False))
+    }
+
+
+def load_bn_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    buffers = dict(model.named_buffers())
+    for key, value in state.items():
+        buffers[key].copy_(value)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate batch-norm statistics from scratch on ``batches`` (a cumulative average).
+
+    Pruning shifts the distributions each BN sees; a few train batches put its statistics right.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _NORM_LAYERS)]
+    if not norms:
+        return
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+
+
+# ---- hard pruning -------------------------------------------------------------------------------
+def prune_channels(model: nn.Module, graph: ChannelGraph, kept: Sequence[torch.Tensor]) -> nn.Module:
+    """A physically smaller copy of ``model`` that keeps only ``kept[g]`` channels of each group g.
+
+    Its outputs equal those of ``model`` soft-masked with the same ``kept`` (``SoftMask``).
+    """
+    if len(kept) != len(graph.groups):
+        raise ValueError(f"need kept channels for {len(graph.groups)} groups, got {len(kept)}")
+    pruned = copy.deepcopy(model)
+    was_training = pruned.training
+    pruned.eval()
+    example = graph.example_input
+    dg = tp.DependencyGraph().build_dependency(pruned, example_inputs=example, verbose=False)
+    modules = dict(pruned.named_modules())
+    for group, idx in zip(graph.groups, kept, strict=True):
+        drop = sorted(set(range(group.num_channels)) - set(int(i) for i in idx))
+        if not drop:
+            continue
+        if len(drop) == group.num_channels:
+            raise ValueError(f"cannot prune every channel of group {group.name!r}")
+        root = modules[group.name]
+        handler = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+        dg.get_pruning_group(root, handler, drop).prune(record_history=False)
+    pruned.train(was_training)
+    return pruned

@@ -1,0 +1,96 @@
+"""What a compressed model costs: FLOPs, parameters, bytes on disk, latency.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per
+multiply-add; papers that quote MACs quote half these numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "measure_latency", "num_threads"]
+
+
+@torch.no_grad()
+def _count(model: nn.Module, example_input: torch.Tensor) -> FlopCounterMode:
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(example_input)
+    model.train(was_training)
+    return counter
+
+
+def count_layer_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one forward pass, per leaf module name (only modules that do matmuls or convs appear)."""
+    leaf_names = {name for name, m in model.named_modules() if not list(m.children())}
+    counts = _count(model, example_input).get_flop_counts()
+    # FlopCounterMode names modules "<RootClass>.<fqn>".
+    prefix = type(model).__name__ + "."
+    stripped = {name.removeprefix(prefix): ops for name, ops in counts.items()}
+    return {name: int(sum(ops.values())) for name, ops in stripped.items() if name in leaf_names}
+
+
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Total FLOPs of one forward pass on ``example_input`` (2 per multiply-add)."""
+    return int(_count(model, example_input).get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers such as BN running statistics are not parameters)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Size in bytes of the model's state dict as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@contextmanager
+def num_threads(threads: int | None):
+    """Run the body with ``torch.set_num_threads(threads)``, restoring the old value after."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    repeats: int = 50,
+    warmup: int = 10,
+    threads: int | None = None,
+) -> float:
+    """Median wall-clock seconds of one forward pass, after ``warmup`` untimed passes."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    was_training = model.training
+    model.eval()
+    times = []
+    with num_threads(threads):
+        for _ in range(warmup):
+            model(example_input)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example_input)
+            times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(times)

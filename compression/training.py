@@ -1,0 +1,117 @@
+"""Training, fine-tuning and evaluation of classifiers, and the cache of trained base models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import describe_architecture, load_checkpoint, save_checkpoint
+from .data import Split, Splits, dataset_key
+from .models import build_model
+
+__all__ = ["resolve_device", "evaluate", "train_classifier", "base_model", "cache_dir", "BASE_EPOCHS"]
+
+# Enough for every zoo model to converge on the digits default within seconds on a CPU.
+BASE_EPOCHS = 30
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; anything else must name an available device."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (try 'auto', 'cpu' or 'cuda')") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for CUDA, which this machine does not have")
+    return resolved
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1024,
+             device: torch.device | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        x = split.x[start:start + batch_size].to(device)
+        y = split.y[start:start + batch_size].to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    return loss_sum / len(split), correct / len(split)
+
+
+def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float = 1e-3, batch_size: int = 64,
+                     weight_decay: float = 5e-4, seed: int = 0, device: torch.device | None = None) -> nn.Module:
+    """Train (or fine-tune) ``model`` in place with Adam and a cosine schedule; returns it in eval mode."""
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = device or next(model.parameters()).device
+    model.to(device)
+    if epochs == 0:
+        return model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(split) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(split), generator=generator)
+        for start in range(0, len(split), batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) < 2:
+                continue  # a batch of one breaks batch norm
+            x, y = split.x[idx].to(device), split.y[idx].to(device)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+def cache_dir() -> Path:
+    """Where trained base models are kept: ``$PRUNEGYM_CACHE`` or ``~/.cache/prunegym``."""
+    return Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
+
+
+def _cache_name(model_name: str, splits: Splits, seed: int, epochs: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+    if safe != model_name:  # import paths: keep names short and unique
+        safe = f"{safe[:40]}_{hashlib.sha1(model_name.encode()).hexdigest()[:8]}"
+    return f"{safe}__{dataset_key(splits.name)}__seed{seed}__ep{epochs}.pt"
+
+
+def base_model(model_name: str, splits: Splits, seed: int = 0, *, epochs: int = BASE_EPOCHS,
+               device: torch.device | None = None, use_cache: bool = True) -> nn.Module:
+    """The trained dense model for (model, dataset, seed), trained once and then read from the cache."""
+    path = cache_dir() / "base" / _cache_name(model_name, splits, seed, epochs)
+    if use_cache and path.is_file():
+        model, _, _ = load_checkpoint(path)
+        return model.to(device or "cpu")
+    torch.manual_seed(seed)
+    model = build_model(model_name, splits.in_channels, splits.num_classes)
+    train_classifier(model, splits.train, epochs=epochs, seed=seed, device=device or torch.device("cpu"))
+    if use_cache:
+        arch = describe_architecture(model, model_name, splits.in_channels, splits.num_classes, splits.image_size)
+        save_checkpoint(path, model, arch, {"dataset": splits.name, "seed": seed, "epochs": epochs})
+    return model

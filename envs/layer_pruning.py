@@ -1,0 +1,289 @@
+"""prunegym/LayerPruning-v0: choose one keep ratio per prunable channel group (AMC-style)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from prunegym.compression.channels import (
+    ChannelGraph,
+    SoftMask,
+    bn_state,
+    load_bn_state,
+    make_importance,
+    recalibrate_bn,
+)
+from prunegym.compression.data import Splits, load_dataset
+from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device
+from torch import nn
+
+__all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
+
+DENSITY_KINDS = ("flops", "params", "channels")
+
+OBSERVATION_FEATURES = (
+    "position",  # step index / (number of groups - 1)
+    "is_linear",  # 1 if the group's first producer is a linear layer, 0 for a conv
+    "in_channels",  # of the first producer, / the largest over groups
+    "out_channels",  # channels in the group, / the largest over groups
+    "kernel_size",  # / the largest over groups
+    "stride",  # / the largest over groups
+    "flops",  # dense FLOPs of the layers producing this group / dense model FLOPs
+    "flops_removed",  # FLOPs removed by the decisions so far / dense model FLOPs
+    "flops_rest",  # dense FLOPs of the layers producing later groups / dense model FLOPs
+    "previous_keep_ratio",  # the keep ratio chosen at the previous step (1 at the first)
+    "max_keep_ratio",  # the largest keep ratio the FLOPs budget allows here (1 without a budget)
+)
+
+
+class LayerPruningEnv(gym.Env):
+    """Prune a trained CNN one channel group at a time; the reward comes when every group is decided.
+
+    A channel group is a set of channels that must be pruned together (a conv's outputs, or all
+    the outputs feeding one residual add). Within a group the importance criterion (L1 by default)
+    decides which channels stay; the agent decides how many.
+
+    ## Action Space
+    ``Box(-1, 1, (1,), float32)``, mapped linearly to a keep ratio in ``[min_keep, 1]``; with
+    ``action_levels=n``, ``Discrete(n)``: the n evenly spaced keep ratios from ``min_keep`` to 1.
+    The kept channel count is the ratio times the group's channels, rounded, at least one.
+
+    ## Observation Space
+    ``Box(0, 1, (11,), float32)``: the group's embedding, each feature normalised to [0, 1]; see
+    ``OBSERVATION_FEATURES`` for the list in order.
+
+    ## Rewards
+    Zero until the last step; then ``-task_loss - lam * density``, where ``task_loss`` is the mean
+    cross-entropy of the soft-masked (not fine-tuned) model on the reward split, after batch-norm
+    recalibration on ``recalibration_batches`` train batches, and ``density`` the kept fraction of
+    the dense FLOPs (or parameters, or channels: ``density=``). With ``flops_target`` the reward is
+    ``-task_loss``: the budget is enforced by the action clamp instead.
+
+    ## Episode End
+    The episode terminates after one step per channel group; it is never truncated. The final
+    ``info`` holds ``accuracy``, ``loss``, ``density``, ``flops``, ``flops_ratio``, ``params``,
+    ``keep_ratios`` and ``keep_counts``.
+
+    ## Arguments
+    - ``model``: a zoo name (``digits_cnn``, ``resnet20``, ``resnet56``, ``vgg_small``), an import
+      path ``package.module:factory`` (trained and cached as the base model), or a trained ``nn.Module``.
+    - ``dataset``: ``digits``, ``mnist:PATH``, ``cifar10:PATH``, ``npz:PATH``, or loaded ``Splits``.
+    - ``lam``: λ >= 0, the price of density in the reward.
+    - ``density``: ``flops`` | ``params`` | ``channels``.
+    - ``seed``: the data split (and base-model training) seed.
+    - ``flops_target``: budget mode: the episode cannot end above this fraction of dense FLOPs
+      (AMC's resource-constrained search). Each action is clamped so that, even if every later group
+      kept only ``min_keep``, the model would fit.
+    - ``min_keep``: the smallest keep ratio, in (0, 1].
+    - ``action_levels``: ``None`` for a continuous action, or n >= 2 discrete keep ratios.
+    - ``importance``: ``l1`` | ``l2`` | ``bn_scale``, which channels stay inside a group.
+    - ``recalibration_batches``: train batches (of 128) for BN recalibration before the reward; 0: none.
+    - ``device``: ``auto``, ``cpu``, ``cuda``...
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        model: str | nn.Module = "digits_cnn",
+        dataset: str | Splits = "digits",
+        lam: float = 1.0,
+        density: str = "flops",
+        seed: int = 0,
+        flops_target: float | None = None,
+        min_keep: float = 0.1,
+        action_levels: int | None = None,
+        importance: str = "l1",
+        recalibration_batches: int = 2,
+        base_epochs: int = BASE_EPOCHS,
+        device: str = "cpu",
+    ):
+        if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        if density not in DENSITY_KINDS:
+            raise ValueError(f"density must be one of {DENSITY_KINDS}, got {density!r}")
+        if not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:
+            raise ValueError(f"min_keep must be in (0, 1], got {min_keep!r}")
+        if action_levels is not None and (not isinstance(action_levels, int) or action_levels < 2):
+            raise ValueError(f"action_levels must be None or an int >= 2, got {action_levels!r}")
+        if flops_target is not None and (not isinstance(flops_target, int | float) or not 0 < flops_target <= 1):
+            raise ValueError(f"flops_target must be None or in (0, 1], got {flops_target!r}")
+        if not isinstance(recalibration_batches, int) or recalibration_batches < 0:
+            raise ValueError(f"recalibration_batches must be an int >= 0, got {recalibration_batches!r}")
+        if not isinstance(seed, int | np.integer):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.device = resolve_device(device)
+        self.importance = make_importance(importance)
+
+        self.splits = load_dataset(dataset, seed) if isinstance(dataset, str) else dataset
+        if not isinstance(self.splits, Splits):
+            raise ValueError(f"dataset must be a spec string or Splits, got {type(dataset).__name__}")
+        if isinstance(model, str):
+            self.model = base_model(model, self.splits, seed, epochs=base_epochs, device=self.device)
+        elif isinstance(model, nn.Module):
+            self.model = copy.deepcopy(model).to(self.device)  # hooks go on our copy, not the caller's
+        else:
+            raise ValueError(f"model must be a zoo name, an import path or an nn.Module, got {model!r}")
+        self.model.eval()
+
+        self.lam = float(lam)
+        self.density_kind = density
+        self.flops_target = None if flops_target is None else float(flops_target)
+        self.min_keep = float(min_keep)
+        self.action_levels = action_levels
+        self.seed_value = int(seed)
+
+        example = self.splits.train.x[:1].to(self.device)
+        self.graph = ChannelGraph(self.model, example)
+        self.num_groups = len(self.graph.groups)
+        self.ranking = [
+            torch.argsort(self.importance(self.model, g), descending=True, stable=True) for g in self.graph.groups
+        ]
+        self.min_counts = np.maximum(1, np.ceil(self.min_keep * self.graph.num_channels - 1e-9)).astype(np.int64)
+        self.dense_flops = float(self.graph.dense_flops)
+        min_density = float(self.graph.flops(self.min_counts)) / self.dense_flops
+        if self.flops_target is not None and self.flops_target < min_density - 1e-12:
+            raise ValueError(
+                f"flops_target={self.flops_target} is below the smallest reachable FLOPs ratio "
+                f"{min_density:.4f} (every group at min_keep={self.min_keep})"
+            )
+
+        self._mask = SoftMask(self.model, self.graph)
+        self._bn_state = bn_state(self.model)
+        generator = torch.Generator().manual_seed(self.seed_value)
+        order = torch.randperm(len(self.splits.train), generator=generator)
+        self._recal_batches = [
+            self.splits.train.x[order[i * 128:(i + 1) * 128]].to(self.device) for i in range(recalibration_batches)
+        ]
+        self._reward_split = self.splits.reward
+
+        groups = self.graph.groups
+        group_flops = np.zeros(self.num_groups)
+        for layer in self.graph.layers:
+            if layer.out_group is not None:
+                group_flops[layer.out_group] += layer.flops
+        self._static = np.zeros((self.num_groups, len(OBSERVATION_FEATURES)), dtype=np.float64)
+        self._static[:, 0] = np.arange(self.num_groups) / max(1, self.num_groups - 1)
+        modules = dict(self.model.named_modules())
+        self._static[:, 1] = [isinstance(modules[g.name], nn.Linear) for g in groups]
+        for col, values in ((2, [g.in_channels for g in groups]), (3, [g.num_channels for g in groups]),
+                            (4, [g.kernel_size for g in groups]), (5, [g.stride for g in groups])):
+            values = np.asarray(values, dtype=np.float64)
+            self._static[:, col] = values / values.max()
+        self._static[:, 6] = group_flops / self.dense_flops
+        self._static[:, 8] = np.cumsum(group_flops[::-1])[::-1] / self.dense_flops - self._static[:, 6]
+
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
+        if action_levels is None:
+            self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        else:
+            self.action_space = spaces.Discrete(action_levels)
+        self._step: int | None = None
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def keep_ratio_of(self, action: Any) -> float:
+        """The keep ratio an action asks for, before rounding and the budget clamp."""
+        if self.action_levels is None:
+            a = np.asarray(action, dtype=np.float32).reshape(-1)
+            if a.shape != (1,) or not self.action_space.contains(a):
+                raise ValueError(f"action must be one number in [-1, 1], got {action!r}")
+            return self.min_keep + (float(a[0]) + 1.0) / 2.0 * (1.0 - self.min_keep)
+        a = np.asarray(action).reshape(-1)
+        if a.shape != (1,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a[0])):
+            raise ValueError(f"action must be an int in [0, {self.action_levels}), got {action!r}")
+        return self.min_keep + int(a[0]) / (self.action_levels - 1) * (1.0 - self.min_keep)
+
+    def _max_count(self, t: int) -> int:
+        """The most channels group t may keep so that min_keep on every later group meets the budget."""
+        channels = int(self.graph.num_channels[t])
+        if self.flops_target is None:
+            return channels
+        candidates = np.repeat(np.concatenate([self._counts[:t], self.min_counts[t:]])[None], channels, axis=0)
+        candidates[:, t] = np.arange(1, channels + 1)
+        fits = self.graph.flops(candidates) <= self.flops_target * self.dense_flops * (1 + 1e-9)
+        allowed = np.flatnonzero(fits)
+        return max(int(self.min_counts[t]), int(allowed[-1]) + 1 if len(allowed) else 1)
+
+    def _get_obs(self) -> np.ndarray:
+        t = self._step
+        obs = self._static[t].copy()
+        decided = np.concatenate([self._counts[:t], self.graph.num_channels[t:]])
+        obs[7] = 1.0 - float(self.graph.flops(decided)) / self.dense_flops
+        obs[9] = self._prev_ratio
+        obs[10] = self._max_count(t) / self.graph.num_channels[t]
+        return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    def density_of(self, counts: np.ndarray) -> float:
+        if self.density_kind == "flops":
+            return float(self.graph.flops(counts)) / self.dense_flops
+        if self.density_kind == "params":
+            return float(self.graph.params(counts)) / self.graph.dense_params
+        return float(counts.sum() / self.graph.num_channels.sum())
+
+    def kept_channels(self, counts: np.ndarray) -> list[torch.Tensor]:
+        """The channels each group keeps: its ``counts[g]`` most important, ascending."""
+        return [torch.sort(r[: int(k)]).values for r, k in zip(self.ranking, counts, strict=True)]
+
+    @torch.no_grad()
+    def evaluate_counts(self, counts: np.ndarray, split: str = "reward") -> dict[str, Any]:
+        """Loss, accuracy and costs of the soft-masked, BN-recalibrated model for these keep counts."""
+        counts = np.asarray(counts, dtype=np.int64)
+        self._mask.set(self.kept_channels(counts))
+        try:
+            recalibrate_bn(self.model, self._recal_batches)
+            loss, accuracy = evaluate(self.model, getattr(self.splits, split), device=self.device)
+        finally:
+            self._mask.set(None)
+            load_bn_state(self.model, self._bn_state)
+        flops = float(self.graph.flops(counts))
+        return {
+            "loss": loss,
+            "accuracy": accuracy,
+            "density": self.density_of(counts),
+            "flops": flops,
+            "flops_ratio": flops / self.dense_flops,
+            "params": float(self.graph.params(counts)),
+            "keep_counts": counts.tolist(),
+            "keep_ratios": (counts / self.graph.num_channels).tolist(),
+        }
+
+    # ---- gymnasium API ----------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._step = 0
+        self._counts = self.graph.num_channels.copy()
+        self._prev_ratio = 1.0
+        return self._get_obs(), {"step": 0}
+
+    def step(self, action):
+        if self._step is None:
+            raise RuntimeError("call reset() before step()")
+        if self._step >= self.num_groups:
+            raise RuntimeError("the episode has ended; call reset() to start a new one")
+        t = self._step
+        ratio = self.keep_ratio_of(action)
+        channels = int(self.graph.num_channels[t])
+        count = int(np.clip(round(ratio * channels), self.min_counts[t], channels))
+        count = min(count, self._max_count(t))
+        self._counts[t] = count
+        self._prev_ratio = count / channels
+        self._step += 1
+        info: dict[str, Any] = {"step": self._step, "keep_ratio": self._prev_ratio}
+        if self._step < self.num_groups:
+            return self._get_obs(), 0.0, False, False, info
+        metrics = self.evaluate_counts(self._counts)
+        info.update(metrics)
+        price = 0.0 if self.flops_target is not None else self.lam * metrics["density"]
+        reward = -metrics["loss"] - price
+        # The observation after the last step is never acted on; it repeats the last group's.
+        self._step = self.num_groups
+        obs = self._static[-1].astype(np.float32)
+        return obs, float(reward), True, False, info
+
+    def close(self):
+        self._mask.remove()

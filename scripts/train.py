@@ -1,0 +1,71 @@
+"""Train a pruning agent and report the pruned model beside the dense one and a uniform baseline.
+
+With no arguments: the digits CNN on scikit-learn's bundled digits, PPO, λ = 1, a few minutes on a
+CPU. Results land in runs/<env>__<model>__<dataset>__<seed>__<time>/; watch them with
+`tensorboard --logdir runs`. Continue an interrupted run with `--run-dir DIR --resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
+from prunegym.agents.run import field_docs
+from prunegym.compression import IMPORTANCES
+from prunegym.envs import DENSITY_KINDS
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() in ("none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from err
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err})") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = field_docs(TrainConfig)
+    choices = {"env": ["layer"], "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
+               "importance": sorted(IMPORTANCES)}
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = {"flops_target": _optional_float, "hyperparameters": _json_dict}.get(f.name, type(default))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, choices=choices.get(f.name),
+                            help=f"{docs.get(f.name, '')} (default: {default})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its latest checkpoint (timesteps keep counting)")
+    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=None,
+                        help="show SB3's progress bar (default: when the terminal is interactive)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    resume = args.pop("resume")
+    progress = args.pop("progress_bar")
+    progress = sys.stderr.isatty() if progress is None else progress
+    try:
+        train(TrainConfig(**args), resume=resume, progress_bar=progress)
+    except (ValueError, FileNotFoundError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
