@@ -80,6 +80,16 @@ class LayerCost:
     out_group: int | None
 
 
+def _dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    # torch-pruning traces with autograd and leaves the model in eval mode: allow the first,
+    # undo the second.
+    was_training = model.training
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    model.train(was_training)
+    return graph
+
+
 def _kernel_stride(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Conv2d | nn.Conv1d | nn.Conv3d):
         return int(module.kernel_size[0]), int(module.stride[0])
@@ -106,7 +116,7 @@ class ChannelGraph:
         ignored_modules = [dict(model.named_modules())[n] for n in ignored]
         if linears:
             ignored_modules.append(linears[-1])
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        graph = _dependency_graph(model, example_input)
 
         groups = []
         for group in graph.get_all_groups(ignored_layers=ignored_modules, root_module_types=_PARAM_LAYERS):
@@ -218,7 +228,7 @@ class ChannelGraph:
     def keep_counts(self, keep_ratios: Sequence[float] | np.ndarray, min_channels: int = 1) -> np.ndarray:
         """Channels kept per group for the given keep ratios (rounded, at least ``min_channels``)."""
         ratios = np.asarray(keep_ratios, dtype=np.float64)
-        if ratios.shape != (len(self.groups),) or np.any(ratios < 0) or np.any(ratios > 1):
+        if ratios.shape != (len(self.groups),) or not np.all((ratios >= 0) & (ratios <= 1)):
             raise ValueError(f"need {len(self.groups)} keep ratios in [0, 1], got {ratios.tolist()}")
         counts = np.rint(ratios * self.num_channels).astype(np.int64)
         return np.clip(counts, np.minimum(min_channels, self.num_channels), self.num_channels)
@@ -317,13 +327,15 @@ class SoftMask:
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]):
-            if not self.active:
+            # A deep copy of the model carries this hook too; it must not mask the copy.
+            if not self.active or module is not self._modules[name]:
                 return None
             x = args[0]
             mask = self._masks[name].to(x.device, x.dtype)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return (x * mask.view(shape),) + args[1:]
 
+        hook.prunegym_soft_mask = True
         return hook
 
     def set(self, kept: Sequence[torch.Tensor] | None) -> None:
@@ -389,6 +401,13 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     model.train(was_training)
 
 
+def _remove_soft_mask_hooks(model: nn.Module) -> None:
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "prunegym_soft_mask", False):
+                del module._forward_pre_hooks[key]
+
+
 # ---- hard pruning -------------------------------------------------------------------------------
 def prune_channels(model: nn.Module, graph: ChannelGraph, kept: Sequence[torch.Tensor]) -> nn.Module:
     """A physically smaller copy of ``model`` that keeps only ``kept[g]`` channels of each group g.
@@ -401,7 +420,8 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, kept: Sequence[torch.T
     was_training = pruned.training
     pruned.eval()
     example = graph.example_input
-    dg = tp.DependencyGraph().build_dependency(pruned, example_inputs=example, verbose=False)
+    _remove_soft_mask_hooks(pruned)
+    dg = _dependency_graph(pruned, example)
     modules = dict(pruned.named_modules())
     for group, idx in zip(graph.groups, kept, strict=True):
         drop = sorted(set(range(group.num_channels)) - set(int(i) for i in idx))

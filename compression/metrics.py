@@ -35,7 +35,8 @@ def count_layer_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str
     counts = _count(model, example_input).get_flop_counts()
     # FlopCounterMode names modules "<RootClass>.<fqn>".
     prefix = type(model).__name__ + "."
-    stripped = {name.removeprefix(prefix): ops for name, ops in counts.items()}
+    stripped = {("" if name == type(model).__name__ else name.removeprefix(prefix)): ops
+                for name, ops in counts.items()}
     return {name: int(sum(ops.values())) for name, ops in stripped.items() if name in leaf_names}
 
 

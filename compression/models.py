@@ -141,6 +141,8 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     if ":" not in name:
         raise ValueError(f"unknown model {name!r}: expected one of {sorted(MODELS)} or 'package.module:factory'")
     module_name, _, attr = name.partition(":")
+    if not module_name or module_name.startswith(".") or not attr:
+        raise ValueError(f"model {name!r}: expected an absolute import path 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

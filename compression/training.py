@@ -35,8 +35,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device {device!r} is not a torch device (try 'auto', 'cpu' or 'cuda')") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for CUDA, which this machine does not have")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if resolved.type not in available:
+        raise ValueError(f"device {device!r} is not supported; expected auto, cpu, cuda or mps")
+    if not available[resolved.type]:
+        raise ValueError(f"device {device!r} is not available on this machine")
     return resolved
 
 
@@ -98,7 +102,10 @@ def _cache_name(model_name: str, splits: Splits, seed: int, epochs: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
     if safe != model_name:  # import paths: keep names short and unique
         safe = f"{safe[:40]}_{hashlib.sha1(model_name.encode()).hexdigest()[:8]}"
-    return f"{safe}__{dataset_key(splits.name)}__seed{seed}__ep{epochs}.pt"
+    # The split itself is part of the key: a model must never have trained on another split's
+    # reward or test images.
+    split = hashlib.sha1(splits.train.y.numpy().tobytes() + splits.reward.y.numpy().tobytes()).hexdigest()[:8]
+    return f"{safe}__{dataset_key(splits.name)}_{split}__seed{seed}__ep{epochs}.pt"
 
 
 def base_model(model_name: str, splits: Splits, seed: int = 0, *, epochs: int = BASE_EPOCHS,
