@@ -36,8 +36,8 @@ from stable_baselines3.common.monitor import Monitor
 from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
-__all__ = ["TrainConfig", "train", "env_kwargs", "load_config", "format_report", "field_docs", "uniform_keep_counts",
-           "RunDirError"]
+__all__ = ["TrainConfig", "train", "env_kwargs", "load_config", "resume_config", "format_report", "field_docs",
+           "uniform_keep_counts", "RunDirError"]
 
 
 class RunDirError(ValueError):
@@ -157,42 +157,59 @@ def _measure(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
     }
 
 
+def _write_config(config: TrainConfig, run_dir: Path) -> None:
+    write_json(run_dir / "config.json", {"config": dataclasses.asdict(config), "env_id": "prunegym/LayerPruning-v0",
+                             "env_kwargs": env_kwargs(config), "python": sys.version.split()[0],
+                             "torch": torch.__version__, "platform": platform.platform()})
+
+
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
     run_dir = Path(config.run_dir or config.default_run_dir())
-    config_path = run_dir / "config.json"
     if resume:
-        if not config_path.is_file():
-            raise RunDirError(f"cannot resume {run_dir}: it has no config.json (not a prunegym run directory)")
         # The run is incomplete again until the new report is written.
         (run_dir / "report.json").unlink(missing_ok=True)
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                           "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     config.run_dir = str(run_dir)
-    write_json(config_path, {"config": dataclasses.asdict(config), "env_id": "prunegym/LayerPruning-v0",
-                             "env_kwargs": env_kwargs(config), "python": sys.version.split()[0],
-                             "torch": torch.__version__, "platform": platform.platform()})
+    _write_config(config, run_dir)
     return run_dir
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The ``TrainConfig`` a run directory was started with."""
+    if not (Path(run_dir) / "config.json").is_file():
+        raise RunDirError(f"{run_dir} is not a prunegym run directory (no config.json)")
     data = read_json(Path(run_dir) / "config.json")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data["config"].items() if k in known})
 
 
+def resume_config(run_dir: str | os.PathLike, *, timesteps: int | None = None,
+                  device: str | None = None) -> TrainConfig:
+    """The saved config of ``run_dir``, where it is now, optionally with more timesteps or another device."""
+    config = load_config(run_dir)
+    config.run_dir = str(run_dir)  # the run may have moved since it was started
+    if timesteps is not None:
+        if timesteps < config.timesteps:
+            raise ValueError(f"timesteps={timesteps} is below the run's own total {config.timesteps}; "
+                             "a resumed run can only be extended")
+        config.timesteps = timesteps
+    if device is not None:
+        config.device = device
+    return config
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
           log: Any = print) -> dict[str, Any]:
-    """Run the whole job (or resume it from its last checkpoint) and return the report."""
-    if resume:
-        if not config.run_dir:
-            raise RunDirError("--resume needs --run-dir, the run to continue")
-        saved = load_config(config.run_dir)
-        saved.timesteps = max(saved.timesteps, config.timesteps) if config.timesteps else saved.timesteps
-        config = saved
+    """Run the whole job and return the report.
+
+    With ``resume``, ``config`` is the run's own (``resume_config``): the search continues from the
+    latest checkpoint in ``config.run_dir``, the timestep count going on from where it stopped.
+    """
+    if resume and not config.run_dir:
+        raise RunDirError("resuming needs the run directory to continue (--run-dir)")
     config.validate()
     run_dir = _prepare_run_dir(config, resume)
     device = resolve_device(config.device)

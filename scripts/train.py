@@ -13,7 +13,7 @@ import json
 import sys
 
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
-from prunegym.agents.run import field_docs
+from prunegym.agents.run import field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.envs import DENSITY_KINDS
 
@@ -37,30 +37,47 @@ def _json_dict(text: str) -> dict:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
     docs = field_docs(TrainConfig)
     choices = {"env": ["layer"], "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
                "importance": sorted(IMPORTANCES)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = {"flops_target": _optional_float, "hyperparameters": _json_dict}.get(f.name, type(default))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, choices=choices.get(f.name),
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices.get(f.name),
+                            default=argparse.SUPPRESS if suppress_defaults else default,
                             help=f"{docs.get(f.name, '')} (default: {default})")
-    parser.add_argument("--resume", action="store_true",
+    parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
                         help="continue the run in --run-dir from its latest checkpoint (timesteps keep counting)")
-    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show SB3's progress bar (default: when the terminal is interactive)")
     return parser
 
 
+_RESUME_FLAGS = {"run_dir", "timesteps", "device", "resume", "progress_bar"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(suppress_defaults=True).parse_args(argv))  # only what the user typed
     resume = args.pop("resume")
     progress = args.pop("progress_bar")
     progress = sys.stderr.isatty() if progress is None else progress
     try:
-        train(TrainConfig(**args), resume=resume, progress_bar=progress)
+        if resume:
+            ignored = sorted(set(given) - _RESUME_FLAGS)
+            if ignored:
+                flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+                raise ValueError(f"--resume continues the run's saved configuration; {flags} cannot change it "
+                                 "(only --timesteps, to extend the search, and --device may be given)")
+            if "run_dir" not in given:
+                raise ValueError("--resume needs --run-dir, the run to continue")
+            config = resume_config(given["run_dir"], timesteps=given.get("timesteps"), device=given.get("device"))
+        else:
+            config = TrainConfig(**args)
+        train(config, resume=resume, progress_bar=progress)
     except (ValueError, FileNotFoundError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,30 @@
+"""Shared test fixtures: a per-session model cache, so base models train once and never touch ~/.cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prunegym_cache(tmp_path_factory: pytest.TempPathFactory):
+    """``PRUNEGYM_CACHE`` for this session (subprocesses inherit it): trained base models are shared by all tests."""
+    path = tmp_path_factory.mktemp("prunegym_cache")
+    previous = os.environ.get("PRUNEGYM_CACHE")
+    os.environ["PRUNEGYM_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("PRUNEGYM_CACHE", None)
+    else:
+        os.environ["PRUNEGYM_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The test models are tiny: on a few shared cores, thread synchronisation costs more than it saves."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

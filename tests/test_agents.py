@@ -1,0 +1,205 @@
+"""Tests for prunegym.agents' factory and callbacks: every algorithm learns a few hundred steps on the pruning
+env, ``pruning/*`` scalars reach TensorBoard, checkpoints rotate and name a complete agent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prunegym.agents import ALGORITHMS, CheckpointCallback, PruningCallback, latest_checkpoint, make_agent
+from prunegym.compression.checkpoint import read_json, write_json
+from prunegym.envs import LayerPruningEnv
+from stable_baselines3.common.monitor import Monitor
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SMALL = {"base_epochs": 2}
+OFF_POLICY = {"learning_starts": 20}
+
+
+@pytest.fixture(scope="module")
+def env(prunegym_cache):
+    env = LayerPruningEnv(**SMALL)
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def discrete_env(prunegym_cache):
+    env = LayerPruningEnv(**SMALL, action_levels=5)
+    yield env
+    env.close()
+
+
+def _group_names(env: LayerPruningEnv) -> list[str]:
+    return [g.name for g in env.graph.groups]
+
+
+def _scalars(log_dir) -> dict[str, list[float]]:
+    """Every scalar of every event file under ``log_dir``, by tag."""
+    files = sorted(log_dir.rglob("events.out.tfevents.*"))
+    assert files, f"no event files under {log_dir}"
+    scalars: dict[str, list[float]] = {}
+    for directory in sorted({f.parent for f in files}):
+        accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def _play(agent, env: LayerPruningEnv) -> dict:
+    obs, _ = env.reset()
+    done = False
+    while not done:
+        action, _ = agent.predict(obs, deterministic=True)
+        assert env.action_space.contains(action)
+        obs, _, done, _, info = env.step(action)
+    return info
+
+
+# ---- the factory ---------------------------------------------------------------------------------
+def test_algorithms():
+    assert set(ALGORITHMS) == {"ppo", "a2c", "sac", "td3", "ddpg"}
+
+
+@pytest.mark.parametrize(("algo", "timesteps", "hyper"),
+                         [("ppo", 128, None), ("a2c", 128, None), ("sac", 200, OFF_POLICY),
+                          ("td3", 200, OFF_POLICY), ("ddpg", 200, OFF_POLICY)])
+def test_every_algorithm_learns_on_the_env(env, algo, timesteps, hyper):
+    agent = make_agent(algo, env, episode_length=env.num_groups, seed=0, device="cpu", hyperparameters=hyper)
+    assert isinstance(agent, ALGORITHMS[algo])
+    assert agent.gamma == 1.0
+    agent.learn(timesteps)
+    assert agent.num_timesteps >= timesteps
+    info = _play(agent, env)
+    assert 0.0 < info["density"] <= 1.0
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_on_policy_algorithms_learn_on_discrete_actions(discrete_env, algo):
+    agent = make_agent(algo, discrete_env, episode_length=discrete_env.num_groups, device="cpu")
+    agent.learn(64)
+    assert agent.num_timesteps >= 64
+    assert "keep_counts" in _play(agent, discrete_env)
+
+
+def test_hyperparameters_override_the_defaults(env):
+    agent = make_agent("ppo", env, episode_length=env.num_groups, device="cpu",
+                       hyperparameters={"n_steps": 8, "batch_size": 8, "gamma": 0.5})
+    assert agent.n_steps == 8
+    assert agent.batch_size == 8
+    assert agent.gamma == 0.5
+
+
+@pytest.mark.parametrize("algo", ["sac", "td3", "ddpg"])
+def test_continuous_only_algorithms_reject_discrete_actions(discrete_env, algo):
+    with pytest.raises(ValueError, match=algo):
+        make_agent(algo, discrete_env, episode_length=discrete_env.num_groups, device="cpu")
+
+
+def test_unknown_algo_raises(env):
+    with pytest.raises(ValueError, match="bogus"):
+        make_agent("bogus", env, episode_length=env.num_groups)
+
+
+def test_bad_episode_length_raises(env):
+    with pytest.raises(ValueError, match="episode_length"):
+        make_agent("ppo", env, episode_length=0)
+
+
+# ---- PruningCallback -----------------------------------------------------------------------------
+def test_pruning_callback_writes_tensorboard_scalars(env, tmp_path):
+    monitored = Monitor(env)
+    agent = make_agent("ppo", monitored, episode_length=env.num_groups, seed=0, device="cpu",
+                       tensorboard_log=str(tmp_path))
+    callback = PruningCallback(_group_names(env), hparams={"lam": 1.0, "algo": "ppo", "hyperparameters": {}})
+    agent.learn(128, callback=callback, tb_log_name="ppo")
+
+    episode_rewards = monitored.get_episode_rewards()
+    assert callback.episodes == len(episode_rewards) == 128 // env.num_groups
+    assert callback.best is not None
+    assert callback.best["reward"] == pytest.approx(max(episode_rewards), rel=1e-6)
+    assert len(callback.best["keep_ratios"]) == env.num_groups
+    assert callback.state_dict() == {"episodes": callback.episodes, "best": callback.best}
+
+    scalars = _scalars(tmp_path)
+    for tag in ("pruning/episode_reward", "pruning/accuracy", "pruning/loss", "pruning/density",
+                "pruning/flops_ratio", "pruning/best_reward"):
+        assert tag in scalars, sorted(scalars)
+    keep_tags = sorted(t for t in scalars if t.startswith("pruning/best_keep_ratio/"))
+    assert len(keep_tags) == env.num_groups
+    assert all(name in tag for name, tag in zip(_group_names(env), keep_tags, strict=True))
+    assert scalars["pruning/best_reward"][-1] == pytest.approx(callback.best["reward"], rel=1e-6)
+    assert max(scalars["pruning/episode_reward"]) <= callback.best["reward"] + 1e-6
+    for tag, ratio in zip(keep_tags, callback.best["keep_ratios"], strict=True):
+        assert scalars[tag][-1] == pytest.approx(ratio, rel=1e-6)
+    assert all(0.0 <= d <= 1.0 for d in scalars["pruning/density"])
+
+
+def test_pruning_callback_state_round_trip():
+    first = PruningCallback(["a", "b"])
+    first.episodes, first.best = 7, {"reward": -1.5, "keep_ratios": [0.5, 1.0]}
+    second = PruningCallback(["a", "b"])
+    second.load_state_dict(first.state_dict())
+    assert second.episodes == 7
+    assert second.best == first.best
+
+
+# ---- CheckpointCallback and latest_checkpoint ----------------------------------------------------
+def test_checkpoint_callback_keeps_two_complete_checkpoints(env, tmp_path):
+    directory = tmp_path / "checkpoints"
+    agent = make_agent("ppo", env, episode_length=env.num_groups, device="cpu")
+    pruning = PruningCallback(_group_names(env))
+    agent.learn(128, callback=[pruning, CheckpointCallback(directory, save_freq=16, pruning=pruning)])
+
+    state = read_json(directory / "state.json")
+    assert (directory / state["agent"]).is_file()
+    assert state["num_timesteps"] == agent.num_timesteps
+    assert state["callback"] == pruning.state_dict()
+    zips = sorted(directory.glob("agent_*.zip"))
+    assert 1 <= len(zips) <= 2
+    assert directory / state["agent"] in zips
+
+    found = latest_checkpoint(directory)
+    assert found is not None
+    path, found_state = found
+    assert path == directory / state["agent"]
+    assert found_state == state
+    loaded = ALGORITHMS["ppo"].load(path, device="cpu")
+    assert loaded.num_timesteps == agent.num_timesteps
+
+
+def test_checkpoint_callback_saves_the_replay_buffer_of_off_policy_agents(env, tmp_path):
+    directory = tmp_path / "checkpoints"
+    agent = make_agent("sac", env, episode_length=env.num_groups, device="cpu", hyperparameters=OFF_POLICY)
+    pruning = PruningCallback(_group_names(env))
+    agent.learn(48, callback=[pruning, CheckpointCallback(directory, save_freq=8, pruning=pruning)])
+    state = read_json(directory / "state.json")
+    assert (directory / state["replay_buffer"]).is_file()
+    assert len(list(directory.glob("agent_*.zip"))) <= 2
+    assert len(list(directory.glob("*_replay_buffer.pkl"))) <= 2
+
+
+def test_latest_checkpoint_of_an_empty_dir_is_none(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_latest_checkpoint_naming_a_missing_agent_raises(tmp_path):
+    write_json(tmp_path / "state.json", {"agent": "agent_8_steps.zip", "num_timesteps": 8})
+    with pytest.raises(FileNotFoundError, match="agent_8_steps.zip"):
+        latest_checkpoint(tmp_path)
+
+
+def test_checkpoint_callback_rejects_bad_save_freq(tmp_path):
+    with pytest.raises(ValueError, match="save_freq"):
+        CheckpointCallback(tmp_path, save_freq=0, pruning=PruningCallback([]))
+
+
+def test_agents_are_reproducible_with_a_seed(env):
+    infos = []
+    for _ in range(2):
+        agent = make_agent("a2c", env, episode_length=env.num_groups, seed=3, device="cpu")
+        agent.learn(32)
+        infos.append(_play(agent, env))
+    assert infos[0]["keep_counts"] == infos[1]["keep_counts"]
+    np.testing.assert_allclose(infos[0]["loss"], infos[1]["loss"])

@@ -1,0 +1,119 @@
+"""scripts/export.py and scripts/bench.py run as a user runs them, with tiny budgets, under tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from prunegym.agents import load_inference_model
+from prunegym.compression.checkpoint import load_checkpoint
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(script: str, *args: str | os.PathLike, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
+    # One thread: on a busy machine two OpenMP threads can wait on each other for seconds.
+    env = {**os.environ, "PRUNEGYM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    run = tmp / "run"
+    done = _run("train.py", "--run-dir", run, "--timesteps", "32", "--base-epochs", "1", "--finetune-epochs", "0",
+                "--checkpoint-freq", "32", cache=cache, cwd=tmp)
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, run_dir: Path, cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("export")
+    done = _run("export.py", "--run-dir", run_dir, "--format", "all", "--out", out, cache=cache, cwd=out)
+    assert done.returncode == 0, done.stderr
+    assert "model_state.pt" in done.stdout and "model.torchscript.pt" in done.stdout
+    return out
+
+
+def _example(run_dir: Path, batch: int = 4) -> torch.Tensor:
+    _, arch, _ = load_checkpoint(run_dir / "model.pt")
+    return torch.randn(batch, arch["in_channels"], arch["image_size"], arch["image_size"],
+                       generator=torch.Generator().manual_seed(1))
+
+
+def test_export_writes_every_format(exported: Path):
+    for name in ("model_state.pt", "model.torchscript.pt"):
+        assert (exported / name).stat().st_size > 0
+    assert not list(exported.glob(".*.tmp")), "a temporary file was left behind"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_torchscript_matches_pruned_model(exported: Path, run_dir: Path):
+    x = _example(run_dir)  # batch 4: the trace at batch 1 must not have fixed the batch size
+    scripted = torch.jit.load(str(exported / "model.torchscript.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), load_inference_model(run_dir)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_checkpoint_reloads(exported: Path, run_dir: Path):
+    model, arch, _ = load_checkpoint(exported / "model_state.pt")
+    original, original_arch, _ = load_checkpoint(run_dir / "model.pt")
+    assert arch == original_arch
+    x = _example(run_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x))
+
+
+def test_onnx_is_valid(exported: Path):
+    onnx = pytest.importorskip("onnx")
+    onnx.checker.check_model(str(exported / "model.onnx"))
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_export_of_missing_run_names_it(tmp_path: Path, cache: Path):
+    missing = tmp_path / "no_such_run"
+    done = _run("export.py", "--run-dir", missing, "--format", "state_dict", cache=cache, cwd=tmp_path)
+    assert done.returncode == 2
+    assert str(missing) in done.stderr and done.stderr.startswith("error:")
+
+
+def test_bench_latency_writes_ratios(tmp_path: Path, cache: Path):
+    out = tmp_path / "bench.json"
+    done = _run("bench.py", "--what", "latency", "--repeats", "3", "--rounds", "1", "--warmup", "1", "--threads", "1",
+                "--json", out, cache=cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    rows = figures["latency"]["pruned"]
+    assert [row["target"] for row in rows] == [0.25, 0.5, 0.75]
+    for row in rows:
+        for key in ("flops_ratio", "latency_ratio_b1", "latency_ratio_b64", "latency_over_flops_b1",
+                    "latency_over_flops_b64"):
+            assert row[key] > 0
+        assert abs(row["flops_ratio"] - row["target"]) < 0.05
+
+
+def test_bench_env_runs(tmp_path: Path, cache: Path, run_dir: Path):
+    # run_dir first: it caches the one-epoch base model this reuses.
+    done = _run("bench.py", "--what", "env", "--episodes", "5", "--warmup-episodes", "1", "--base-epochs", "1",
+                cache=cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "steps/s" in done.stdout and "unwrapped" in done.stdout
+
+
+@pytest.mark.parametrize("script", ["export.py", "bench.py"])
+def test_help(script: str, tmp_path: Path, cache: Path):
+    done = _run(script, "--help", cache=cache, cwd=tmp_path)
+    assert done.returncode == 0 and "usage:" in done.stdout

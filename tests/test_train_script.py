@@ -1,0 +1,264 @@
+"""Tests for scripts/train.py, run as a user runs it (a subprocess, tiny budgets), and for loading its run
+directory back: the inference model, the agent and its env."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium
+import pytest
+import torch
+from prunegym.agents import load_agent, load_inference_model
+from prunegym.compression import count_flops, count_params, load_dataset
+from prunegym.envs import LAYER_PRUNING_ID
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train.py"
+TINY = ["--timesteps", "64", "--finetune-epochs", "1", "--base-epochs", "2", "--checkpoint-freq", "32",
+        "--device", "cpu"]
+MEASURES = ("test_accuracy", "flops", "params", "bytes", "latency_b1_ms", "latency_b64_ms")
+
+
+def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python scripts/train.py ARGS`` from the repository root; PRUNEGYM_CACHE comes from the session fixture."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the models are tiny; threads only contend on shared cores
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("prunegym_train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_dir(prunegym_cache, tmp_path_factory) -> Path:
+    """One finished tiny run, shared by the tests that only read it."""
+    path = tmp_path_factory.mktemp("train") / "run"
+    _ok(_train("--run-dir", str(path), *TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(run_dir) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+# ---- the run directory ---------------------------------------------------------------------------
+def test_run_dir_holds_everything(run_dir):
+    for name in ("config.json", "report.json", "agent.zip", "model.pt", "uniform.pt", "checkpoints/state.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").rglob("events.out.tfevents.*"))
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert (run_dir / "checkpoints" / state["agent"]).is_file()
+    assert state["num_timesteps"] == 64
+    assert len(list((run_dir / "checkpoints").glob("agent_*.zip"))) <= 2
+
+
+def test_config_json_records_the_arguments(run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env_id"] == LAYER_PRUNING_ID
+    assert config["config"]["timesteps"] == 64
+    assert config["config"]["base_epochs"] == 2
+    assert config["config"]["checkpoint_freq"] == 32
+    assert config["env_kwargs"]["model"] == "digits_cnn"
+    assert config["env_kwargs"]["dataset"] == "digits"
+
+
+def test_report_json(report):
+    assert set(report["results"]) >= {"dense", "rl", "uniform"}
+    for name in ("dense", "rl", "uniform"):
+        result = report["results"][name]
+        for key in MEASURES:
+            assert key in result, (name, key)
+        assert 0.0 <= result["test_accuracy"] <= 1.0
+        assert result["flops"] > 0 and result["params"] > 0 and result["bytes"] > 0
+        assert result["latency_b1_ms"] > 0 and result["latency_b64_ms"] > 0
+    results = report["results"]
+    assert results["rl"]["flops"] <= results["dense"]["flops"]
+    assert results["uniform"]["flops"] <= results["dense"]["flops"]
+    assert results["dense"]["flops_ratio"] == 1.0
+    assert report["search"]["timesteps"] == 64
+
+
+def test_tensorboard_has_pruning_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for directory in {f.parent for f in (run_dir / "tb").rglob("events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(directory))
+        accumulator.Reload()
+        tags.update(accumulator.Tags()["scalars"])
+    for tag in ("pruning/episode_reward", "pruning/accuracy", "pruning/density", "pruning/best_reward"):
+        assert tag in tags, sorted(tags)
+    assert any(t.startswith("pruning/best_keep_ratio/") for t in tags)
+
+
+# ---- command-line behaviour ----------------------------------------------------------------------
+def test_help():
+    result = _ok(_train("--help"))
+    for flag in ("--env", "--dataset", "--model", "--algo", "--lam", "--flops-target", "--timesteps", "--seed",
+                 "--device", "--run-dir", "--resume"):
+        assert flag in result.stdout, flag
+
+
+def test_existing_run_dir_without_resume_fails(run_dir):
+    before = (run_dir / "report.json").read_bytes()
+    result = _train("--run-dir", str(run_dir), *TINY)
+    assert result.returncode != 0
+    assert str(run_dir) in result.stderr
+    assert "--resume" in result.stderr
+    assert (run_dir / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "pattern"),
+                         [(["--lam", "-1"], "lam"), (["--algo", "bogus"], "algo"),
+                          (["--flops-target", "2"], "flops[_-]target"), (["--density", "bogus"], "density"),
+                          (["--model", "bogus"], "model"), (["--timesteps", "0"], "timesteps")])
+def test_bad_values_fail_naming_them(tmp_path, args, pattern):
+    target = tmp_path / "run"
+    result = _train("--run-dir", str(target), *TINY, *args)
+    assert result.returncode != 0
+    assert re.search(pattern, result.stderr), result.stderr
+    assert not target.exists()  # nothing is written for a run that cannot start
+
+
+def test_resume_without_config_fails_naming_it(tmp_path):
+    target = tmp_path / "not_a_run"
+    target.mkdir()
+    result = _train("--run-dir", str(target), "--resume", "--timesteps", "64")
+    assert result.returncode != 0
+    assert "config.json" in result.stderr
+    assert str(target) in result.stderr
+
+
+def test_resume_continues_the_timestep_count(tmp_path):
+    target = tmp_path / "run"
+    _ok(_train("--run-dir", str(target), *TINY))
+    first, _ = load_agent(target, device="cpu")
+    assert first.num_timesteps == 64
+
+    result = _ok(_train("--run-dir", str(target), "--resume", "--timesteps", "128"))
+    assert "resuming" in result.stdout
+    agent, _ = load_agent(target, device="cpu")
+    assert agent.num_timesteps == 128
+    report = json.loads((target / "report.json").read_text())
+    assert report["search"]["timesteps"] == 128
+    state = json.loads((target / "checkpoints" / "state.json").read_text())
+    assert state["num_timesteps"] == 128
+    assert state["callback"]["episodes"] == 128 // len(report["search"]["groups"])
+    # the search logs to the same TensorBoard run, and its steps continue past the first run's
+    assert len({f.parent for f in (target / "tb").rglob("events.out.tfevents.*")}) == 1
+
+
+def test_resume_without_timesteps_keeps_the_saved_total(run_dir, tmp_path, monkeypatch):
+    from prunegym.agents.run import TrainConfig
+
+    target = tmp_path / "run"
+    target.mkdir()
+    shutil.copy(run_dir / "config.json", target / "config.json")  # a run started with --timesteps 64
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def validate(self):
+        seen["timesteps"] = self.timesteps
+        raise Stop
+
+    monkeypatch.setattr(TrainConfig, "validate", validate)
+    with pytest.raises(Stop):
+        _script_module().main(["--run-dir", str(target), "--resume"])
+    assert seen["timesteps"] == 64
+
+
+def test_resume_refuses_flags_that_would_change_the_saved_config(run_dir, tmp_path):
+    result = _train("--run-dir", str(run_dir), "--resume", "--lam", "3")
+    assert result.returncode != 0
+    assert "--lam" in result.stderr
+
+
+def test_resume_of_a_moved_run_dir_continues_it(run_dir, tmp_path):
+    original = tmp_path / "original"
+    _ok(_train("--run-dir", str(original), *TINY))
+    moved = tmp_path / "moved"
+    original.rename(moved)
+    result = _train("--run-dir", str(moved), "--resume", "--timesteps", "64")
+    assert result.returncode == 0, result.stderr
+    assert not original.exists()
+    assert (moved / "report.json").is_file()
+
+
+# ---- loading the run back ------------------------------------------------------------------------
+def test_load_inference_model(run_dir, report):
+    model = load_inference_model(run_dir)
+    assert isinstance(model, torch.nn.Module)
+    assert not model.training
+    splits = load_dataset("digits", 0)
+    x = splits.test.x[:16]
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (16, splits.num_classes)
+    assert count_flops(model, x[:1]) == report["results"]["rl"]["flops"]
+    assert count_params(model) == report["results"]["rl"]["params"]
+
+
+def test_the_pruned_model_loads_without_gymnasium_or_sb3(run_dir, report):
+    code = (
+        "import sys\n"
+        "sys.modules['gymnasium'] = sys.modules['stable_baselines3'] = None  # importing them now fails\n"
+        "from prunegym.compression import count_flops, load_checkpoint, load_dataset\n"
+        f"model, _, _ = load_checkpoint({str(run_dir / 'model.pt')!r})\n"
+        "print(count_flops(model, load_dataset('digits', 0).test.x[:1]))\n"
+    )
+    result = _ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120))
+    assert int(result.stdout.split()[-1]) == report["results"]["rl"]["flops"]
+
+
+def test_load_inference_model_of_an_incomplete_run_raises(run_dir, tmp_path):
+    shutil.copy(run_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        load_inference_model(tmp_path)
+
+
+def test_load_inference_model_of_a_non_run_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_inference_model(tmp_path)
+
+
+def test_load_agent_rebuilds_its_env(run_dir):
+    agent, env_kwargs = load_agent(run_dir, device="cpu")
+    assert agent.num_timesteps == 64
+    assert env_kwargs["base_epochs"] == 2
+    env = gymnasium.make(LAYER_PRUNING_ID, **env_kwargs)
+    obs, _ = env.reset(seed=0)
+    done, steps = False, 0
+    while not done:
+        action, _ = agent.predict(obs, deterministic=True)
+        obs, reward, done, _, info = env.step(action)
+        steps += 1
+    assert steps == env.unwrapped.num_groups
+    assert reward == pytest.approx(-info["loss"] - env_kwargs["lam"] * info["density"], abs=1e-12)
+    env.close()
+
+
+def test_load_agent_of_a_stopped_run_uses_its_latest_checkpoint(run_dir, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    (target / "agent.zip").unlink()
+    agent, _ = load_agent(target, device="cpu")
+    assert agent.num_timesteps == 64
