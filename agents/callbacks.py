@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prunegym.compression.checkpoint import read_json, write_json
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam
+
+from prunegym.compression.checkpoint import read_json, write_json
 
 __all__ = ["PruningCallback", "CheckpointCallback", "latest_checkpoint"]
 

@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prunegym.compression.checkpoint import load_checkpoint, read_json
 from stable_baselines3.common.base_class import BaseAlgorithm
 from torch import nn
+
+from prunegym.compression.checkpoint import load_checkpoint, read_json
+from prunegym.compression.fusion import inference_form
 
 from .factory import ALGORITHMS
 
@@ -22,8 +24,9 @@ def _run_dir(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_inference_model(run_dir: str | os.PathLike) -> nn.Module:
-    """The pruned (physically smaller) model of a finished run, in eval mode on the CPU.
+def load_inference_model(run_dir: str | os.PathLike, fold_bn: bool = True) -> nn.Module:
+    """The pruned (physically smaller) model of a finished run, in eval mode on the CPU, with its
+    batch norms folded into the convs (``fold_bn=False``: as trained, e.g. to fine-tune it further).
 
     It is a plain ``nn.Module``: running it needs neither gymnasium nor stable-baselines3.
     """
@@ -32,7 +35,7 @@ def load_inference_model(run_dir: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"run {path} is incomplete (no model.pt); continue it with "
                                 f"`python scripts/train.py --run-dir {path} --resume`")
     model, _, _ = load_checkpoint(path / "model.pt")
-    return model
+    return inference_form(model)[0] if fold_bn else model
 
 
 def load_agent(run_dir: str | os.PathLike, device: str = "auto") -> tuple[BaseAlgorithm, dict[str, Any]]:

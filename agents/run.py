@@ -24,14 +24,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.monitor import Monitor
+
 from prunegym.compression.channels import prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
 from prunegym.compression.data import load_dataset
+from prunegym.compression.fusion import inference_form
 from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes
 from prunegym.compression.models import MODELS
 from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
 from prunegym.envs import DENSITY_KINDS, LayerPruningEnv
-from stable_baselines3.common.monitor import Monitor
 
 from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
@@ -142,7 +144,7 @@ def uniform_keep_counts(env: LayerPruningEnv, flops: float) -> np.ndarray:
 
 
 def _measure(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
-    model = model.cpu().eval()
+    model, folding = inference_form(model)
     x1 = splits.test.x[:1]
     x64 = splits.test.x[:64].repeat(-(-64 // min(64, len(splits.test))), 1, 1, 1)[:64]
     loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
@@ -154,6 +156,7 @@ def _measure(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
         "bytes": model_bytes(model),
         "latency_b1_ms": 1e3 * measure_latency(model, x1, repeats=200, warmup=20, threads=threads),
         "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=50, warmup=5, threads=threads),
+        "inference_form": folding,
     }
 
 
@@ -290,7 +293,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
         "search": {"source": source, "best_reward": best_reward, "episodes": pruning_cb.episodes,
                    "timesteps": int(agent.num_timesteps), "seconds": search_seconds,
                    "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups]},
-        "notes": "FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
+        "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
+                 "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
                  f"{config.threads} thread(s); accuracy on the test split after {config.finetune_epochs} "
                  "fine-tune epochs for both pruned models.",
         "seconds": time.perf_counter() - started,

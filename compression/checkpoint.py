@@ -73,11 +73,14 @@ def read_json(path: str | os.PathLike) -> Any:
 def _layer_shape(module: nn.Module) -> dict[str, Any] | None:
     if isinstance(module, nn.Conv2d):
         return {"type": "conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
-                "groups": module.groups}
+                "groups": module.groups, "bias": module.bias is not None}
     if isinstance(module, nn.Linear):
-        return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features}
+        return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
     if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
         return {"type": "batchnorm", "num_features": module.num_features}
+    if isinstance(module, nn.Identity):  # where a BN was folded into its conv (fusion.fold_batchnorm)
+        return {"type": "identity"}
     return None
 
 
@@ -90,12 +93,13 @@ def describe_architecture(model: nn.Module, model_name: str, in_channels: int, n
 
 
 def _resized(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
+    if shape["type"] == "identity":
+        return nn.Identity()
     if isinstance(module, nn.Conv2d):
         return nn.Conv2d(shape["in_channels"], shape["out_channels"], module.kernel_size, module.stride,
-                         module.padding, module.dilation, shape["groups"], module.bias is not None,
-                         module.padding_mode)
+                         module.padding, module.dilation, shape["groups"], shape["bias"], module.padding_mode)
     if isinstance(module, nn.Linear):
-        return nn.Linear(shape["in_features"], shape["out_features"], module.bias is not None)
+        return nn.Linear(shape["in_features"], shape["out_features"], shape["bias"])
     return type(module)(shape["num_features"], module.eps, module.momentum, module.affine,
                         module.track_running_stats)
 
@@ -112,7 +116,8 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
             raise ValueError(f"architecture names layer {name!r}, which {arch['model']!r} does not have")
         module = modules[name]
         current = _layer_shape(module)
-        if current is None or current["type"] != shape["type"]:
+        folded_bn = current is not None and (current["type"], shape["type"]) == ("batchnorm", "identity")
+        if current is None or (current["type"] != shape["type"] and not folded_bn):
             raise ValueError(f"layer {name!r} is {type(module).__name__}, architecture says {shape['type']!r}")
         if current != shape:
             parent_name, _, attr = name.rpartition(".")

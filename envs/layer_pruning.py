@@ -10,6 +10,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from torch import nn
+
 from prunegym.compression.channels import (
     ChannelGraph,
     SoftMask,
@@ -20,7 +22,6 @@ from prunegym.compression.channels import (
 )
 from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device
-from torch import nn
 
 __all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
 

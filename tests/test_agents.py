@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from stable_baselines3.common.monitor import Monitor
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from prunegym.agents import ALGORITHMS, CheckpointCallback, PruningCallback, latest_checkpoint, make_agent
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.envs import LayerPruningEnv
-from stable_baselines3.common.monitor import Monitor
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SMALL = {"base_epochs": 2}
 OFF_POLICY = {"learning_starts": 20}

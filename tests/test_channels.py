@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from prunegym.compression.channels import (
     IMPORTANCES,
     BNScaleImportance,
@@ -20,7 +22,6 @@ from prunegym.compression.channels import (
 )
 from prunegym.compression.metrics import count_flops, count_params
 from prunegym.compression.models import build_model
-from torch import nn
 
 SIZE = 8
 ZOO = {"digits_cnn": 1, "resnet20": 3, "vgg_small": 3}  # name -> in_channels

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
 from prunegym.compression.checkpoint import (
     atomic_path,
@@ -21,7 +23,6 @@ from prunegym.compression.checkpoint import (
     write_json,
 )
 from prunegym.compression.models import build_model
-from torch import nn
 
 SIZE = 8
 

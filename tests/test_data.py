@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from prunegym.compression.data import DATASETS, Split, Splits, dataset_key, load_dataset
 
 IMAGES, LABELS = 0x00000803, 0x00000801

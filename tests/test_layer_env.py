@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium import spaces
+
 from prunegym.compression import base_model, load_dataset
 from prunegym.envs import DENSITY_KINDS, LAYER_PRUNING_ID, OBSERVATION_FEATURES, LayerPruningEnv
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from prunegym.compression import training
 from prunegym.compression.data import Split, load_dataset
 from prunegym.compression.metrics import (
@@ -23,7 +25,6 @@ from prunegym.compression.training import (
     resolve_device,
     train_classifier,
 )
-from torch import nn
 
 
 # ---- FLOPs, parameters, bytes ------------------------------------------------------------------

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from prunegym.compression.models import MODELS, DigitsCNN, ResNet, VGGSmall, build_model, resolve_factory
 from torch import nn
+
+from prunegym.compression.models import MODELS, DigitsCNN, ResNet, VGGSmall, build_model, resolve_factory
 
 ZOO_CASES = [
     (name, in_channels, size)

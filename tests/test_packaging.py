@@ -22,8 +22,8 @@ def test_built_wheel_installs_and_imports(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=600)
     code = ("import gymnasium, prunegym.compression, prunegym.envs, prunegym.agents; "
-            "assert prunegym.envs.__file__.startswith(%r), prunegym.envs.__file__; "
-            "assert 'prunegym/LayerPruning-v0' in gymnasium.registry" % str(target))
+            f"assert prunegym.envs.__file__.startswith({str(target)!r}), prunegym.envs.__file__; "
+            "assert 'prunegym/LayerPruning-v0' in gymnasium.registry")
     # Run from tmp_path with the wheel's folder first on the path, so the checkout cannot be picked up.
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=300)

@@ -15,6 +15,7 @@ from pathlib import Path
 import gymnasium
 import pytest
 import torch
+
 from prunegym.agents import load_agent, load_inference_model
 from prunegym.compression import count_flops, count_params, load_dataset
 from prunegym.envs import LAYER_PRUNING_ID
