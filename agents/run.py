@@ -64,8 +64,9 @@ class TrainConfig:
     """what density measures: flops, params or channels"""
     flops_target: float | None = None
     """budget mode: the largest FLOPs ratio the pruned model may have (the reward is then ``-task_loss``)"""
-    min_keep: float = 0.1
-    """the smallest keep ratio the agent may choose for a group"""
+    min_keep: float = 0.25
+    """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
+    score well before fine-tuning but recover badly after it)"""
     importance: str = "l1"
     """which channels stay inside a group: l1, l2 or bn_scale"""
     timesteps: int = 6000

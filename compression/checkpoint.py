@@ -119,7 +119,9 @@ def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
         folded_bn = current is not None and (current["type"], shape["type"]) == ("batchnorm", "identity")
         if current is None or (current["type"] != shape["type"] and not folded_bn):
             raise ValueError(f"layer {name!r} is {type(module).__name__}, architecture says {shape['type']!r}")
-        if current != shape:
+        # Older descriptions lack some keys (e.g. "bias"); what they do not say stays as built.
+        if any(current.get(k) != v for k, v in shape.items()):
+            shape = {**current, **shape}
             parent_name, _, attr = name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
             setattr(parent, attr, _resized(module, shape))

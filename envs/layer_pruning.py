@@ -97,7 +97,7 @@ class LayerPruningEnv(gym.Env):
         density: str = "flops",
         seed: int = 0,
         flops_target: float | None = None,
-        min_keep: float = 0.1,
+        min_keep: float = 0.25,
         action_levels: int | None = None,
         importance: str = "l1",
         recalibration_batches: int = 2,
