@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import gymnasium as gym
@@ -53,6 +54,10 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
                          "(drop action_levels, or use ppo or a2c)")
     action_dim = int(np.prod(space.shape)) if isinstance(space, gym.spaces.Box) else None
     kwargs = default_hyperparameters(algo, episode_length, action_dim)
+    accepted = set(inspect.signature(ALGORITHMS[algo].__init__).parameters) - {"self", "policy", "env"}
+    unknown = sorted(set(hyperparameters or {}) - accepted)
+    if unknown:
+        raise ValueError(f"hyperparameters {unknown} are not arguments of {ALGORITHMS[algo].__name__}")
     kwargs.update(hyperparameters or {})
     kwargs.setdefault("policy_kwargs", {"net_arch": [64, 64]})
     return ALGORITHMS[algo]("MlpPolicy", env, seed=seed, device=device, verbose=verbose,

@@ -24,17 +24,19 @@ def _run_dir(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_inference_model(run_dir: str | os.PathLike, fold_bn: bool = True) -> nn.Module:
+def load_inference_model(run_dir: str | os.PathLike, fold_bn: bool = True, trust_factory: bool = False) -> nn.Module:
     """The pruned (physically smaller) model of a finished run, in eval mode on the CPU, with its
     batch norms folded into the convs (``fold_bn=False``: as trained, e.g. to fine-tune it further).
 
-    It is a plain ``nn.Module``: running it needs neither gymnasium nor stable-baselines3.
+    It is a plain ``nn.Module``: running it needs neither gymnasium nor stable-baselines3. A run of
+    a user model (``package.module:factory``) needs ``trust_factory=True``: rebuilding it imports
+    and calls that factory.
     """
     path = _run_dir(run_dir)
-    if not (path / "model.pt").is_file():
-        raise FileNotFoundError(f"run {path} is incomplete (no model.pt); continue it with "
+    if not (path / "report.json").is_file() or not (path / "model.pt").is_file():
+        raise FileNotFoundError(f"run {path} is incomplete (no report.json or model.pt); continue it with "
                                 f"`python scripts/train.py --run-dir {path} --resume`")
-    model, _, _ = load_checkpoint(path / "model.pt")
+    model, _, _ = load_checkpoint(path / "model.pt", trust_factory=trust_factory)
     return inference_form(model)[0] if fold_bn else model
 
 
@@ -47,8 +49,10 @@ def load_agent(run_dir: str | os.PathLike, device: str = "auto") -> tuple[BaseAl
     path = _run_dir(run_dir)
     data = read_json(path / "config.json")
     algo = data["config"]["algo"]
+    if algo not in ALGORITHMS:
+        raise ValueError(f"{path / 'config.json'} names algo {algo!r}; expected one of {sorted(ALGORITHMS)}")
     agent_path = path / "agent.zip"
-    if not agent_path.is_file():
+    if not (path / "report.json").is_file() or not agent_path.is_file():  # unfinished: the latest checkpoint
         state_path = path / "checkpoints" / "state.json"
         if not state_path.is_file():
             raise FileNotFoundError(f"run {path} has no agent.zip and no checkpoint yet")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.monitor import Monitor
 
-from prunegym.compression.channels import prune_channels
+from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
 from prunegym.compression.data import load_dataset
 from prunegym.compression.fusion import inference_form
@@ -38,8 +38,8 @@ from prunegym.envs import DENSITY_KINDS, LayerPruningEnv
 from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
-__all__ = ["TrainConfig", "train", "env_kwargs", "load_config", "resume_config", "format_report", "field_docs",
-           "uniform_keep_counts", "RunDirError"]
+__all__ = ["FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs", "load_config", "resume_config", "format_report",
+           "field_docs", "uniform_keep_counts", "RunDirError"]
 
 
 class RunDirError(ValueError):
@@ -99,6 +99,13 @@ class TrainConfig:
             raise ValueError(f"density {self.density!r} is unknown; expected one of {DENSITY_KINDS}")
         if not math.isfinite(self.lam) or self.lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
+        if not 0 < self.min_keep <= 1:
+            raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
+        if not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
+            raise ValueError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance {self.importance!r} is unknown; expected one of {sorted(IMPORTANCES)}")
+        resolve_device(self.device)
         if self.flops_target is not None and not 0 < self.flops_target <= 1:
             raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target}")
         for name in ("timesteps", "checkpoint_freq", "threads"):
@@ -167,11 +174,30 @@ def _write_config(config: TrainConfig, run_dir: Path) -> None:
                              "torch": torch.__version__, "platform": platform.platform()})
 
 
+FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "agent.zip")
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    """A resumed run must exist and keep its saved settings (only timesteps and device may change)."""
+    if not config.run_dir:
+        raise RunDirError("resuming needs the run directory to continue (--run-dir)")
+    saved = load_config(config.run_dir)
+    free = ("timesteps", "device", "run_dir")
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in free and getattr(saved, f.name) != getattr(config, f.name)]
+    if changed:
+        raise ValueError(f"cannot resume {config.run_dir} with other settings than it was started with: {changed}")
+    if config.timesteps < saved.timesteps:
+        raise ValueError(f"timesteps={config.timesteps} is below the run's own total {saved.timesteps}")
+
+
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
     run_dir = Path(config.run_dir or config.default_run_dir())
     if resume:
-        # The run is incomplete again until the new report is written.
-        (run_dir / "report.json").unlink(missing_ok=True)
+        # The run is incomplete again until the new report is written; the outputs of the last
+        # finish go too, so nothing outdated can be loaded from it meanwhile.
+        for name in FINAL_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                           "or choose another --run-dir")
@@ -212,15 +238,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     With ``resume``, ``config`` is the run's own (``resume_config``): the search continues from the
     latest checkpoint in ``config.run_dir``, the timestep count going on from where it stopped.
     """
-    if resume and not config.run_dir:
-        raise RunDirError("resuming needs the run directory to continue (--run-dir)")
+    if resume:
+        _check_resumable(config)
     config.validate()
-    run_dir = _prepare_run_dir(config, resume)
     device = resolve_device(config.device)
     started = time.perf_counter()
-    log(f"run directory: {run_dir}")
+    run_dir = Path(config.run_dir or config.default_run_dir())
 
-    # 1. Base model (trained once per model, dataset, seed, then cached) and the environment.
+    # 1. Base model (trained once per model, dataset, seed, then cached) and the environment. Both
+    # come before the run directory, so a bad setting leaves nothing behind.
     splits = load_dataset(config.dataset, config.seed)
     env = LayerPruningEnv(**env_kwargs(config), device=str(device))
     dense = env.evaluate_counts(env.graph.num_channels)
@@ -229,11 +255,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
 
     # 2. The RL search, resumable from the latest checkpoint.
     monitored = Monitor(env)
+    agent_cls = ALGORITHMS[config.algo]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if checkpoint is None:
+        agent = make_agent(config.algo, monitored, episode_length=env.num_groups, seed=config.seed,
+                           device=str(device), tensorboard_log=str(run_dir / "tb"),
+                           hyperparameters=config.hyperparameters)
+    run_dir = _prepare_run_dir(config, resume)
+    log(f"run directory: {run_dir}")
     hparams = {**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)}
     pruning_cb = PruningCallback([g.name for g in env.graph.groups], hparams=hparams)
     ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, pruning_cb)
-    agent_cls = ALGORITHMS[config.algo]
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if checkpoint is not None:
         path, state = checkpoint
         agent = agent_cls.load(path, env=monitored, device=device, tensorboard_log=str(run_dir / "tb"))
@@ -241,10 +273,6 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
             agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
         pruning_cb.load_state_dict(state["callback"])
         log(f"resuming from {path} at timestep {agent.num_timesteps}")
-    else:
-        agent = make_agent(config.algo, monitored, episode_length=env.num_groups, seed=config.seed,
-                           device=str(device), tensorboard_log=str(run_dir / "tb"),
-                           hyperparameters=config.hyperparameters)
     remaining = config.timesteps - agent.num_timesteps
     if remaining > 0:
         agent.learn(remaining, callback=[pruning_cb, ckpt_cb], tb_log_name=config.algo,

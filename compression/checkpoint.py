@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import build_model
+from .models import MODELS, build_model
 
 __all__ = [
     "describe_architecture",
@@ -104,11 +103,18 @@ def _resized(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
                         module.track_running_stats)
 
 
-def build_from_architecture(arch: dict[str, Any]) -> nn.Module:
-    """Build an (untrained) model of the shape ``arch`` describes."""
+def build_from_architecture(arch: dict[str, Any], trust_factory: bool = False) -> nn.Module:
+    """Build an (untrained) model of the shape ``arch`` describes.
+
+    A zoo model is built from data alone. A ``package.module:factory`` model imports and calls that
+    factory, which is code: it is built only with ``trust_factory=True``.
+    """
     missing = [k for k in _ARCH_KEYS if k not in arch]
     if missing:
         raise ValueError(f"architecture description lacks {missing}")
+    if arch["model"] not in MODELS and not trust_factory:
+        raise ValueError(f"the checkpoint's model {arch['model']!r} is built by importing and calling code; "
+                         "load it with trust_factory=True if you trust that factory")
     model = build_model(arch["model"], arch["in_channels"], arch["num_classes"])
     modules = dict(model.named_modules())
     for name, shape in arch["layers"].items():
@@ -136,10 +142,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: dict[str, A
         torch.save({"architecture": arch, "state_dict": state, "metadata": metadata or {}}, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike,
-                    builder: Callable[[dict[str, Any]], nn.Module] = build_from_architecture
+def load_checkpoint(path: str | os.PathLike, trust_factory: bool = False
                     ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Load ``(model, architecture, metadata)``; the model is in eval mode on the CPU."""
+    """Load ``(model, architecture, metadata)``; the model is in eval mode on the CPU.
+
+    ``trust_factory``: see ``build_from_architecture``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint there (expected a file written by save_checkpoint)")
@@ -149,7 +157,10 @@ def load_checkpoint(path: str | os.PathLike,
         raise ValueError(f"{path}: not a readable prunegym checkpoint ({err})") from err
     if not isinstance(payload, dict) or not {"architecture", "state_dict"} <= payload.keys():
         raise ValueError(f"{path}: not a prunegym checkpoint (expected keys 'architecture' and 'state_dict')")
-    model = builder(payload["architecture"])
-    model.load_state_dict(payload["state_dict"])
+    model = build_from_architecture(payload["architecture"], trust_factory=trust_factory)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the weights do not fit the architecture it describes ({err})") from err
     model.eval()
     return model, payload["architecture"], payload.get("metadata", {})

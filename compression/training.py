@@ -113,7 +113,7 @@ def base_model(model_name: str, splits: Splits, seed: int = 0, *, epochs: int = 
     """The trained dense model for (model, dataset, seed), trained once and then read from the cache."""
     path = cache_dir() / "base" / _cache_name(model_name, splits, seed, epochs)
     if use_cache and path.is_file():
-        model, _, _ = load_checkpoint(path)
+        model, _, _ = load_checkpoint(path, trust_factory=True)  # our own cache, for the model asked for
         return model.to(device or "cpu")
     torch.manual_seed(seed)
     model = build_model(model_name, splits.in_channels, splits.num_classes)

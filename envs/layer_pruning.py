@@ -190,7 +190,10 @@ class LayerPruningEnv(gym.Env):
     def keep_ratio_of(self, action: Any) -> float:
         """The keep ratio an action asks for, before rounding and the budget clamp."""
         if self.action_levels is None:
-            a = np.asarray(action, dtype=np.float32).reshape(-1)
+            try:
+                a = np.asarray(action, dtype=np.float32).reshape(-1)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"action must be one number in [-1, 1], got {action!r}") from err
             if a.shape != (1,) or not self.action_space.contains(a):
                 raise ValueError(f"action must be one number in [-1, 1], got {action!r}")
             return self.min_keep + (float(a[0]) + 1.0) / 2.0 * (1.0 - self.min_keep)

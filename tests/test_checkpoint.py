@@ -130,17 +130,20 @@ def test_checkpoint_without_metadata(tmp_path):
     assert load_checkpoint(tmp_path / "m.pt")[2] == {}
 
 
-def test_load_checkpoint_with_a_custom_builder(pruned_resnet20, tmp_path):
-    pruned, arch = pruned_resnet20
-    save_checkpoint(tmp_path / "m.pt", pruned, arch)
-    seen = []
-
-    def builder(a):
-        seen.append(a)
-        return build_from_architecture(a)
-
-    load_checkpoint(tmp_path / "m.pt", builder=builder)
-    assert seen == [arch]
+def test_a_user_model_checkpoint_is_built_only_when_its_factory_is_trusted(tmp_path, monkeypatch):
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        "from torch import nn\n"
+        "def make(in_channels, num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    arch = {"model": "userpkg.nets:make", "in_channels": 1, "num_classes": 3, "image_size": 8, "layers": {}}
+    with pytest.raises(ValueError, match="trust_factory"):
+        build_from_architecture(arch)
+    assert isinstance(build_from_architecture(arch, trust_factory=True), torch.nn.Module)
 
 
 def test_load_checkpoint_missing_file(tmp_path):

@@ -129,7 +129,11 @@ def test_existing_run_dir_without_resume_fails(run_dir):
 @pytest.mark.parametrize(("args", "pattern"),
                          [(["--lam", "-1"], "lam"), (["--algo", "bogus"], "algo"),
                           (["--flops-target", "2"], "flops[_-]target"), (["--density", "bogus"], "density"),
-                          (["--model", "bogus"], "model"), (["--timesteps", "0"], "timesteps")])
+                          (["--model", "bogus"], "model"), (["--timesteps", "0"], "timesteps"),
+                          (["--min-keep", "0"], "min_keep"), (["--finetune-lr", "-1"], "finetune_lr"),
+                          (["--flops-target", "0.01"], "flops_target"), (["--dataset", "mnist:/nonexistent"],
+                                                                          "nonexistent"),
+                          (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus")])
 def test_bad_values_fail_naming_them(tmp_path, args, pattern):
     target = tmp_path / "run"
     result = _train("--run-dir", str(target), *TINY, *args)
@@ -234,6 +238,25 @@ def test_load_inference_model_of_an_incomplete_run_raises(run_dir, tmp_path):
     shutil.copy(run_dir / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="--resume"):
         load_inference_model(tmp_path)
+
+
+def test_a_run_without_its_report_is_not_loaded(run_dir, tmp_path):
+    # A run whose report is missing (resumed, or stopped while finishing) may hold outdated files.
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "report.json").unlink()
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        load_inference_model(copy)
+
+
+def test_train_refuses_to_resume_with_other_settings(run_dir):
+    from prunegym.agents import load_config, train
+
+    config = load_config(run_dir)
+    config.run_dir = str(run_dir)
+    config.lam = config.lam + 1
+    with pytest.raises(ValueError, match="lam"):
+        train(config, resume=True)
 
 
 def test_load_inference_model_of_a_non_run_raises(tmp_path):
