@@ -225,13 +225,35 @@ class ChannelGraph:
         f_out = frac[..., self._out]
         return self._fixed_params + (frac[..., self._in] * f_out) @ self._weight + f_out @ self._per_out
 
-    def keep_counts(self, keep_ratios: Sequence[float] | np.ndarray, min_channels: int = 1) -> np.ndarray:
-        """Channels kept per group for the given keep ratios (rounded, at least ``min_channels``)."""
+    def allowed_counts(self, group: int, multiple: int = 1, min_channels: int = 1) -> np.ndarray:
+        """The channel counts group ``group`` may keep, ascending: multiples of ``multiple`` of at least
+        ``min_channels``, and always all of its channels.
+
+        Vector units compute channels in blocks (16 fp32 lanes with AVX-512, 8 with AVX2), and CPU
+        convolution kernels pad a thin layer up to a whole block; counts at multiples of the block
+        waste none of it.
+        """
+        if not isinstance(multiple, int | np.integer) or multiple < 1:
+            raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+        channels = int(self.num_channels[group])
+        counts = np.arange(multiple, channels + 1, multiple)
+        counts = counts[counts >= min_channels]
+        return np.unique(np.append(counts, channels)).astype(np.int64)
+
+    def keep_counts(self, keep_ratios: Sequence[float] | np.ndarray, min_channels: int = 1,
+                    multiple: int = 1) -> np.ndarray:
+        """Channels kept per group for the given keep ratios: the nearest allowed count
+        (``allowed_counts``), at least ``min_channels``."""
         ratios = np.asarray(keep_ratios, dtype=np.float64)
         if ratios.shape != (len(self.groups),) or not np.all((ratios >= 0) & (ratios <= 1)):
             raise ValueError(f"need {len(self.groups)} keep ratios in [0, 1], got {ratios.tolist()}")
-        counts = np.rint(ratios * self.num_channels).astype(np.int64)
-        return np.clip(counts, np.minimum(min_channels, self.num_channels), self.num_channels)
+        counts = []
+        for g, ratio in enumerate(ratios):
+            allowed = self.allowed_counts(g, multiple, min_channels)
+            target = ratio * self.num_channels[g]
+            # the nearest allowed count; a tie goes to the larger one, as rounding half up would
+            counts.append(allowed[np.argmin(np.abs(allowed - target) - 1e-9 * allowed)])
+        return np.asarray(counts, dtype=np.int64)
 
     def kept_channels(self, importance: Importance, keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
         """The indices of the ``keep_counts`` most important channels of each group, ascending."""

@@ -138,10 +138,10 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def uniform_counts(graph: ChannelGraph, flops_ratio: float) -> tuple[float, np.ndarray]:
+def uniform_counts(graph: ChannelGraph, flops_ratio: float, multiple: int = 1) -> tuple[float, np.ndarray]:
     """The one keep ratio for every group whose FLOPs ratio is nearest ``flops_ratio``, and its counts."""
     ratios = np.linspace(0.0, 1.0, 1001)
-    counts = np.stack([graph.keep_counts(np.full(len(graph.groups), r)) for r in ratios])
+    counts = np.stack([graph.keep_counts(np.full(len(graph.groups), r), multiple=multiple) for r in ratios])
     achieved = np.asarray(graph.flops(counts)) / graph.dense_flops
     best = int(np.argmin(np.abs(achieved - flops_ratio)))
     return float(ratios[best]), counts[best]
@@ -159,7 +159,8 @@ def _timed_rounds(models: list[nn.Module], x: torch.Tensor, rounds: int, repeats
 
 
 def bench_latency(model_name: str, targets: list[float], threads: int, repeats: int | None,
-                  warmup: int | None, rounds: int, seed: int, fold_bn: bool = True) -> dict[str, Any]:
+                  warmup: int | None, rounds: int, seed: int, fold_bn: bool = True,
+                  channel_multiple: int = 1) -> dict[str, Any]:
     torch.manual_seed(seed)
     dense = randomize(build_model(model_name, 3, 10), seed)
     example = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
@@ -167,14 +168,15 @@ def bench_latency(model_name: str, targets: list[float], threads: int, repeats: 
     dense_flops = count_flops(dense, example)
     pruned_models, rows = [], []
     for target in targets:
-        keep_ratio, counts = uniform_counts(graph, target)
+        keep_ratio, counts = uniform_counts(graph, target, channel_multiple)
         pruned = prune_channels(dense, graph, graph.kept_channels(L1Importance(), counts)).eval()
         pruned_models.append(pruned)
         rows.append({"target": target, "keep_ratio": keep_ratio, "flops": count_flops(pruned, example),
                      "params": count_params(pruned)})
     results: dict[str, Any] = {
         "model": model_name, "input": [3, IMAGE_SIZE, IMAGE_SIZE], "threads": threads, "rounds": rounds,
-        "bn_folded": fold_bn, "dense": {"flops": dense_flops, "params": count_params(dense)}, "pruned": rows}
+        "bn_folded": fold_bn, "channel_multiple": channel_multiple,
+        "dense": {"flops": dense_flops, "params": count_params(dense)}, "pruned": rows}
     timed = [dense, *pruned_models]
     if fold_bn:  # the inference form of every model: BN folded into the conv before it
         timed = [fold_batchnorm(m) for m in timed]
@@ -201,6 +203,8 @@ def bench_latency(model_name: str, targets: list[float], threads: int, repeats: 
 def format_latency(r: dict[str, Any]) -> str:
     d = r["dense"]
     folded = "BN folded into convs" if r["bn_folded"] else "BN not folded"
+    if r["channel_multiple"] > 1:
+        folded += f", channel counts multiples of {r['channel_multiple']}"
     lines = [f"latency vs FLOPs: {r['model']} (random weights and BN statistics; {folded}), input {r['input']}, CPU, "
              f"{r['threads']} thread(s), median of {r['rounds']} alternating rounds of "
              f"{r['repeats_b1']} (b1) / {r['repeats_b64']} (b64) timed passes",
@@ -261,27 +265,51 @@ def build_parser() -> argparse.ArgumentParser:
                          help="timed passes per round (default: 200 at batch 1, 50 at batch 64)")
     latency.add_argument("--warmup", type=int, default=None,
                          help="untimed passes before each timing (default: 20 at batch 1, 5 at batch 64)")
+    latency.add_argument("--channel-multiple", type=_positive_int, default=1,
+                         help="prune to channel counts that are multiples of this (default: 1)")
     latency.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                          help="time the inference form, BN folded into the convs, of dense and pruned models "
                               "alike (default: on)")
+    parser.add_argument("--stable-malloc", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep glibc from returning activation buffers to the kernel between passes "
+                             f"(restarts with GLIBC_TUNABLES={STABLE_MALLOC}; default: on)")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="alternating rounds: dense and pruned models, or wrapped and bare env, take turns "
                              "this many times (default: 3)")
     return parser
 
 
+# glibc hands big buffers (a batch of activations) back to the kernel on free and page-faults them
+# in again on the next pass. That cost grows with channels, not FLOPs, and varies from run to run; a
+# deployment avoids it with jemalloc/tcmalloc or these settings, so the benchmark does too.
+STABLE_MALLOC = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
+
+
+def _restart_with_stable_malloc(argv: list[str] | None) -> None:
+    """Run this script again with STABLE_MALLOC in GLIBC_TUNABLES (read only when a process starts)."""
+    if STABLE_MALLOC in os.environ.get("GLIBC_TUNABLES", "") or platform.libc_ver()[0] != "glibc":
+        return
+    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), STABLE_MALLOC]))
+    args = sys.argv[1:] if argv is None else argv
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args],
+              {**os.environ, "GLIBC_TUNABLES": tunables})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stable_malloc:
+        _restart_with_stable_malloc(argv)
     for name in ("warmup_episodes", "warmup"):
         value = getattr(args, name)
         if value is not None and value < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0, got {value}", file=sys.stderr)
             return 2
-    figures: dict[str, Any] = {"machine": machine()}
+    figures: dict[str, Any] = {"machine": machine(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     m = figures["machine"]
     print(f"torch {m['torch']} on {m['platform']} ({m['processor']}); CPU count {m['cpu_count']}, "
           f"{m['cpus_available']} available; torch.get_num_threads() = {m['torch_num_threads']}; "
-          f"load average (1 min) {m['load_average_1min']}")
+          f"load average (1 min) {m['load_average_1min']}; GLIBC_TUNABLES={figures['glibc_tunables'] or '(unset)'}")
     try:
         if args.what in ("env", "all"):
             figures["env"] = bench_env(args.episodes, args.warmup_episodes, args.rounds, args.seed,
@@ -290,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_env(figures["env"]))
         if args.what in ("latency", "all"):
             figures["latency"] = bench_latency(args.model, args.flops_ratios, args.threads, args.repeats,
-                                               args.warmup, args.rounds, args.seed, args.fold_bn)
+                                               args.warmup, args.rounds, args.seed, args.fold_bn,
+                                               args.channel_multiple)
             print()
             print(format_latency(figures["latency"]))
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -522,3 +522,17 @@ def test_pruned_copy_ignores_a_soft_mask_on_the_original():
             torch.testing.assert_close(pruned(x), expected)
         finally:
             mask.remove()
+
+
+def test_allowed_counts_are_multiples_or_the_whole_group(zoo):
+    graph = zoo["resnet20"][1]
+    stage3 = next(g.index for g in graph.groups if g.name == "layer3.0.conv1")  # 64 channels
+    assert graph.allowed_counts(stage3, multiple=16).tolist() == [16, 32, 48, 64]
+    assert graph.allowed_counts(stage3, multiple=16, min_channels=20).tolist() == [32, 48, 64]
+    assert graph.allowed_counts(0, multiple=48).tolist() == [16]  # 16 channels: only all of them
+    assert graph.allowed_counts(stage3).tolist() == list(range(1, 65))
+    counts = graph.keep_counts(np.full(len(graph.groups), 0.4), multiple=16)
+    assert all(c % 16 == 0 or c == n for c, n in zip(counts, graph.num_channels, strict=True))
+    assert counts[stage3] == 32  # 0.4 * 64 = 25.6: 32 is the nearest multiple of 16
+    with pytest.raises(ValueError, match="multiple"):
+        graph.allowed_counts(0, multiple=0)

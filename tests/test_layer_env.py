@@ -372,3 +372,19 @@ def test_module_and_splits_as_arguments_leave_the_callers_module_alone():
     with torch.no_grad():
         assert torch.equal(model(x), before)
     env.close()
+
+
+# ---- channel counts at multiples of a vector width ----------------------------------------------
+def test_channel_multiple_keeps_counts_at_multiples_or_whole_groups():
+    env = LayerPruningEnv(base_epochs=2, channel_multiple=16, flops_target=0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        env.reset()
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(rng.uniform(-1, 1, size=1).astype(np.float32))
+        for count, channels in zip(info["keep_counts"], env.graph.num_channels, strict=True):
+            assert count % 16 == 0 or count == channels
+        assert info["flops_ratio"] <= 0.5 + 1e-9
+    with pytest.raises(ValueError, match="channel_multiple"):
+        LayerPruningEnv(base_epochs=2, channel_multiple=0)
