@@ -6,7 +6,11 @@ multiply-add; papers that quote MACs quote half these numbers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import io
+import platform
 import statistics
 import time
 from contextlib import contextmanager
@@ -15,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "measure_latency", "num_threads"]
+__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "measure_latency", "num_threads",
+           "keep_freed_memory"]
 
 
 @torch.no_grad()
@@ -57,6 +62,28 @@ def model_bytes(model: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_KEEP_FREED = 1 << 30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing large freed buffers back to the kernel (once per process).
+
+    By default glibc unmaps a freed batch of activations and page-faults it in again on the next
+    pass; that cost grows with channels, not FLOPs, and swings from run to run. Deployments avoid it
+    (jemalloc, tcmalloc, or these settings), so latency is measured without it. Returns whether the
+    setting took (False where the C library is not glibc).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED))
+    except (OSError, AttributeError):
+        return False
+
+
 @contextmanager
 def num_threads(threads: int | None):
     """Run the body with ``torch.set_num_threads(threads)``, restoring the old value after."""
@@ -80,9 +107,13 @@ def measure_latency(
     warmup: int = 10,
     threads: int | None = None,
 ) -> float:
-    """Median wall-clock seconds of one forward pass, after ``warmup`` untimed passes."""
+    """Median wall-clock seconds of one forward pass, after ``warmup`` untimed passes.
+
+    The process keeps freed memory from then on (``keep_freed_memory``), as a deployment would.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    keep_freed_memory()
     was_training = model.training
     model.eval()
     times = []

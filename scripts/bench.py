@@ -31,7 +31,7 @@ from torch import nn
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
 from prunegym.compression.checkpoint import write_json
 from prunegym.compression.fusion import fold_batchnorm
-from prunegym.compression.metrics import count_flops, count_params, measure_latency
+from prunegym.compression.metrics import count_flops, count_params, keep_freed_memory, measure_latency
 from prunegym.compression.models import MODELS, build_model
 
 ENV_ID = "prunegym/LayerPruning-v0"
@@ -270,46 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                          help="time the inference form, BN folded into the convs, of dense and pruned models "
                               "alike (default: on)")
-    parser.add_argument("--stable-malloc", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep glibc from returning activation buffers to the kernel between passes "
-                             f"(restarts with GLIBC_TUNABLES={STABLE_MALLOC}; default: on)")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="alternating rounds: dense and pruned models, or wrapped and bare env, take turns "
                              "this many times (default: 3)")
     return parser
 
 
-# glibc hands big buffers (a batch of activations) back to the kernel on free and page-faults them
-# in again on the next pass. That cost grows with channels, not FLOPs, and varies from run to run; a
-# deployment avoids it with jemalloc/tcmalloc or these settings, so the benchmark does too.
-STABLE_MALLOC = "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295"
-
-
-def _restart_with_stable_malloc(argv: list[str] | None) -> None:
-    """Run this script again with STABLE_MALLOC in GLIBC_TUNABLES (read only when a process starts)."""
-    if STABLE_MALLOC in os.environ.get("GLIBC_TUNABLES", "") or platform.libc_ver()[0] != "glibc":
-        return
-    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), STABLE_MALLOC]))
-    args = sys.argv[1:] if argv is None else argv
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args],
-              {**os.environ, "GLIBC_TUNABLES": tunables})
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.stable_malloc:
-        _restart_with_stable_malloc(argv)
     for name in ("warmup_episodes", "warmup"):
         value = getattr(args, name)
         if value is not None and value < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0, got {value}", file=sys.stderr)
             return 2
-    figures: dict[str, Any] = {"machine": machine(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    figures: dict[str, Any] = {"machine": machine(), "keeps_freed_memory": keep_freed_memory()}
     m = figures["machine"]
     print(f"torch {m['torch']} on {m['platform']} ({m['processor']}); CPU count {m['cpu_count']}, "
           f"{m['cpus_available']} available; torch.get_num_threads() = {m['torch_num_threads']}; "
-          f"load average (1 min) {m['load_average_1min']}; GLIBC_TUNABLES={figures['glibc_tunables'] or '(unset)'}")
+          f"load average (1 min) {m['load_average_1min']}"
+          f"; freed memory kept (glibc mallopt): {figures['keeps_freed_memory']}")
     try:
         if args.what in ("env", "all"):
             figures["env"] = bench_env(args.episodes, args.warmup_episodes, args.rounds, args.seed,

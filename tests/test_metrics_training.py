@@ -236,3 +236,11 @@ def test_base_model_without_cache_writes_nothing(tmp_path, monkeypatch):
     model = base_model("digits_cnn", splits, seed=1, epochs=0, use_cache=False)
     assert isinstance(model, DigitsCNN)
     assert not (tmp_path / "base").exists()
+
+
+def test_keep_freed_memory_takes_on_glibc():
+    import platform
+
+    from prunegym.compression.metrics import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
