@@ -12,6 +12,7 @@ from .channels import (
     make_importance,
     prune_channels,
     recalibrate_bn,
+    reorder_channels,
 )
 from .checkpoint import build_from_architecture, describe_architecture, load_checkpoint, save_checkpoint
 from .data import DATASETS, Split, Splits, load_dataset
@@ -50,6 +51,7 @@ __all__ = [
     "model_bytes",
     "prune_channels",
     "recalibrate_bn",
+    "reorder_channels",
     "resolve_device",
     "save_checkpoint",
     "train_classifier",

@@ -35,6 +35,7 @@ __all__ = [
     "make_importance",
     "SoftMask",
     "prune_channels",
+    "reorder_channels",
     "recalibrate_bn",
     "bn_state",
     "load_bn_state",
@@ -456,3 +457,46 @@ def prune_channels(model: nn.Module, graph: ChannelGraph, kept: Sequence[torch.T
         dg.get_pruning_group(root, handler, drop).prune(record_history=False)
     pruned.train(was_training)
     return pruned
+
+
+# ---- reordering -------------------------------------------------------------------------------
+def _consumer_permutation(consumer: Consumer, order: torch.Tensor, width: int) -> torch.Tensor:
+    """Input positions ``q`` such that ``new_input[p] == old_input[q[p]]`` once channel ``i`` of the
+    group carries what channel ``order[i]`` carried before (flatten layouts included)."""
+    source = torch.arange(width)
+    by_channel: dict[int, list[int]] = {}
+    for position, channel in sorted(zip(consumer.input_index.tolist(), consumer.channel.tolist(), strict=True)):
+        by_channel.setdefault(channel, []).append(position)
+    for new_channel, old_channel in enumerate(order.tolist()):
+        for p, q in zip(by_channel.get(new_channel, []), by_channel.get(old_channel, []), strict=True):
+            source[p] = q
+    return source
+
+
+@torch.no_grad()
+def reorder_channels(model: nn.Module, graph: ChannelGraph, importance: Importance) -> nn.Module:
+    """A copy of ``model`` whose every group lists its channels in descending importance.
+
+    The function is unchanged (producers, batch norms and consumers are permuted together), and
+    keeping the k most important channels of a group becomes keeping its first k: a prefix slice.
+    """
+    reordered = copy.deepcopy(model)
+    _remove_soft_mask_hooks(reordered)
+    modules = dict(reordered.named_modules())
+    for group in graph.groups:
+        order = torch.argsort(importance(model, group), descending=True, stable=True)
+        for name in group.producers:
+            layer = modules[name]
+            layer.weight.copy_(layer.weight[order])
+            if layer.bias is not None:
+                layer.bias.copy_(layer.bias[order])
+        for name in group.norms:
+            norm = modules[name]
+            for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
+                if tensor is not None:
+                    tensor.copy_(tensor[order])
+        for consumer in group.consumers:
+            layer = modules[consumer.name]
+            source = _consumer_permutation(consumer, order, layer.weight.shape[1])
+            layer.weight.copy_(layer.weight[:, source])
+    return reordered

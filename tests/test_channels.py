@@ -19,6 +19,7 @@ from prunegym.compression.channels import (
     make_importance,
     prune_channels,
     recalibrate_bn,
+    reorder_channels,
 )
 from prunegym.compression.metrics import count_flops, count_params
 from prunegym.compression.models import build_model
@@ -536,3 +537,48 @@ def test_allowed_counts_are_multiples_or_the_whole_group(zoo):
     assert counts[stage3] == 32  # 0.4 * 64 = 25.6: 32 is the nearest multiple of 16
     with pytest.raises(ValueError, match="multiple"):
         graph.allowed_counts(0, multiple=0)
+
+
+# ---- reordering by importance ------------------------------------------------------------------
+class _FlattenNet(nn.Module):
+    """conv -> BN -> ReLU -> flatten -> linear: the linear reads each channel at 16 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "vgg_small", "flatten"])
+def test_reordering_keeps_the_function_and_sorts_each_group(zoo, name):
+    if name == "flatten":
+        torch.manual_seed(0)
+        model = _randomize_bn(_FlattenNet(), 0).eval()
+        x = torch.randn(3, 3, 4, 4)
+        graph = ChannelGraph(model, x[:1])
+    else:
+        model, graph = zoo[name]
+        x = torch.randn(3, ZOO[name], SIZE, SIZE)
+    importance = L1Importance()
+    reordered = reorder_channels(model, graph, importance)
+    with torch.no_grad():
+        torch.testing.assert_close(reordered(x), model(x), atol=1e-5, rtol=1e-5)
+    for group in graph.groups:
+        scores = importance(reordered, group)
+        assert torch.all(scores[:-1] >= scores[1:] - 1e-7)
+
+
+def test_after_reordering_the_top_k_channels_are_a_prefix(zoo):
+    model, graph = zoo["resnet20"]
+    importance = L1Importance()
+    reordered = reorder_channels(model, graph, importance)
+    counts = graph.keep_counts(np.full(len(graph.groups), 0.5))
+    x = torch.randn(2, 3, SIZE, SIZE)
+    top_k = prune_channels(model, graph, graph.kept_channels(importance, counts))
+    prefix = prune_channels(reordered, graph, [torch.arange(int(k)) for k in counts])
+    with torch.no_grad():
+        torch.testing.assert_close(prefix(x), top_k(x), atol=1e-5, rtol=1e-5)
