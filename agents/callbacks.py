@@ -39,11 +39,13 @@ class PruningCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         rewards = self.locals.get("rewards")
+        ended = False
         for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"], strict=True)):
             if not done or "keep_ratios" not in info:
                 continue
             reward = float(np.asarray(rewards)[i])
             self.episodes += 1
+            ended = True
             self.logger.record_mean("pruning/episode_reward", reward)
             for key in ("accuracy", "loss", "density", "flops_ratio"):
                 self.logger.record_mean(f"pruning/{key}", float(info[key]))
@@ -51,7 +53,7 @@ class PruningCallback(BaseCallback):
                 self.best = {"reward": reward, "episode": self.episodes, "timestep": int(self.num_timesteps),
                              **{k: info[k] for k in ("accuracy", "loss", "density", "flops", "flops_ratio",
                                                      "params", "keep_ratios", "keep_counts")}}
-        if self.best is not None:
+        if ended:  # the best episode can only change when an episode ends
             self.logger.record("pruning/best_reward", self.best["reward"])
             self.logger.record("pruning/episodes", self.episodes)
             for t, (name, ratio) in enumerate(zip(self.group_names, self.best["keep_ratios"], strict=True)):

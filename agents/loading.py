@@ -12,6 +12,7 @@ from torch import nn
 from prunegym.compression.checkpoint import load_checkpoint, read_json
 from prunegym.compression.fusion import inference_form
 
+from .callbacks import latest_checkpoint
 from .factory import ALGORITHMS
 
 __all__ = ["load_inference_model", "load_agent"]
@@ -53,8 +54,8 @@ def load_agent(run_dir: str | os.PathLike, device: str = "auto") -> tuple[BaseAl
         raise ValueError(f"{path / 'config.json'} names algo {algo!r}; expected one of {sorted(ALGORITHMS)}")
     agent_path = path / "agent.zip"
     if not (path / "report.json").is_file() or not agent_path.is_file():  # unfinished: the latest checkpoint
-        state_path = path / "checkpoints" / "state.json"
-        if not state_path.is_file():
+        checkpoint = latest_checkpoint(path / "checkpoints")
+        if checkpoint is None:
             raise FileNotFoundError(f"run {path} has no agent.zip and no checkpoint yet")
-        agent_path = path / "checkpoints" / read_json(state_path)["agent"]
+        agent_path = checkpoint[0]
     return ALGORITHMS[algo].load(agent_path, device=device), dict(data["env_kwargs"])

@@ -28,7 +28,6 @@ from stable_baselines3.common.monitor import Monitor
 
 from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
-from prunegym.compression.data import load_dataset
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes
 from prunegym.compression.models import MODELS
@@ -193,11 +192,12 @@ def _check_resumable(config: TrainConfig) -> None:
     if changed:
         raise ValueError(f"cannot resume {config.run_dir} with other settings than it was started with: {changed}")
     if config.timesteps < saved.timesteps:
-        raise ValueError(f"timesteps={config.timesteps} is below the run's own total {saved.timesteps}")
+        raise ValueError(f"timesteps={config.timesteps} is below the run's own total {saved.timesteps}; "
+                         "a resumed run can only be extended")
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    run_dir = Path(config.run_dir or config.default_run_dir())
+    run_dir = Path(config.run_dir)
     if resume:
         # The run is incomplete again until the new report is written; the outputs of the last
         # finish go too, so nothing outdated can be loaded from it meanwhile.
@@ -207,7 +207,6 @@ def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
         raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                           "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.run_dir = str(run_dir)
     _write_config(config, run_dir)
     return run_dir
 
@@ -227,10 +226,7 @@ def resume_config(run_dir: str | os.PathLike, *, timesteps: int | None = None,
     config = load_config(run_dir)
     config.run_dir = str(run_dir)  # the run may have moved since it was started
     if timesteps is not None:
-        if timesteps < config.timesteps:
-            raise ValueError(f"timesteps={timesteps} is below the run's own total {config.timesteps}; "
-                             "a resumed run can only be extended")
-        config.timesteps = timesteps
+        config.timesteps = timesteps  # train() refuses fewer than the run's own total
     if device is not None:
         config.device = device
     return config
@@ -248,12 +244,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     config.validate()
     device = resolve_device(config.device)
     started = time.perf_counter()
-    run_dir = Path(config.run_dir or config.default_run_dir())
+    config.run_dir = config.run_dir or config.default_run_dir()  # named once: the name holds the time
+    run_dir = Path(config.run_dir)
 
     # 1. Base model (trained once per model, dataset, seed, then cached) and the environment. Both
     # come before the run directory, so a bad setting leaves nothing behind.
-    splits = load_dataset(config.dataset, config.seed)
     env = LayerPruningEnv(**env_kwargs(config), device=str(device))
+    splits = env.splits
     dense = env.evaluate_counts(env.graph.num_channels)
     log(f"base model {config.model}: reward-split accuracy {dense['accuracy']:.4f}, "
         f"{len(env.graph.groups)} channel groups, {env.dense_flops / 1e6:.2f} MFLOPs")

@@ -27,6 +27,7 @@ from .metrics import count_layer_flops
 __all__ = [
     "ChannelGroup",
     "ChannelGraph",
+    "nearest_count",
     "Importance",
     "L1Importance",
     "L2Importance",
@@ -99,6 +100,11 @@ def _kernel_stride(module: nn.Module) -> tuple[int, int]:
 
 def _in_channels(module: nn.Module) -> int:
     return int(module.in_channels if hasattr(module, "in_channels") else module.in_features)
+
+
+def nearest_count(allowed: np.ndarray, target: float) -> int:
+    """The allowed channel count nearest ``target``; a tie goes to the larger, as rounding half up would."""
+    return int(allowed[np.argmin(np.abs(allowed - target) - 1e-9 * allowed)])
 
 
 class ChannelGraph:
@@ -248,21 +254,25 @@ class ChannelGraph:
         ratios = np.asarray(keep_ratios, dtype=np.float64)
         if ratios.shape != (len(self.groups),) or not np.all((ratios >= 0) & (ratios <= 1)):
             raise ValueError(f"need {len(self.groups)} keep ratios in [0, 1], got {ratios.tolist()}")
-        counts = []
-        for g, ratio in enumerate(ratios):
-            allowed = self.allowed_counts(g, multiple, min_channels)
-            target = ratio * self.num_channels[g]
-            # the nearest allowed count; a tie goes to the larger one, as rounding half up would
-            counts.append(allowed[np.argmin(np.abs(allowed - target) - 1e-9 * allowed)])
-        return np.asarray(counts, dtype=np.int64)
+        return np.array([nearest_count(self.allowed_counts(g, multiple, min_channels), r * self.num_channels[g])
+                         for g, r in enumerate(ratios)], dtype=np.int64)
 
-    def kept_channels(self, importance: Importance, keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
-        """The indices of the ``keep_counts`` most important channels of each group, ascending."""
+    def rankings(self, importance: Importance, model: nn.Module | None = None) -> list[torch.Tensor]:
+        """Each group's channel indices, most important first (scored on ``model``, default the graph's)."""
+        model = self.model if model is None else model
+        return [torch.argsort(importance(model, g), descending=True, stable=True) for g in self.groups]
+
+    def kept_channels(self, importance: Importance | Sequence[torch.Tensor],
+                      keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+        """The indices of the ``keep_counts`` most important channels of each group, ascending.
+
+        ``importance`` is a criterion, or the ``rankings`` it gave (to rank once and prune often).
+        """
+        rankings = self.rankings(importance) if isinstance(importance, Importance) else importance
         kept = []
-        for group, k in zip(self.groups, keep_counts, strict=True):
+        for group, ranking, k in zip(self.groups, rankings, keep_counts, strict=True):
             if not 1 <= int(k) <= group.num_channels:
                 raise ValueError(f"group {group.name!r} has {group.num_channels} channels, cannot keep {k}")
-            ranking = torch.argsort(importance(self.model, group), descending=True, stable=True)
             kept.append(torch.sort(ranking[: int(k)]).values)
         return kept
 
@@ -483,8 +493,7 @@ def reorder_channels(model: nn.Module, graph: ChannelGraph, importance: Importan
     reordered = copy.deepcopy(model)
     _remove_soft_mask_hooks(reordered)
     modules = dict(reordered.named_modules())
-    for group in graph.groups:
-        order = torch.argsort(importance(model, group), descending=True, stable=True)
+    for group, order in zip(graph.groups, graph.rankings(importance, model), strict=True):
         for name in group.producers:
             layer = modules[name]
             layer.weight.copy_(layer.weight[order])

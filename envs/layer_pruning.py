@@ -18,6 +18,7 @@ from prunegym.compression.channels import (
     bn_state,
     load_bn_state,
     make_importance,
+    nearest_count,
     recalibrate_bn,
 )
 from prunegym.compression.data import Splits, load_dataset
@@ -148,9 +149,7 @@ class LayerPruningEnv(gym.Env):
         example = self.splits.train.x[:1].to(self.device)
         self.graph = ChannelGraph(self.model, example)
         self.num_groups = len(self.graph.groups)
-        self.ranking = [
-            torch.argsort(self.importance(self.model, g), descending=True, stable=True) for g in self.graph.groups
-        ]
+        self.ranking = self.graph.rankings(self.importance)
         self.channel_multiple = int(channel_multiple)
         floors = np.maximum(1, np.ceil(self.min_keep * self.graph.num_channels - 1e-9)).astype(np.int64)
         self.allowed = [self.graph.allowed_counts(g, self.channel_multiple, int(floors[g]))
@@ -171,7 +170,6 @@ class LayerPruningEnv(gym.Env):
         self._recal_batches = [
             self.splits.train.x[order[i * 128:(i + 1) * 128]].to(self.device) for i in range(recalibration_batches)
         ]
-        self._reward_split = self.splits.reward
 
         groups = self.graph.groups
         group_flops = np.zeros(self.num_groups)
@@ -228,7 +226,8 @@ class LayerPruningEnv(gym.Env):
         decided = np.concatenate([self._counts[:t], self.graph.num_channels[t:]])
         obs[7] = 1.0 - float(self.graph.flops(decided)) / self.dense_flops
         obs[9] = self._prev_ratio
-        obs[10] = self._max_count(t) / self.graph.num_channels[t]
+        self._max_now = self._max_count(t)  # the step that follows is clamped by it too
+        obs[10] = self._max_now / self.graph.num_channels[t]
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     def density_of(self, counts: np.ndarray) -> float:
@@ -240,7 +239,7 @@ class LayerPruningEnv(gym.Env):
 
     def kept_channels(self, counts: np.ndarray) -> list[torch.Tensor]:
         """The channels each group keeps: its ``counts[g]`` most important, ascending."""
-        return [torch.sort(r[: int(k)]).values for r, k in zip(self.ranking, counts, strict=True)]
+        return self.graph.kept_channels(self.ranking, counts)
 
     @torch.no_grad()
     def evaluate_counts(self, counts: np.ndarray, split: str = "reward") -> dict[str, Any]:
@@ -281,9 +280,7 @@ class LayerPruningEnv(gym.Env):
         t = self._step
         ratio = self.keep_ratio_of(action)
         channels = int(self.graph.num_channels[t])
-        allowed = self.allowed[t]
-        count = int(allowed[np.argmin(np.abs(allowed - ratio * channels) - 1e-9 * allowed)])
-        count = min(count, self._max_count(t))
+        count = min(nearest_count(self.allowed[t], ratio * channels), self._max_now)
         self._counts[t] = count
         self._prev_ratio = count / channels
         self._step += 1
