@@ -1,0 +1,576 @@
+"""Per-input (dynamic) channel pruning: gated layers whose kept channels are a prefix, and a network
+that computes only the kept channels of each input.
+
+A *gated layer* is a conv whose output channels are free: no residual add ties them to another
+layer, so an input may keep any number of them. Its channels are reordered once by importance
+(``reorder_channels``), so keeping ``k`` of them means keeping the first ``k``: the conv computes
+``weight[:k]`` and every layer that reads them uses ``weight[:, :k]``, both contiguous slices cut
+once, ahead of time. Channels tied to a residual add stay dense.
+
+The decision for a gated layer is an *action* ``a`` in ``0..G-1``: keep ``a + 1`` of its ``G``
+equal channel groups. Who decides is a *decider*, called at each gated layer with the features
+that enter it: a policy, the gate baseline, or fixed actions.
+
+Execution runs in one of three ways:
+
+- ``slice`` (eval mode): one action per batch computes only the kept channels. A batch whose
+  inputs chose differently computes each layer at the batch's largest choice and zeroes the
+  channels an input did not keep where its consumers read them (exact, and one call per layer).
+- ``loop``: a mixed batch run one input at a time through the slice path.
+- ``mask`` (train mode): every channel is computed and the consumers' inputs are multiplied by
+  the keep mask, which may carry gradients (the gate baseline trains through it).
+
+All three give the same outputs (a test checks them against each other).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .channels import ChannelGraph, Importance, L1Importance, reorder_channels
+
+__all__ = [
+    "GatedLayer",
+    "DynamicSpec",
+    "DynamicNetwork",
+    "group_counts",
+    "gated_layers",
+    "dynamic_spec",
+    "build_dynamic",
+    "EXECUTION_MODES",
+]
+
+EXECUTION_MODES = ("slice", "loop", "mask")
+_DENSE = (0, 0)  # the slice key of a layer no gate touches
+Decider = Callable[[int, torch.Tensor, Any], Any]
+
+
+def group_counts(channels: int, groups: int) -> list[int]:
+    """Channels kept by actions ``0..groups-1``: ``ceil((a + 1) · channels / groups)``."""
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if groups > channels:
+        raise ValueError(f"groups={groups} is more than the {channels} channels of a gated layer")
+    return [math.ceil((a + 1) * channels / groups) for a in range(groups)]
+
+
+@dataclass(frozen=True)
+class GatedLayer:
+    """A conv whose output channels an input may keep a prefix of."""
+
+    name: str  # the conv
+    channels: int
+    in_channels: int  # channels of the features entering it: what a decider sees
+    counts: tuple[int, ...]  # channels kept by each action
+    consumers: tuple[tuple[str, tuple[int, ...]], ...]  # (layer, channel of each input position)
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    """Everything a ``DynamicNetwork`` needs besides the model: plain data, saved as JSON."""
+
+    layers: tuple[GatedLayer, ...]
+    costs: tuple[tuple[str, float, int, int], ...]  # (layer, FLOPs, input gate, output gate); -1: none
+    dense_flops: float
+
+    @property
+    def groups(self) -> int:
+        return len(self.layers[0].counts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DynamicSpec:
+        layers = tuple(
+            GatedLayer(d["name"], int(d["channels"]), int(d["in_channels"]), tuple(d["counts"]),
+                       tuple((name, tuple(chan)) for name, chan in d["consumers"]))
+            for d in data["layers"]
+        )
+        costs = tuple((str(n), float(f), int(i), int(o)) for n, f, i, o in data["costs"])
+        return cls(layers, costs, float(data["dense_flops"]))
+
+    def density(self, actions: np.ndarray) -> np.ndarray:
+        """FLOPs density (kept / dense FLOPs) for actions of shape ``[..., layers]``."""
+        actions = np.asarray(actions, dtype=np.int64)
+        frac = np.ones(actions.shape[:-1] + (len(self.layers) + 1,))
+        for g, layer in enumerate(self.layers):
+            frac[..., g] = np.asarray(layer.counts)[actions[..., g]] / layer.channels
+        flops = np.array([c[1] for c in self.costs])
+        ins = np.array([c[2] for c in self.costs])
+        outs = np.array([c[3] for c in self.costs])
+        return (frac[..., ins] * frac[..., outs]) @ flops / self.dense_flops
+
+
+def _input_width(module: nn.Module) -> int:
+    return int(module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
+
+
+def gated_layers(graph: ChannelGraph, groups: int) -> list[GatedLayer]:
+    """The gated layers of a model: each channel group with a single conv producer (no residual add
+    ties it) whose consumers each read only this group, in channel-major order (so a prefix of
+    channels is a prefix of every consumer's input), kept by ``groups`` equal channel groups."""
+    modules = dict(graph.model.named_modules())
+    layers = []
+    for group in graph.groups:
+        producer = modules[group.producers[0]]
+        if len(group.producers) != 1 or not isinstance(producer, nn.Conv2d) or producer.groups != 1:
+            continue
+        consumers = []
+        for c in group.consumers:
+            layer = modules[c.name]
+            if not isinstance(layer, nn.Conv2d | nn.Linear) or getattr(layer, "groups", 1) != 1:
+                break
+            order = torch.argsort(c.input_index)
+            positions, channels = c.input_index[order], c.channel[order]
+            width = _input_width(layer)
+            if (len(positions) != width or not torch.equal(positions, torch.arange(width))
+                    or bool((channels[1:] < channels[:-1]).any())):
+                break
+            consumers.append((c.name, tuple(int(ch) for ch in channels)))
+        else:
+            if consumers:
+                layers.append(GatedLayer(group.name, group.num_channels, group.in_channels,
+                                         tuple(group_counts(group.num_channels, groups)), tuple(consumers)))
+    if not layers:
+        raise ValueError(f"{type(graph.model).__name__} has no gateable conv layer (every channel group is tied "
+                         "to a residual add, or read in an order a channel prefix cannot slice)")
+    return layers
+
+
+def dynamic_spec(graph: ChannelGraph, groups: int = 4) -> DynamicSpec:
+    """The gated layers of ``graph``'s model and its FLOPs per layer, for ``DynamicNetwork``."""
+    layers = gated_layers(graph, groups)
+    gate_of = {graph.groups[i].name: i for i in range(len(graph.groups))}
+    gate_index = {gate_of[layer.name]: g for g, layer in enumerate(layers)}
+    costs = tuple(
+        (c.name, float(c.flops), gate_index.get(c.in_group, -1), gate_index.get(c.out_group, -1))
+        for c in graph.layers if c.flops > 0
+    )
+    return DynamicSpec(tuple(layers), costs, float(graph.dense_flops))
+
+
+def _as_action(action: Any) -> Any:
+    """An int, a tensor, or None, from whatever a caller passed (numpy scalars and arrays too)."""
+    if isinstance(action, np.integer):
+        return int(action)
+    if isinstance(action, np.ndarray):
+        return torch.from_numpy(action)
+    return action
+
+
+class _Plan:
+    """The decisions of one forward pass: per gated layer the action (an int for the whole batch,
+    a ``[B]`` tensor, or a ``[B, G]`` keep mask over channel groups), and the FLOPs spent so far."""
+
+    def __init__(self, net: DynamicNetwork, actions: Sequence[Any] | None, decider: Decider | None):
+        self.net = net
+        self.actions: list[Any] = list(actions) if actions is not None else [None] * len(net.spec.layers)
+        self.decider = decider
+        self.fractions: list[Any] = [None] * len(net.spec.layers)
+        self.spent: Any = 0.0
+        self._next_term = 0
+
+    def _spend_until(self, gate: int) -> None:
+        terms = self.net._terms
+        while self._next_term < len(terms) and terms[self._next_term][0] < gate:
+            _, weight, g_in, g_out = terms[self._next_term]
+            f_in = 1.0 if g_in < 0 else self.fractions[g_in]
+            f_out = 1.0 if g_out < 0 else self.fractions[g_out]
+            self.spent = self.spent + weight * f_in * f_out
+            self._next_term += 1
+
+    def decide(self, gate: int, x: torch.Tensor) -> Any:
+        self._spend_until(gate)
+        action = _as_action(self.actions[gate])
+        if action is None:
+            if self.decider is None:
+                raise ValueError(f"no action for gated layer {gate} and no decider")
+            action = _as_action(self.decider(gate, x, self.spent))
+        self.actions[gate] = action
+        self.fractions[gate] = self.net._fraction(gate, action)
+        return action
+
+    def density(self) -> Any:
+        self._spend_until(len(self.net.spec.layers) + 1)
+        return self.spent
+
+
+class _DynamicLayer(nn.Module):
+    """A conv or linear layer of a ``DynamicNetwork``: produces a gated layer's channels
+    (``gate_out``), reads one's (``gate_in``), both, or neither (it then only takes part in kernel
+    tuning, so a dense reference runs the same kernels)."""
+
+    def __init__(self, layer: nn.Module, gate_out: int, gate_in: int, in_channel_of: torch.Tensor | None,
+                 net: DynamicNetwork):
+        super().__init__()
+        self.layer = layer
+        self.gate_out, self.gate_in = gate_out, gate_in
+        self.conv = isinstance(layer, nn.Conv2d)
+        if self.conv and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+            raise ValueError(f"dynamic execution needs numeric zero padding; a conv has padding={layer.padding!r}, "
+                             f"padding_mode={layer.padding_mode!r}")
+        if in_channel_of is not None:
+            self.register_buffer("in_channel_of", in_channel_of, persistent=False)
+        self._net = [net]  # a list, so the network is not registered as a submodule of itself
+        self._slices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.kernel: dict[tuple[int, int], str] = {}  # batch-1 kernel per slice when not ATen's (``tune``)
+        self._channels_last: dict[tuple[int, int], torch.Tensor] = {}  # weights for the oneDNN kernel
+        self.input_shape: tuple[int, ...] | None = None  # of a dense forward, recorded by ``tune``
+
+    def keys(self) -> list[tuple[int, int]]:
+        return list(self._slices)
+
+    def refresh(self) -> None:
+        """Cut the contiguous weight slices for every (kept outputs, kept inputs) pair."""
+        spec = self._net[0].spec
+        outs = spec.layers[self.gate_out].counts if self.gate_out >= 0 else (self.layer.weight.shape[0],)
+        if self.gate_in >= 0:
+            channel_of = self.in_channel_of
+            ins = tuple(int((channel_of < k).sum()) for k in spec.layers[self.gate_in].counts)
+        else:
+            ins = (self.layer.weight.shape[1],)
+        weight, bias = self.layer.weight.detach(), self.layer.bias
+        self._slices = {
+            (a_out, a_in): (weight[:k_out, :k_in].contiguous(),
+                            None if bias is None else bias.detach()[:k_out].contiguous())
+            for a_out, k_out in enumerate(outs) for a_in, k_in in enumerate(ins)
+        }
+        self._channels_last = {key: w.contiguous(memory_format=torch.channels_last)
+                               for key, w in ((k, v[0]) for k, v in self._slices.items()) if w.dim() == 4}
+
+    def kernels(self) -> tuple[str, ...]:
+        """The batch-1 kernels this layer can run: ATen's default, and for plain 2-D convs NNPACK
+        (where this torch has it) and oneDNN on channels-last tensors."""
+        layer = self.layer
+        if not self.conv or layer.groups != 1:
+            return ("aten",)
+        extra = ("nnpack",) if tuple(layer.dilation) == (1, 1) and torch._nnpack_available() else ()
+        return ("aten", *extra, "onednn")
+
+    def compute(self, x: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+        weight, bias = self._slices[key]
+        layer = self.layer
+        if not self.conv:
+            return F.linear(x, weight, bias)
+        kernel = self.kernel.get(key) if x.shape[0] == 1 else None
+        if kernel == "onednn":
+            return torch.mkldnn_convolution(x.contiguous(memory_format=torch.channels_last), self._channels_last[key],
+                                            bias, layer.padding, layer.stride, layer.dilation, 1)
+        x = x.contiguous()
+        if kernel == "nnpack":
+            return torch._nnpack_spatial_convolution(x, weight, bias, layer.padding, layer.stride)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation)
+
+    def _input_mask(self, keep: torch.Tensor, width: int) -> torch.Tensor:
+        """Per-input 0/1 (or soft) factors for the first ``width`` input positions."""
+        mask = keep[:, self.in_channel_of[:width]]
+        return mask.view(mask.shape + (1, 1)) if self.conv else mask
+
+    def masked_input(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The input with the channels each input did not keep zeroed (where they were computed for
+        the batch's sake), and the action to slice the weight's inputs at."""
+        if self.gate_in < 0:
+            return x, 0
+        net = self._net[0]
+        a_in, keep = net._resolve(net._plan, self.gate_in, net._mode)
+        if keep is not None:
+            x = x * self._input_mask(keep, x.shape[1])
+        return x, a_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self._net[0]
+        plan = net._plan
+        mode = net._mode
+        if plan is None:  # a tuning pass
+            self.input_shape = tuple(x.shape)
+            return self.layer(x)
+        if self.gate_in < 0 and self.gate_out < 0:
+            return self.layer(x) if mode == "mask" else self.compute(x, _DENSE)
+        x, a_in = self.masked_input(x)
+        a_out = 0
+        if self.gate_out >= 0:
+            a_out, _ = net._resolve(plan, self.gate_out, mode, decide_from=x)
+        if mode == "mask":
+            return self.layer(x)
+        return self.compute(x, (a_out, a_in))
+
+
+class DynamicNetwork(nn.Module):
+    """A network that computes, for each input, only the channels its decider keeps.
+
+    ``model`` must already list each gated layer's channels by importance (``build_dynamic`` does
+    that) and be traceable by ``torch.fx``. In eval mode it runs the ``slice`` path (weights cut
+    once per keep count; ``refresh()`` re-cuts them after the weights change); in train mode the
+    ``mask`` path. ``decider(gate, features, spent)`` returns the action for gated layer ``gate``
+    from the features entering it and the FLOPs density spent before it: an int (the whole batch),
+    a ``[B]`` long tensor, or a ``[B, G]`` 0/1 mask over channel groups that must be a prefix (mask
+    mode: it may carry gradients).
+    """
+
+    def __init__(self, model: nn.Module, spec: DynamicSpec, decider: nn.Module | Decider | None = None):
+        super().__init__()
+        self.spec = spec
+        self.decider = decider
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as err:  # fx raises many types on code it cannot trace
+            raise ValueError(f"dynamic execution needs a torch.fx-traceable model; {type(model).__name__} "
+                             f"is not ({err})") from err
+        modules = dict(gm.named_modules())
+        for node in list(gm.graph.nodes):  # folded BNs are identities: drop their calls
+            if node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        gm.graph.eliminate_dead_code()
+        gate_out = {layer.name: g for g, layer in enumerate(spec.layers)}
+        gate_in: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for g, layer in enumerate(spec.layers):
+            for name, channel_of in layer.consumers:
+                gate_in[name] = (g, channel_of)
+        self._gate_nodes: dict[str, int] = {}
+        order: dict[str, int] = {}
+        gates_seen = 0
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            name = str(node.target)
+            order.setdefault(name, gates_seen)  # the gated layer at or after this layer
+            if name in gate_out:
+                self._gate_nodes[name] = gate_out[name]
+                gates_seen += 1
+            if isinstance(modules.get(name), nn.Conv2d | nn.Linear):
+                g_in, channel_of = gate_in.get(name, (-1, None))
+                wrapper = _DynamicLayer(gm.get_submodule(name), gate_out.get(name, -1), g_in,
+                                        None if channel_of is None else torch.tensor(channel_of), self)
+                parent, _, attr = name.rpartition(".")
+                setattr(gm.get_submodule(parent) if parent else gm, attr, wrapper)
+        missing = sorted((set(gate_out) | set(gate_in)) - set(order))
+        if missing:
+            raise ValueError(f"layers {missing} of the spec are not called by {type(model).__name__}")
+        gm.recompile()
+        self.net = gm
+        # FLOPs terms in execution order: (gated layers before it, weight, gate in, gate out)
+        self._terms = sorted(
+            ((order.get(name, len(spec.layers)), flops / spec.dense_flops, g_in, g_out)
+             for name, flops, g_in, g_out in spec.costs), key=operator.itemgetter(0))
+        self.register_buffer("_counts", torch.tensor([layer.counts for layer in spec.layers]), persistent=False)
+        self._plan: _Plan | None = None
+        self._mode = "slice"
+        self.last_actions: list[Any] = []
+        self.last_density: Any = None
+        self.refresh()
+
+    # ---- helpers the layers call -------------------------------------------------------------------
+    def _fraction(self, gate: int, action: Any) -> Any:
+        layer = self.spec.layers[gate]
+        if isinstance(action, int):
+            return layer.counts[action] / layer.channels
+        if action.dtype.is_floating_point:  # a [B, G] prefix mask over groups
+            sizes = torch.diff(self._counts[gate], prepend=self._counts[gate][:1] * 0).to(action.dtype)
+            return action @ sizes / layer.channels
+        return self._counts[gate][action].to(torch.get_default_dtype()) / layer.channels
+
+    def _resolve(self, plan: _Plan, gate: int, mode: str, decide_from: torch.Tensor | None = None):
+        """(action index to slice at, per-input keep factors over channels or None)."""
+        action = plan.decide(gate, decide_from) if decide_from is not None else plan.actions[gate]
+        layer = self.spec.layers[gate]
+        if isinstance(action, int):
+            if not 0 <= action < len(layer.counts):
+                raise ValueError(f"action {action} for gated layer {layer.name!r} is outside "
+                                 f"0..{len(layer.counts) - 1}")
+            if mode == "mask":
+                keep = torch.zeros(1, layer.channels)
+                keep[:, : layer.counts[action]] = 1.0
+                return len(layer.counts) - 1, keep
+            return action, None
+        if action.dtype.is_floating_point:
+            if mode != "mask":
+                raise ValueError("a keep mask over channel groups needs mask mode (train mode)")
+            group_of = torch.bucketize(torch.arange(layer.channels), self._counts[gate], right=True)
+            return len(layer.counts) - 1, action[:, group_of]
+        if mode == "mask":
+            keep = (torch.arange(layer.channels) < self._counts[gate][action][:, None]).to(torch.get_default_dtype())
+            return len(layer.counts) - 1, keep
+        top = int(action.max())
+        if int(action.min()) == top:
+            return top, None
+        keep = (torch.arange(layer.counts[top]) < self._counts[gate][action][:, None]).to(torch.get_default_dtype())
+        return top, keep
+
+    # ---- public ------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-cut the weight slices from the current weights (after training or loading weights)."""
+        for layer in self._dynamic_layers().values():
+            layer.refresh()
+
+    def _dynamic_layers(self) -> dict[str, _DynamicLayer]:
+        return {name: m for name, m in self.net.named_modules() if isinstance(m, _DynamicLayer)}
+
+    @torch.no_grad()
+    def tune(self, example_input: torch.Tensor, repeats: int = 15) -> dict[str, dict[str, str]]:
+        """Pick, for each conv and each of its weight slices, the fastest batch-1 kernel on this
+        machine: ATen's default (im2col + GEMM at batch 1), NNPACK (Winograd/FFT: fast on wide
+        feature maps, slow on small ones) or oneDNN on channels-last tensors (fast on small maps).
+        Times each, layout conversions included, on a random input of the slice's shape with the
+        current thread count. Returns the choice; ``set_kernels`` applies a saved one."""
+        import time
+
+        self._plan = None
+        self.net(example_input[:1])  # records every layer's input shape
+        choices: dict[str, dict[str, str]] = {}
+        for name, layer in self._dynamic_layers().items():
+            layer.kernel = {}
+            if len(layer.kernels()) == 1 or layer.input_shape is None:
+                continue
+            for key in layer.keys():
+                x = torch.randn((1, layer._slices[key][0].shape[1]) + layer.input_shape[2:])
+                times = {}
+                for kernel in layer.kernels():
+                    layer.kernel = {key: kernel}
+                    for _ in range(3):
+                        layer.compute(x, key)
+                    samples = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        layer.compute(x, key)
+                        samples.append(time.perf_counter() - start)
+                    times[kernel] = float(np.median(samples))
+                best = min(times, key=times.__getitem__)
+                if best != "aten" and times[best] < 0.95 * times["aten"]:
+                    choices.setdefault(name, {})[f"{key[0]},{key[1]}"] = best
+        layer.kernel = {}
+        self.set_kernels(choices)
+        return choices
+
+    def set_kernels(self, choices: dict[str, dict[str, str]]) -> None:
+        """Apply a kernel choice from ``tune``: layer name -> {"a_out,a_in": kernel} (ATen elsewhere)."""
+        layers = self._dynamic_layers()
+        unknown = sorted(set(choices) - set(layers))
+        if unknown:
+            raise ValueError(f"kernel choices name layers {unknown} this network does not have")
+        for name, layer in layers.items():
+            kernel = {}
+            for slice_key, choice in choices.get(name, {}).items():
+                key = tuple(int(a) for a in slice_key.split(","))
+                if key not in layer._slices or choice not in layer.kernels():
+                    raise ValueError(f"layer {name!r} cannot run slice {slice_key!r} with kernel {choice!r}; "
+                                     f"its kernels are {layer.kernels()}")
+                kernel[key] = choice
+            layer.kernel = kernel
+
+    def kernels(self) -> dict[str, dict[str, str]]:
+        """The current kernel choice, as ``tune`` returns it."""
+        return {name: {f"{k[0]},{k[1]}": v for k, v in sorted(layer.kernel.items())}
+                for name, layer in self._dynamic_layers().items() if layer.kernel}
+
+    def train(self, mode: bool = True) -> DynamicNetwork:
+        super().train(mode)
+        if not mode:
+            self.refresh()
+        return self
+
+    def forward(self, x: torch.Tensor, actions: Sequence[Any] | torch.Tensor | None = None,
+                mode: str | None = None) -> torch.Tensor:
+        """Logits for ``x``. ``actions`` (one per gated layer: an int, or a ``[B]`` tensor; or a
+        ``[B, layers]`` tensor) fixes the decisions; otherwise the decider makes them. ``mode``:
+        ``slice``, ``loop`` or ``mask`` (default: ``mask`` in train mode, ``slice`` in eval mode).
+        After the call ``last_actions`` and ``last_density`` hold what was decided and its FLOPs density."""
+        mode = ("mask" if self.training else "slice") if mode is None else mode
+        if mode not in EXECUTION_MODES:
+            raise ValueError(f"mode must be one of {EXECUTION_MODES}, got {mode!r}")
+        if isinstance(actions, torch.Tensor) and actions.dim() == 2:
+            actions = list(actions.unbind(1))
+        if actions is not None and len(actions) != len(self.spec.layers):
+            raise ValueError(f"need one action per gated layer ({len(self.spec.layers)}), got {len(actions)}")
+        if mode == "loop" and x.shape[0] > 1:
+            outs, decided, density = [], [], []
+            for i in range(x.shape[0]):
+                row = None if actions is None else [a if isinstance(a, int) else int(a[i]) for a in actions]
+                outs.append(self.forward(x[i: i + 1], row, "slice"))
+                decided.append(self.last_actions)
+                density.append(self.last_density)
+            self.last_actions = [torch.tensor([int(d[g]) for d in decided]) for g in range(len(self.spec.layers))]
+            self.last_density = torch.tensor(density)
+            return torch.cat(outs)
+        if mode == "loop":
+            mode = "slice"
+        plan = _Plan(self, actions, self.decider)
+        self._plan, self._mode = plan, mode
+        try:
+            out = self.net(x)
+        finally:
+            self._plan = None
+        self.last_actions = plan.actions
+        self.last_density = plan.density()
+        return out
+
+    def steps(self, x: torch.Tensor, mode: str = "slice") -> Iterator[tuple[int, torch.Tensor, Any]]:
+        """Run ``x`` one gated layer at a time: yields ``(gate, features entering it, FLOPs density
+        spent so far)`` and takes the action for it through ``send``; returns the logits (in
+        ``StopIteration.value``), with ``last_actions`` and ``last_density`` set as by ``forward``.
+        This is how an environment walks an input through the network."""
+        plan = _Plan(self, None, None)
+        env: dict[torch.fx.Node, Any] = {}
+        modules = dict(self.net.named_modules())
+
+        def load(n: torch.fx.Node) -> Any:
+            return env[n]
+
+        for node in self.net.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = x
+                continue
+            args = torch.fx.node.map_arg(node.args, load)
+            kwargs = torch.fx.node.map_arg(node.kwargs, load)
+            if node.op == "output":
+                self.last_actions, self.last_density = plan.actions, plan.density()
+                return args[0]
+            self._plan, self._mode = plan, mode
+            if node.op == "call_module" and node.target in self._gate_nodes:
+                gate = self._gate_nodes[node.target]
+                plan._spend_until(gate)
+                features = modules[node.target].masked_input(args[0])[0]
+                self._plan = None
+                plan.actions[gate] = yield gate, features, plan.spent
+                self._plan = plan
+            try:
+                if node.op == "call_module":
+                    env[node] = modules[node.target](*args, **kwargs)
+                elif node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "get_attr":
+                    env[node] = operator.attrgetter(node.target)(self.net)
+            finally:
+                self._plan = None
+        raise RuntimeError("the traced graph has no output")  # pragma: no cover
+
+
+def build_dynamic(model: nn.Module, example_input: torch.Tensor, groups: int = 4,
+                  importance: Importance | None = None, fold_bn: bool = True,
+                  decider: nn.Module | Decider | None = None) -> tuple[DynamicNetwork, nn.Module, DynamicSpec]:
+    """A ``DynamicNetwork`` from a trained model: each gated layer's channels reordered by
+    ``importance`` (L1 by default; the function is unchanged), BN folded into the convs unless
+    ``fold_bn=False`` (to train it further). Returns the network, the reordered model it runs
+    (unfolded) and the spec."""
+    from .fusion import fold_batchnorm
+
+    graph = ChannelGraph(model, example_input)
+    spec = dynamic_spec(graph, groups)
+    reordered = reorder_channels(model, graph, importance or L1Importance())
+    runnable = fold_batchnorm(reordered) if fold_bn else reordered
+    net = DynamicNetwork(runnable, spec, decider)
+    net.train(reordered.training and not fold_bn)
+    return net, reordered, spec
