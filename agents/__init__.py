@@ -1,23 +1,41 @@
-"""Stable-Baselines3 agents for the pruning environments: factory, callbacks, runs, loading."""
+"""Stable-Baselines3 agents for the pruning environments: factory, callbacks, runs, loading.
 
-from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
-from .factory import ALGORITHMS, default_hyperparameters, make_agent
-from .loading import load_agent, load_inference_model
-from .run import RunDirError, TrainConfig, format_report, load_config, train, uniform_keep_counts
+Names load on first use (PEP 562), so ``from prunegym.agents import load_inference_model`` and
+the policy-gated inference model work where stable-baselines3 and gymnasium are not installed.
+"""
 
-__all__ = [
-    "ALGORITHMS",
-    "CheckpointCallback",
-    "PruningCallback",
-    "RunDirError",
-    "TrainConfig",
-    "default_hyperparameters",
-    "format_report",
-    "latest_checkpoint",
-    "load_agent",
-    "load_config",
-    "load_inference_model",
-    "make_agent",
-    "train",
-    "uniform_keep_counts",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "ALGORITHMS": "factory",
+    "default_hyperparameters": "factory",
+    "make_agent": "factory",
+    "CheckpointCallback": "callbacks",
+    "PruningCallback": "callbacks",
+    "latest_checkpoint": "callbacks",
+    "load_agent": "loading",
+    "load_inference_model": "loading",
+    "PolicyDecider": "gated",
+    "BatchedInputPruningVecEnv": "vec_env",
+    "RunDirError": "run",
+    "TrainConfig": "run",
+    "format_report": "run",
+    "load_config": "run",
+    "train": "run",
+    "uniform_keep_counts": "run",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

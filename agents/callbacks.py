@@ -11,7 +11,7 @@ from stable_baselines3.common.logger import HParam
 
 from prunegym.compression.checkpoint import read_json, write_json
 
-__all__ = ["PruningCallback", "CheckpointCallback", "latest_checkpoint"]
+__all__ = ["PruningCallback", "InputPruningCallback", "CheckpointCallback", "latest_checkpoint"]
 
 
 class PruningCallback(BaseCallback):
@@ -71,6 +71,59 @@ class PruningCallback(BaseCallback):
         self.best = state["best"]
 
 
+class InputPruningCallback(BaseCallback):
+    """Logs the per-input episodes of ``prunegym/InputPruning-v0`` (many end at once in the batched env).
+
+    Scalars, averaged over the episodes between two dumps: ``pruning/episode_reward``,
+    ``pruning/accuracy``, ``pruning/loss``, ``pruning/density`` (the mean per-input density),
+    ``pruning/density_std`` (its spread over those inputs) and ``pruning/keep_ratio/<layer>``
+    (each gated layer's mean kept fraction). ``hparams`` are logged once.
+    """
+
+    def __init__(self, layer_names: list[str], hparams: dict[str, Any] | None = None, verbose: int = 0):
+        super().__init__(verbose)
+        self.layer_names = layer_names
+        self.hparams = hparams or {}
+        self.episodes = 0
+
+    def _on_training_start(self) -> None:
+        if self.hparams and self.episodes == 0:
+            hparams = {k: (v if isinstance(v, bool | str | float | int) or v is None else str(v))
+                       for k, v in self.hparams.items()}
+            self.logger.record("hparams", HParam(hparams, {"pruning/episode_reward": 0.0, "pruning/accuracy": 0.0}),
+                               exclude=("stdout", "log", "json", "csv"))
+
+    def _on_step(self) -> bool:
+        finished = [(i, info) for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"],
+                                                                  strict=True)) if done and "keep_ratios" in info]
+        if not finished:
+            return True
+        rewards = np.asarray(self.locals["rewards"])[[i for i, _ in finished]]
+        infos = [info for _, info in finished]
+        density = np.array([info["density"] for info in infos])
+        self.episodes += len(infos)
+        # record_mean weighs each call alike: one call per finished episode keeps the mean per episode
+        for i, info in enumerate(infos):
+            self.logger.record_mean("pruning/episode_reward", float(rewards[i]))
+            for key in ("accuracy", "loss", "density"):
+                self.logger.record_mean(f"pruning/{key}", float(info[key]))
+        self.logger.record("pruning/density_std", float(density.std()))
+        keep = np.array([info["keep_ratios"] for info in infos]).mean(axis=0)
+        for t, (name, ratio) in enumerate(zip(self.layer_names, keep, strict=True)):
+            self.logger.record(f"pruning/keep_ratio/{t:02d}_{name}", float(ratio))
+        self.logger.record("pruning/episodes", self.episodes)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.logger.dump(self.num_timesteps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episodes": self.episodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episodes = int(state["episodes"])
+
+
 def latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest complete checkpoint in ``directory``: (agent zip, its state), or None."""
     state_path = Path(directory) / "state.json"
@@ -84,11 +137,12 @@ def latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | No
 
 
 class CheckpointCallback(BaseCallback):
-    """Every ``save_freq`` steps and at the end: the agent zip, the replay buffer (off-policy agents)
+    """Every ``save_freq`` timesteps and at the end: the agent zip, the replay buffer (off-policy agents)
     and ``state.json`` (timesteps, the pruning callback's best episode). ``state.json`` is written last
     and atomically, so it only ever names a complete checkpoint."""
 
-    def __init__(self, directory: str | Path, save_freq: int, pruning: PruningCallback, keep: int = 2):
+    def __init__(self, directory: str | Path, save_freq: int, pruning: PruningCallback | InputPruningCallback,
+                 keep: int = 2):
         super().__init__()
         if save_freq < 1:
             raise ValueError(f"save_freq must be >= 1, got {save_freq}")
@@ -97,6 +151,7 @@ class CheckpointCallback(BaseCallback):
         self.pruning = pruning
         self.keep = keep
         self._last_saved = -1
+        self._period = 0
 
     def _save(self) -> None:
         if self.num_timesteps == self._last_saved:
@@ -116,8 +171,13 @@ class CheckpointCallback(BaseCallback):
             path.unlink(missing_ok=True)
             (self.directory / f"{path.stem}_replay_buffer.pkl").unlink(missing_ok=True)
 
+    def _on_training_start(self) -> None:
+        self._period = self.num_timesteps // self.save_freq
+
     def _on_step(self) -> bool:
-        if self.n_calls % self.save_freq == 0:
+        # by timesteps, not calls: a vector env advances num_envs timesteps per call
+        if self.num_timesteps // self.save_freq > self._period:
+            self._period = self.num_timesteps // self.save_freq
             self._save()
         return True
 

@@ -32,13 +32,18 @@ from prunegym.compression.fusion import inference_form
 from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes
 from prunegym.compression.models import MODELS
 from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
-from prunegym.envs import DENSITY_KINDS, LayerPruningEnv
+from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, LayerPruningEnv
 
 from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
-__all__ = ["FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs", "load_config", "resume_config", "format_report",
-           "field_docs", "uniform_keep_counts", "RunDirError"]
+__all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
+           "load_config", "resume_config", "format_report", "field_docs", "uniform_keep_counts", "RunDirError"]
+
+
+ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
+DEFAULT_TIMESTEPS = {"layer": 6000, "input": 200_000}
+INPUT_ALGORITHMS = ("ppo", "a2c", "dqn")
 
 
 class RunDirError(ValueError):
@@ -50,19 +55,21 @@ class TrainConfig:
     """Everything a run needs, written once to ``config.json``."""
 
     env: str = "layer"
-    """which environment: ``layer`` (per-layer static masks); ``input`` is not available yet"""
+    """which environment: ``layer`` (per-layer static masks, LayerPruning-v0) or ``input`` (a mask per
+    input, InputPruning-v0, with the gate baseline beside it)"""
     model: str = "digits_cnn"
     """zoo name (digits_cnn, resnet20, resnet56, vgg_small) or ``package.module:factory``"""
     dataset: str = "digits"
     """``digits``, ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
     algo: str = "ppo"
-    """the SB3 algorithm: ppo, a2c, sac, td3, ddpg"""
+    """the SB3 algorithm: ppo, a2c, sac, td3, ddpg (layer env); ppo, a2c, dqn (input env)"""
     lam: float = 1.0
     """λ, the price of density in the reward ``-task_loss - λ·density``"""
     density: str = "flops"
-    """what density measures: flops, params or channels"""
+    """what density measures: flops, params or channels (input env: flops or channels)"""
     flops_target: float | None = None
-    """budget mode: the largest FLOPs ratio the pruned model may have (the reward is then ``-task_loss``)"""
+    """budget mode (layer env): the largest FLOPs ratio the pruned model may have (the reward is then
+    ``-task_loss``)"""
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
@@ -71,8 +78,9 @@ class TrainConfig:
     channel_multiple: int = 1
     """keep channel counts at multiples of this, for the RL and the uniform model alike (16 suits
     AVX-512 fp32 kernels, 8 AVX2); a group may always keep all its channels"""
-    timesteps: int = 6000
-    """environment steps of the search (one step per channel group)"""
+    timesteps: int | None = None
+    """environment steps of the search (one step per channel group, or per gated layer and input);
+    default 6000 for the layer env, 200000 for the input env"""
     seed: int = 0
     """seed of the data split, the base model, the agent and the fine-tune"""
     base_epochs: int = BASE_EPOCHS
@@ -89,12 +97,37 @@ class TrainConfig:
     """save a resumable checkpoint every this many timesteps"""
     run_dir: str = ""
     """the run directory; empty: ``runs/<env>__<model>__<dataset>__<seed>__<time>``"""
+    groups: int = 4
+    """input env: channel groups per gated layer; the agent keeps the first 1..groups of them"""
+    num_envs: int = 64
+    """input env: inputs stepped together by the batched env (one forward per layer for all)"""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     """overrides of the agent's default hyper-parameters"""
 
+    def resolve_defaults(self) -> None:
+        """Fill in what depends on the env (the timesteps), so config.json records the number used."""
+        if self.timesteps is None:
+            self.timesteps = DEFAULT_TIMESTEPS.get(self.env, DEFAULT_TIMESTEPS["layer"])
+
     def validate(self) -> None:
-        if self.env != "layer":
-            raise ValueError(f"env {self.env!r} is not available; expected 'layer'")
+        if self.env not in ENVS:
+            raise ValueError(f"env {self.env!r} is unknown; expected one of {sorted(ENVS)}")
+        self.resolve_defaults()
+        if self.env == "input":
+            defaults = TrainConfig()
+            layer_only = [name for name in ("flops_target", "min_keep", "channel_multiple")
+                          if getattr(self, name) != getattr(defaults, name)]
+            if layer_only:
+                raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
+            if self.algo not in INPUT_ALGORITHMS:
+                raise ValueError(f"algo {self.algo!r} cannot act in the input env (a discrete action); "
+                                 f"expected one of {INPUT_ALGORITHMS}")
+            if self.density not in INPUT_DENSITY_KINDS:
+                raise ValueError(f"density {self.density!r} is not available per input; expected one of "
+                                 f"{INPUT_DENSITY_KINDS}")
+            for name in ("groups", "num_envs"):
+                if getattr(self, name) < (2 if name == "groups" else 1):
+                    raise ValueError(f"{name} must be >= {2 if name == 'groups' else 1}, got {getattr(self, name)}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
         if self.density not in DENSITY_KINDS:
@@ -139,7 +172,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def env_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The keywords of ``prunegym/LayerPruning-v0`` this config trains on."""
+    """The keywords of the env (``ENVS[config.env]``) this config trains on."""
+    if config.env == "input":
+        return {"model": config.model, "dataset": config.dataset, "lam": config.lam, "density": config.density,
+                "seed": config.seed, "groups": config.groups, "importance": config.importance,
+                "base_epochs": config.base_epochs}
     return {"model": config.model, "dataset": config.dataset, "lam": config.lam, "density": config.density,
             "seed": config.seed, "flops_target": config.flops_target, "min_keep": config.min_keep,
             "importance": config.importance, "channel_multiple": config.channel_multiple,
@@ -173,12 +210,12 @@ def _measure(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
 
 
 def _write_config(config: TrainConfig, run_dir: Path) -> None:
-    write_json(run_dir / "config.json", {"config": dataclasses.asdict(config), "env_id": "prunegym/LayerPruning-v0",
+    write_json(run_dir / "config.json", {"config": dataclasses.asdict(config), "env_id": ENVS[config.env],
                              "env_kwargs": env_kwargs(config), "python": sys.version.split()[0],
                              "torch": torch.__version__, "platform": platform.platform()})
 
 
-FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "agent.zip")
+FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "gate.pt", "agent.zip")
 
 
 def _check_resumable(config: TrainConfig) -> None:
@@ -242,6 +279,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     if resume:
         _check_resumable(config)
     config.validate()
+    if config.env == "input":
+        from .run_input import train_input
+
+        return train_input(config, resume=resume, progress_bar=progress_bar, log=log)
     device = resolve_device(config.device)
     started = time.perf_counter()
     config.run_dir = config.run_dir or config.default_run_dir()  # named once: the name holds the time

@@ -48,6 +48,9 @@ __all__ = [
     "dynamic_spec",
     "build_dynamic",
     "EXECUTION_MODES",
+    "evaluate_dynamic",
+    "observe",
+    "FEATURE_CLIP",
 ]
 
 EXECUTION_MODES = ("slice", "loop", "mask")
@@ -574,3 +577,48 @@ def build_dynamic(model: nn.Module, example_input: torch.Tensor, groups: int = 4
     net = DynamicNetwork(runnable, spec, decider)
     net.train(reordered.training and not fold_bn)
     return net, reordered, spec
+
+
+@torch.no_grad()
+def evaluate_dynamic(net: DynamicNetwork, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy and the per-input FLOPs density and actions of ``net`` (eval mode)
+    on the inputs ``x`` with labels ``y``."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    correct, loss, densities, actions = 0, 0.0, [], []
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        logits = net(xb)
+        correct += int((logits.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        n = len(yb)
+        densities.append(np.broadcast_to(np.asarray(torch.as_tensor(net.last_density).cpu(), dtype=np.float64), (n,)))
+        actions.append(np.stack([np.broadcast_to(np.asarray(torch.as_tensor(a).cpu()), (n,))
+                                 for a in net.last_actions], axis=1))
+    net.train(was_training)
+    density = np.concatenate(densities)
+    return {"accuracy": correct / len(y), "loss": loss / len(y), "density_mean": float(density.mean()),
+            "density_std": float(density.std()), "densities": density, "actions": np.concatenate(actions)}
+
+
+FEATURE_CLIP = 10.0  # standardised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP]
+
+
+def observe(gate: int, features: torch.Tensor, spent: Any, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The per-input pruning observation at gated layer ``gate``, ``[B, F + L + 1]``: the features
+    entering it average-pooled per channel, padded with zeros to ``F`` and standardised by
+    ``mean[gate]`` and ``std[gate]`` (``[L, F]``), clipped to ±``FEATURE_CLIP``; a one-hot of
+    ``gate`` among the ``L`` gated layers; and ``spent``, the FLOPs density spent before it.
+
+    The environment and the policy-gated inference model both build observations here, so a policy
+    sees at inference exactly what it saw in training."""
+    n = features.shape[0]
+    layers, width = mean.shape
+    pooled = features.mean(dim=(2, 3))
+    pooled = F.pad(pooled, (0, width - pooled.shape[1]))
+    standard = ((pooled - mean[gate]) / std[gate]).clamp(-FEATURE_CLIP, FEATURE_CLIP)
+    position = torch.zeros(n, layers, dtype=standard.dtype, device=standard.device)
+    position[:, gate] = 1.0
+    spent = torch.as_tensor(spent, dtype=standard.dtype, device=standard.device).reshape(-1, 1).expand(n, 1)
+    return torch.cat([standard, position, spent], dim=1)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "measure_latency", "num_threads",
-           "keep_freed_memory"]
+__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "measure_latency",
+           "measure_input_latency", "num_threads", "keep_freed_memory"]
 
 
 @torch.no_grad()
@@ -126,3 +126,30 @@ def measure_latency(
             times.append(time.perf_counter() - start)
     model.train(was_training)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def measure_input_latency(model: nn.Module, inputs: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
+                          threads: int | None = None) -> float:
+    """Batch-1 latency of a model whose work depends on its input: the mean over ``inputs`` (each
+    run alone, as a batch of one) of the median wall-clock seconds of its forward pass. Rounds go
+    over every input in turn, so a slow spell of the machine spreads over all of them."""
+    if repeats < 1 or warmup < 0 or len(inputs) < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and inputs, got repeats={repeats}, warmup={warmup}, "
+                         f"{len(inputs)} inputs")
+    keep_freed_memory()
+    was_training = model.training
+    model.eval()
+    singles = [x[None] for x in inputs]
+    times: list[list[float]] = [[] for _ in singles]
+    with num_threads(threads):
+        for _ in range(warmup):
+            for x in singles:
+                model(x)
+        for _ in range(repeats):
+            for i, x in enumerate(singles):
+                start = time.perf_counter()
+                model(x)
+                times[i].append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.fmean(statistics.median(t) for t in times)

@@ -23,7 +23,7 @@ from torch import nn
 
 from prunegym.compression.channels import make_importance
 from prunegym.compression.data import Split, Splits, load_dataset
-from prunegym.compression.dynamic import DynamicNetwork, DynamicSpec, build_dynamic
+from prunegym.compression.dynamic import FEATURE_CLIP, DynamicNetwork, DynamicSpec, build_dynamic, observe
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
 __all__ = ["FEATURE_CLIP", "InputPruningEnv", "InputPruningEngine", "InputPruningSetup", "make_setup",
@@ -31,7 +31,6 @@ __all__ = ["FEATURE_CLIP", "InputPruningEnv", "InputPruningEngine", "InputPrunin
 
 INPUT_DENSITY_KINDS = ("flops", "channels")
 _STATS_INPUTS = 512  # train inputs the observation statistics are estimated on
-FEATURE_CLIP = 10.0  # standardised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP]
 
 
 @dataclass(eq=False)
@@ -124,7 +123,6 @@ class InputPruningEngine:
         self.num_layers = len(spec.layers)
         self.num_actions = spec.groups
         self.obs_size = observation_size(spec)
-        self._width = self.obs_size - self.num_layers - 1
         self._mean, self._std = (t.to(setup.device) for t in setup.stats)
         self._channels = np.array([layer.channels for layer in spec.layers], dtype=np.float64)
         self._counts = np.array([layer.counts for layer in spec.layers], dtype=np.int64)
@@ -136,15 +134,7 @@ class InputPruningEngine:
     # ---- observation -----------------------------------------------------------------------------
     def observation(self, gate: int, features: torch.Tensor, spent: Any) -> np.ndarray:
         """``[N, obs_size]`` float32: standardised pooled features, position one-hot, density spent."""
-        n = features.shape[0]
-        pooled = features.mean(dim=(2, 3))
-        pooled = F.pad(pooled, (0, self._width - pooled.shape[1]))
-        obs = np.zeros((n, self.obs_size), dtype=np.float32)
-        standard = ((pooled - self._mean[gate]) / self._std[gate]).clamp(-FEATURE_CLIP, FEATURE_CLIP)
-        obs[:, : self._width] = standard.cpu().numpy()
-        obs[:, self._width + gate] = 1.0
-        obs[:, -1] = np.asarray(spent.cpu() if isinstance(spent, torch.Tensor) else spent, dtype=np.float32)
-        return obs
+        return observe(gate, features, spent, self._mean, self._std).cpu().numpy()
 
     def terminal_observation(self, density: np.ndarray) -> np.ndarray:
         """What follows the last layer (never acted on): no features, no position, the density spent."""

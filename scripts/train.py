@@ -1,7 +1,8 @@
 """Train a pruning agent and report the pruned model beside the dense one and a uniform baseline.
 
 With no arguments: the digits CNN on scikit-learn's bundled digits, PPO, λ = 1, a few minutes on a
-CPU. Results land in runs/<env>__<model>__<dataset>__<seed>__<time>/; watch them with
+CPU. `--env input` learns a mask per input instead (InputPruning-v0) and reports the gate baseline
+beside it. Results land in runs/<env>__<model>__<dataset>__<seed>__<time>/; watch them with
 `tensorboard --logdir runs`. Continue an interrupted run with `--run-dir DIR --resume`.
 """
 
@@ -13,7 +14,7 @@ import json
 import sys
 
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
-from prunegym.agents.run import field_docs, resume_config
+from prunegym.agents.run import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.envs import DENSITY_KINDS
 
@@ -25,6 +26,15 @@ def _optional_float(text: str) -> float | None:
         return float(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from err
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() in ("none", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from err
 
 
 def _json_dict(text: str) -> dict:
@@ -41,11 +51,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
     docs = field_docs(TrainConfig)
-    choices = {"env": ["layer"], "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
+    choices = {"env": list(ENVS), "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
                "importance": sorted(IMPORTANCES)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = {"flops_target": _optional_float, "hyperparameters": _json_dict}.get(f.name, type(default))
+        kind = {"flops_target": _optional_float, "timesteps": _optional_int,
+                "hyperparameters": _json_dict}.get(f.name, type(default))
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices.get(f.name),
                             default=argparse.SUPPRESS if suppress_defaults else default,
                             help=f"{docs.get(f.name, '')} (default: {default})")

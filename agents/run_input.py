@@ -1,0 +1,198 @@
+"""The per-input job (``scripts/train.py --env input``), readable top to bottom: base model -> dynamic
+network -> RL search on the batched InputPruning env -> policy-gated network -> fine-tune with the
+policy deciding -> the gate baseline trained at the same mean density -> report.
+
+The run directory holds ``config.json``, ``checkpoints/``, ``tb/``, ``agent.zip``, ``model.pt``
+(the policy-gated network), ``gate.pt`` (the gate baseline) and ``report.json``, written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import VecMonitor
+
+from prunegym.compression.channels import make_importance
+from prunegym.compression.checkpoint import describe_architecture, save_checkpoint, write_json
+from prunegym.compression.dynamic import DynamicNetwork, evaluate_dynamic
+from prunegym.compression.fusion import inference_form
+from prunegym.compression.gates import dynamic_inference, train_dynamic, train_gates
+from prunegym.compression.metrics import count_flops, count_params, measure_input_latency, measure_latency, model_bytes
+from prunegym.compression.training import evaluate, resolve_device
+from prunegym.envs.input_pruning import make_setup
+
+from .callbacks import CheckpointCallback, InputPruningCallback, latest_checkpoint
+from .factory import ALGORITHMS, make_agent
+from .gated import PolicyDecider
+from .vec_env import BatchedInputPruningVecEnv
+
+__all__ = ["train_input", "format_input_report"]
+
+LATENCY_INPUTS = 32  # test inputs the batch-1 latency is averaged over
+
+
+def _latency(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
+    x64 = x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
+    return {"latency_b1_ms": 1e3 * measure_input_latency(model, x[:LATENCY_INPUTS], repeats=15, warmup=2,
+                                                         threads=threads),
+            "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=30, warmup=3, threads=threads)}
+
+
+def _dynamic_result(net: DynamicNetwork, splits, threads: int) -> dict[str, Any]:
+    result = evaluate_dynamic(net, splits.test.x, splits.test.y)
+    actions = result.pop("actions")
+    densities = result.pop("densities")
+    counts = np.array([layer.counts for layer in net.spec.layers])
+    channels = np.array([layer.channels for layer in net.spec.layers])
+    keep = counts[np.arange(len(channels)), actions] / channels
+    return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+            "density_mean": result["density_mean"], "density_std": result["density_std"],
+            "density_p10": float(np.percentile(densities, 10)), "density_p90": float(np.percentile(densities, 90)),
+            "flops_mean": result["density_mean"] * net.spec.dense_flops,
+            "keep_ratio_mean": keep.mean(axis=0).tolist(), "params": count_params(net),
+            **_latency(net, splits.test.x, threads)}
+
+
+def _save_dynamic(path: Path, model: torch.nn.Module, net: DynamicNetwork, config, splits, extra: dict) -> None:
+    arch = describe_architecture(model, config.model, splits.in_channels, splits.num_classes, splits.image_size)
+    decider = net.decider
+    save_checkpoint(path, model, arch, {
+        "kind": "dynamic", "spec": net.spec.to_dict(),
+        "decider": {"config": decider.config(),
+                    "state_dict": {k: v.detach().cpu() for k, v in decider.state_dict().items()}},
+        "kernels": net.kernels(), **extra})
+
+
+def train_input(config, *, resume: bool = False, progress_bar: bool = False, log: Any = print) -> dict[str, Any]:
+    """Run the per-input job for a validated ``TrainConfig`` with ``env="input"``; return the report."""
+    from .run import _prepare_run_dir, env_kwargs
+
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    config.run_dir = config.run_dir or config.default_run_dir()
+    run_dir = Path(config.run_dir)
+
+    # 1. Base model (cached), its dynamic network and the batched env, before the run directory.
+    kwargs = env_kwargs(config)
+    setup = make_setup(kwargs["model"], kwargs["dataset"], config.seed, config.groups, config.importance,
+                       config.base_epochs, str(device))
+    splits, spec = setup.splits, setup.spec
+    vec = VecMonitor(BatchedInputPruningVecEnv(config.num_envs, config.lam, config.density, setup=setup))
+    episode_length = len(spec.layers)
+    log(f"base model {config.model}: {episode_length} gated layers {[layer.name for layer in spec.layers]}, "
+        f"{config.groups} channel groups each, {spec.dense_flops / 1e6:.2f} MFLOPs dense")
+
+    # 2. The RL search, resumable from the latest checkpoint.
+    agent_cls = ALGORITHMS[config.algo]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if checkpoint is None:
+        agent = make_agent(config.algo, vec, episode_length=episode_length, seed=config.seed, device=str(device),
+                           tensorboard_log=str(run_dir / "tb"), hyperparameters=config.hyperparameters)
+    run_dir = _prepare_run_dir(config, resume)
+    log(f"run directory: {run_dir}")
+    hparams = {**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)}
+    pruning_cb = InputPruningCallback([layer.name for layer in spec.layers], hparams=hparams)
+    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, pruning_cb)
+    if checkpoint is not None:
+        path, state = checkpoint
+        agent = agent_cls.load(path, env=vec, device=device, tensorboard_log=str(run_dir / "tb"))
+        if "replay_buffer" in state:
+            agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
+        pruning_cb.load_state_dict(state["callback"])
+        log(f"resuming from {path} at timestep {agent.num_timesteps}")
+    remaining = config.timesteps - agent.num_timesteps
+    if remaining > 0:
+        agent.learn(remaining, callback=[pruning_cb, ckpt_cb], tb_log_name=config.algo,
+                    reset_num_timesteps=checkpoint is None, progress_bar=progress_bar)
+    agent.save(run_dir / "agent.zip")
+    search_seconds = time.perf_counter() - started
+
+    # 3. The policy-gated network: the actor decides, only kept channels are computed.
+    policy = PolicyDecider.from_agent(agent, setup.stats).to(device)
+    net = dynamic_inference(setup.model, spec, policy)
+    searched = evaluate_dynamic(net, splits.reward.x, splits.reward.y)
+    log(f"policy before fine-tuning: reward-split accuracy {searched['accuracy']:.4f}, "
+        f"density {searched['density_mean']:.3f} ± {searched['density_std']:.3f}")
+
+    # 4. Fine-tune the network with the (frozen) policy deciding, as long as the gates train below.
+    model = setup.model
+    if config.finetune_epochs > 0:
+        frozen = PolicyDecider.from_agent(agent, setup.stats).to(device)
+        frozen.requires_grad_(False)
+        train_net = DynamicNetwork(model, spec, frozen)
+        train_dynamic(train_net, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                      seed=config.seed, device=device)
+        model.eval()
+    rl_net = dynamic_inference(model, spec, policy)
+    tuned = evaluate_dynamic(rl_net, splits.train.x, splits.train.y)
+
+    # 5. The gate baseline from the same base model, towards the policy's mean density on the train split.
+    target = float(np.clip(tuned["density_mean"], 1e-3, 1.0))
+    log(f"gate baseline: training gates and network for {config.finetune_epochs} epochs towards density {target:.3f}")
+    base = _base_model_for(config, splits, device)
+    gate_net, gate_model, _, gate_summary = train_gates(
+        base, splits, target_density=target, groups=config.groups, epochs=max(1, config.finetune_epochs),
+        lr=config.finetune_lr, seed=config.seed, device=device, importance=make_importance(config.importance))
+
+    # 6. Report: test split only; latency on the CPU, batch 1 averaged over test inputs, batch 64.
+    dense, folding = inference_form(base)
+    loss, accuracy = evaluate(dense, splits.test, device=torch.device("cpu"))
+    results = {"dense": {"test_accuracy": accuracy, "test_loss": loss, "density_mean": 1.0, "density_std": 0.0,
+                         "flops_mean": float(count_flops(dense, splits.test.x[:1])), "params": count_params(dense),
+                         "bytes": model_bytes(dense), **_latency(dense, splits.test.x, config.threads)}}
+    results["rl"] = _dynamic_result(rl_net, splits, config.threads)
+    results["gate"] = _dynamic_result(gate_net, splits, config.threads)
+    for name in ("rl", "gate"):
+        r = results[name]
+        for b in ("b1", "b64"):
+            r[f"latency_ratio_{b}"] = r[f"latency_{b}_ms"] / results["dense"][f"latency_{b}_ms"]
+        r["latency_over_density_b1"] = r["latency_ratio_b1"] / r["density_mean"]
+    results["dense"].update(latency_ratio_b1=1.0, latency_ratio_b64=1.0)
+    _save_dynamic(run_dir / "model.pt", model.cpu(), rl_net, config, splits, {"run_dir": str(run_dir)})
+    _save_dynamic(run_dir / "gate.pt", gate_model, gate_net, config, splits, {"target_density": target})
+    for name in ("rl", "gate"):
+        results[name]["bytes"] = (run_dir / ("model.pt" if name == "rl" else "gate.pt")).stat().st_size
+    report = {
+        "env": "input",
+        "results": results,
+        "search": {"episodes": pruning_cb.episodes, "timesteps": int(agent.num_timesteps),
+                   "seconds": search_seconds, "reward_split_accuracy": searched["accuracy"],
+                   "reward_split_density": searched["density_mean"],
+                   "layers": [layer.name for layer in spec.layers], "groups": config.groups},
+        "gate": {"target_density": target, **{k: v for k, v in gate_summary.items() if k != "history"}},
+        "notes": f"Dense model in its inference form ({folding}); the gated models run BN-folded with only "
+                 "the kept channels computed. density = FLOPs kept per input / dense FLOPs (2 per multiply-add), "
+                 "mean ± std over the test split. Latency: median ms on the CPU, "
+                 f"{config.threads} thread(s); batch 1 averaged over {LATENCY_INPUTS} test inputs. Both gated "
+                 f"models trained {max(1, config.finetune_epochs)} epochs after the base model (the network "
+                 "fine-tuned with the policy deciding; gates and network jointly).",
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(run_dir / "report.json", report)
+    log(format_input_report(report))
+    vec.close()
+    return report
+
+
+def _base_model_for(config, splits, device):
+    from prunegym.compression.training import base_model
+
+    return base_model(config.model, splits, config.seed, epochs=config.base_epochs, device=device).eval()
+
+
+def format_input_report(report: dict[str, Any]) -> str:
+    """The per-input report as a table for the terminal."""
+    header = (f"{'model':<8}{'test acc':>10}{'density':>9}{'± std':>8}{'b1 ms':>9}{'b1 ratio':>10}"
+              f"{'b64 ms':>9}{'b64 ratio':>11}")
+    lines = [header, "-" * len(header)]
+    for name, r in report["results"].items():
+        lines.append(f"{name:<8}{r['test_accuracy']:>10.4f}{r['density_mean']:>9.3f}{r['density_std']:>8.3f}"
+                     f"{r['latency_b1_ms']:>9.3f}{r['latency_ratio_b1']:>10.3f}{r['latency_b64_ms']:>9.3f}"
+                     f"{r['latency_ratio_b64']:>11.3f}")
+    lines.append(report["notes"])
+    return "\n".join(lines)
