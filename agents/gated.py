@@ -14,9 +14,10 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from prunegym.compression.dynamic import DynamicSpec, observe
+from prunegym.compression.dynamic import DynamicSpec, Observation
 
 __all__ = ["PolicyDecider", "actor_layers", "check_spec"]
 
@@ -58,8 +59,7 @@ class PolicyDecider(nn.Module):
     def __init__(self, layers: list[nn.Module], mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.actor = nn.Sequential(*layers)
-        self.register_buffer("mean", mean.clone().float())
-        self.register_buffer("std", std.clone().float())
+        self.observation = Observation(mean, std)
         self.num_layers, self.width = mean.shape
 
     def config(self) -> dict[str, Any]:
@@ -90,9 +90,27 @@ class PolicyDecider(nn.Module):
     def from_agent(cls, agent: Any, stats: tuple[torch.Tensor, torch.Tensor]) -> PolicyDecider:
         return cls(actor_layers(agent), *stats).eval()
 
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_fast"] = None  # parameters moved or cast: look them up again
+        return super()._apply(fn, recurse)
+
+    def _layers(self) -> list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]]:
+        """The actor's layers with their weights looked up once (a batch-1 decision is a few
+        microseconds of arithmetic; module call overhead would double it)."""
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            fast = [(layer, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else (layer, None, None)
+                    for layer in self.actor]
+            self.__dict__["_fast"] = fast
+        return fast
+
     def forward(self, gate: int, features: torch.Tensor, spent: Any = 0.0) -> Any:
-        action = self.actor(observe(gate, features, spent, self.mean, self.std)).argmax(dim=1)
-        return int(action[0]) if action.shape[0] == 1 else action
+        x = self.observation(gate, features, spent)
+        for layer, weight, bias in self._layers():
+            x = F.linear(x, weight, bias) if weight is not None else layer(x)
+        if x.shape[0] == 1:
+            return int(x[0].argmax())
+        return x.argmax(dim=1)
 
 
 def check_spec(decider: PolicyDecider, spec: DynamicSpec) -> None:

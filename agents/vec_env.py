@@ -68,6 +68,7 @@ class BatchedInputPruningVecEnv(VecEnv):
             for info, final in zip(infos, obs, strict=True):
                 info["terminal_observation"] = final
             obs = self.engine.reset(self._rngs)
+            self.reset_infos = [{"layer": 0, "index": int(i)} for i in self.engine._indices]
         self._obs = obs
         return obs, rewards.astype(np.float32), dones, infos
 

@@ -49,7 +49,7 @@ __all__ = [
     "build_dynamic",
     "EXECUTION_MODES",
     "evaluate_dynamic",
-    "observe",
+    "Observation",
     "FEATURE_CLIP",
 ]
 
@@ -200,6 +200,7 @@ class _Plan:
             if self.decider is None:
                 raise ValueError(f"no action for gated layer {gate} and no decider")
             action = _as_action(self.decider(gate, x, self.spent))
+        self.net._check_action(gate, action)
         self.actions[gate] = action
         self.fractions[gate] = self.net._fraction(gate, action)
         return action
@@ -348,7 +349,9 @@ class DynamicNetwork(nn.Module):
             if node.op != "call_module":
                 continue
             name = str(node.target)
-            order.setdefault(name, gates_seen)  # the gated layer at or after this layer
+            # FLOPs of a layer count as spent from the first decision after it runs: a gated layer's
+            # own after its decision, any other layer's from the next gated layer on.
+            order.setdefault(name, gates_seen if name in gate_out else gates_seen - 1)
             if name in gate_out:
                 self._gate_nodes[name] = gate_out[name]
                 gates_seen += 1
@@ -363,6 +366,7 @@ class DynamicNetwork(nn.Module):
             raise ValueError(f"layers {missing} of the spec are not called by {type(model).__name__}")
         gm.recompile()
         self.net = gm
+        self._norms = [name for name, m in gm.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # FLOPs terms in execution order: (gated layers before it, weight, gate in, gate out)
         self._terms = sorted(
             ((order.get(name, len(spec.layers)), flops / spec.dense_flops, g_in, g_out)
@@ -375,6 +379,26 @@ class DynamicNetwork(nn.Module):
         self.refresh()
 
     # ---- helpers the layers call -------------------------------------------------------------------
+    def _check_action(self, gate: int, action: Any) -> None:
+        layer = self.spec.layers[gate]
+        top = len(layer.counts) - 1
+        if isinstance(action, int):
+            bad = not 0 <= action <= top
+        elif isinstance(action, torch.Tensor) and not action.dtype.is_floating_point:
+            bad = action.numel() > 0 and bool((action < 0).any() or (action > top).any())
+        elif isinstance(action, torch.Tensor):
+            bad = action.dim() != 2 or action.shape[1] != len(layer.counts)
+        else:
+            raise ValueError(f"action for gated layer {layer.name!r} must be an int or a tensor, got {action!r}")
+        if bad and isinstance(action, torch.Tensor) and action.dtype.is_floating_point:
+            raise ValueError(f"a keep mask for gated layer {layer.name!r} must be [B, {len(layer.counts)}], "
+                             f"got {list(action.shape)}")
+        if bad:
+            shown = action
+            if isinstance(action, torch.Tensor):
+                shown = int(action[(action < 0) | (action > top)].reshape(-1)[0])
+            raise ValueError(f"action {shown} for gated layer {layer.name!r} is outside 0..{top}")
+
     def _fraction(self, gate: int, action: Any) -> Any:
         layer = self.spec.layers[gate]
         if isinstance(action, int):
@@ -389,9 +413,6 @@ class DynamicNetwork(nn.Module):
         action = plan.decide(gate, decide_from) if decide_from is not None else plan.actions[gate]
         layer = self.spec.layers[gate]
         if isinstance(action, int):
-            if not 0 <= action < len(layer.counts):
-                raise ValueError(f"action {action} for gated layer {layer.name!r} is outside "
-                                 f"0..{len(layer.counts) - 1}")
             if mode == "mask":
                 keep = torch.zeros(1, layer.channels)
                 keep[:, : layer.counts[action]] = 1.0
@@ -492,6 +513,9 @@ class DynamicNetwork(nn.Module):
         mode = ("mask" if self.training else "slice") if mode is None else mode
         if mode not in EXECUTION_MODES:
             raise ValueError(f"mode must be one of {EXECUTION_MODES}, got {mode!r}")
+        if mode != "mask" and self._norms:
+            raise ValueError(f"{mode} mode needs the batch norms folded into the convs ({self._norms[0]!r} is "
+                             "not); build with fold_bn=True, or run this network in mask mode")
         if isinstance(actions, torch.Tensor) and actions.dim() == 2:
             actions = list(actions.unbind(1))
         if actions is not None and len(actions) != len(self.spec.layers):
@@ -573,6 +597,16 @@ def build_dynamic(model: nn.Module, example_input: torch.Tensor, groups: int = 4
     graph = ChannelGraph(model, example_input)
     spec = dynamic_spec(graph, groups)
     reordered = reorder_channels(model, graph, importance or L1Importance())
+    was_training = model.training
+    model.eval()
+    reordered.eval()
+    with torch.no_grad():
+        same = torch.allclose(reordered(example_input), model(example_input), rtol=1e-4, atol=1e-4)
+    model.train(was_training)
+    reordered.train(was_training)
+    if not same:  # e.g. a conv added to the raw input: no dependency graph sees that tie
+        raise ValueError(f"reordering the channels of {type(model).__name__} changes its outputs: some gated "
+                         "layer's channels are tied to something the dependency graph does not see")
     runnable = fold_batchnorm(reordered) if fold_bn else reordered
     net = DynamicNetwork(runnable, spec, decider)
     net.train(reordered.training and not fold_bn)
@@ -605,20 +639,45 @@ def evaluate_dynamic(net: DynamicNetwork, x: torch.Tensor, y: torch.Tensor, batc
 FEATURE_CLIP = 10.0  # standardised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP]
 
 
-def observe(gate: int, features: torch.Tensor, spent: Any, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The per-input pruning observation at gated layer ``gate``, ``[B, F + L + 1]``: the features
-    entering it average-pooled per channel, padded with zeros to ``F`` and standardised by
-    ``mean[gate]`` and ``std[gate]`` (``[L, F]``), clipped to ±``FEATURE_CLIP``; a one-hot of
-    ``gate`` among the ``L`` gated layers; and ``spent``, the FLOPs density spent before it.
+class Observation(nn.Module):
+    """The per-input pruning observation at a gated layer, ``[B, F + L + 1]``: the features entering
+    it average-pooled per channel, padded with zeros to ``F`` and standardised by the layer's
+    ``mean`` and ``std`` (``[L, F]``), clipped to ±``FEATURE_CLIP``; a one-hot of the layer among
+    the ``L`` gated layers; and the FLOPs density spent before it.
 
-    The environment and the policy-gated inference model both build observations here, so a policy
-    sees at inference exactly what it saw in training."""
-    n = features.shape[0]
-    layers, width = mean.shape
-    pooled = features.mean(dim=(2, 3))
-    pooled = F.pad(pooled, (0, width - pooled.shape[1]))
-    standard = ((pooled - mean[gate]) / std[gate]).clamp(-FEATURE_CLIP, FEATURE_CLIP)
-    position = torch.zeros(n, layers, dtype=standard.dtype, device=standard.device)
-    position[:, gate] = 1.0
-    spent = torch.as_tensor(spent, dtype=standard.dtype, device=standard.device).reshape(-1, 1).expand(n, 1)
-    return torch.cat([standard, position, spent], dim=1)
+    The environment and the policy-gated inference model both build observations with this
+    module, so a policy sees at inference exactly what it saw in training. The parts that do not
+    depend on the input (padding, one-hot) are precomputed: at batch 1 a handful of operators."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        layers, width = mean.shape
+        self.register_buffer("mean", mean.clone().float())
+        self.register_buffer("std", std.clone().float())
+        rows = torch.zeros(layers, width + layers + 1)
+        rows[:, :width] = ((0.0 - self.mean) / self.std).clamp(-FEATURE_CLIP, FEATURE_CLIP)
+        rows[torch.arange(layers), width + torch.arange(layers)] = 1.0
+        self.register_buffer("rows", rows)
+        self.num_layers, self.width = layers, width
+
+    def _apply(self, fn, recurse=True):
+        self._parts = {}  # tensors moved or cast: cut the parts again
+        return super()._apply(fn, recurse)
+
+    def _part(self, gate: int, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (gate, channels)
+        parts = self.__dict__.setdefault("_parts", {})
+        if key not in parts:
+            parts[key] = (self.mean[gate, :channels].contiguous(), self.std[gate, :channels].contiguous(),
+                          self.rows[gate, channels:-1][None].contiguous())
+        return parts[key]
+
+    def forward(self, gate: int, features: torch.Tensor, spent: Any) -> torch.Tensor:
+        n, c = features.shape[:2]
+        mean, std, rest = self._part(gate, c)
+        standard = ((features.mean(dim=(2, 3)) - mean) / std).clamp_(-FEATURE_CLIP, FEATURE_CLIP)
+        if isinstance(spent, torch.Tensor):
+            spent = spent.to(standard.dtype).reshape(-1, 1).expand(n, 1)
+        else:
+            spent = torch.full((n, 1), spent, dtype=standard.dtype, device=standard.device)
+        return torch.cat([standard, rest.expand(n, -1), spent], dim=1)

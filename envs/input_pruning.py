@@ -23,7 +23,7 @@ from torch import nn
 
 from prunegym.compression.channels import make_importance
 from prunegym.compression.data import Split, Splits, load_dataset
-from prunegym.compression.dynamic import FEATURE_CLIP, DynamicNetwork, DynamicSpec, build_dynamic, observe
+from prunegym.compression.dynamic import FEATURE_CLIP, DynamicNetwork, DynamicSpec, Observation, build_dynamic
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
 __all__ = ["FEATURE_CLIP", "InputPruningEnv", "InputPruningEngine", "InputPruningSetup", "make_setup",
@@ -123,7 +123,7 @@ class InputPruningEngine:
         self.num_layers = len(spec.layers)
         self.num_actions = spec.groups
         self.obs_size = observation_size(spec)
-        self._mean, self._std = (t.to(setup.device) for t in setup.stats)
+        self._observe = Observation(*setup.stats).to(setup.device)
         self._channels = np.array([layer.channels for layer in spec.layers], dtype=np.float64)
         self._counts = np.array([layer.counts for layer in spec.layers], dtype=np.int64)
         self._run = None
@@ -134,7 +134,7 @@ class InputPruningEngine:
     # ---- observation -----------------------------------------------------------------------------
     def observation(self, gate: int, features: torch.Tensor, spent: Any) -> np.ndarray:
         """``[N, obs_size]`` float32: standardised pooled features, position one-hot, density spent."""
-        return observe(gate, features, spent, self._mean, self._std).cpu().numpy()
+        return self._observe(gate, features, spent).cpu().numpy()
 
     def terminal_observation(self, density: np.ndarray) -> np.ndarray:
         """What follows the last layer (never acted on): no features, no position, the density spent."""

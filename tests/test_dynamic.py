@@ -1,0 +1,578 @@
+"""Tests for prunegym.compression.dynamic: gated layers, the three execution modes, exactness against
+physical pruning, the FLOPs density, stepping, deciders, kernel tuning, the spec's JSON form, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunegym.compression.channels import ChannelGraph, prune_channels
+from prunegym.compression.dynamic import (
+    EXECUTION_MODES,
+    DynamicNetwork,
+    DynamicSpec,
+    build_dynamic,
+    dynamic_spec,
+    gated_layers,
+    group_counts,
+)
+from prunegym.compression.fusion import fold_batchnorm
+from prunegym.compression.models import build_model
+
+ZOO = {"digits_cnn": (1, 8), "resnet20": (3, 16), "vgg_small": (3, 16)}  # name -> (in_channels, input size)
+BATCH = 6
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Random BN affine parameters and running statistics, so every channel matters to the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.randn(n, generator=gen))
+                m.bias.copy_(torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.5 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+    return model
+
+
+def _zoo_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomize_bn(build_model(name, ZOO[name][0], 10), seed).eval()
+
+
+def _inputs(name: str, batch: int, seed: int = 0) -> torch.Tensor:
+    channels, size = ZOO[name]
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _build(name: str, **kwargs):
+    """(original model, network, reordered model, spec): a fresh network, so tests may change it."""
+    model = _zoo_model(name)
+    net, reordered, spec = build_dynamic(model, _inputs(name, 1), **kwargs)
+    return model, net, reordered, spec
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """name -> (original model, network, reordered model, spec), for tests that leave the network as is."""
+    return {name: _build(name) for name in ZOO}
+
+
+def _mixed_actions(spec: DynamicSpec, batch: int, seed: int) -> torch.Tensor:
+    """A ``[B, L]`` batch of actions whose inputs choose differently at every layer but the first,
+    where they all agree (the batch-wide slice path)."""
+    rng = np.random.default_rng(seed)
+    actions = rng.integers(0, spec.groups, size=(batch, len(spec.layers)))
+    actions[:, 0] = 1
+    actions[0, 1:], actions[1, 1:] = 0, spec.groups - 1  # every other column really is mixed
+    return torch.from_numpy(actions)
+
+
+def _walk(net: DynamicNetwork, x: torch.Tensor, actions, mode: str = "slice"):
+    """Run ``net.steps``, sending ``actions[gate]``; returns the logits and the (gate, features, spent) seen."""
+    run = net.steps(x, mode)
+    seen = []
+    try:
+        gate, features, spent = next(run)
+        while True:
+            seen.append((gate, features, spent))
+            gate, features, spent = run.send(actions[gate])
+    except StopIteration as stop:
+        return stop.value, seen
+
+
+# ---- gated layers and group counts -------------------------------------------------------------
+def test_group_counts():
+    assert group_counts(16, 4) == [4, 8, 12, 16]
+    assert group_counts(10, 4) == [3, 5, 8, 10]  # ceil((a + 1) * 10 / 4)
+    assert group_counts(5, 5) == [1, 2, 3, 4, 5]
+    assert group_counts(7, 1) == [7]
+
+
+@pytest.mark.parametrize(("channels", "groups", "match"), [
+    (16, 17, "groups=17"), (4, 5, "groups=5"), (16, 0, "got 0"), (16, -2, "got -2"), (16, 2.0, "got 2.0")])
+def test_group_counts_reject_bad_groups(channels, groups, match):
+    with pytest.raises(ValueError, match=match):
+        group_counts(channels, groups)
+
+
+def test_digits_cnn_gates_every_conv(zoo):
+    model, _, _, spec = zoo["digits_cnn"]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [layer.name for layer in spec.layers] == convs
+    assert [layer.channels for layer in spec.layers] == [16, 32, 32, 64]
+    assert [layer.in_channels for layer in spec.layers] == [1, 16, 32, 32]
+    assert spec.layers[0].counts == (4, 8, 12, 16)
+    assert spec.groups == 4
+    # each gated layer is read by the next conv (or the classifier), channel-major
+    assert [[c[0] for c in layer.consumers] for layer in spec.layers] == [
+        ["features.3"], ["features.7"], ["features.10"], ["classifier"]]
+    assert spec.layers[0].consumers[0][1] == tuple(range(16))
+
+
+def test_resnet20_gates_only_the_block_internal_convs(zoo):
+    _, _, _, spec = zoo["resnet20"]
+    names = [layer.name for layer in spec.layers]
+    assert names == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert "conv1" not in names and not any(n.endswith("conv2") or "shortcut" in n for n in names)
+    for layer in spec.layers:
+        assert [c[0] for c in layer.consumers] == [layer.name.replace("conv1", "conv2")]
+        assert layer.counts == tuple(group_counts(layer.channels, 4))
+    assert [layer.channels for layer in spec.layers] == [16] * 3 + [32] * 3 + [64] * 3
+    assert [layer.in_channels for layer in spec.layers] == [16] * 4 + [32] * 3 + [64] * 2
+
+
+def test_gated_layers_and_spec_follow_groups():
+    model = _zoo_model("digits_cnn")
+    graph = ChannelGraph(model, _inputs("digits_cnn", 1))
+    layers = gated_layers(graph, 2)
+    assert [layer.counts for layer in layers] == [(8, 16), (16, 32), (16, 32), (32, 64)]
+    spec = dynamic_spec(graph, 8)
+    assert spec.groups == 8 and spec.layers[0].counts == (2, 4, 6, 8, 10, 12, 14, 16)
+    assert spec.dense_flops == graph.dense_flops
+    with pytest.raises(ValueError, match="groups=17"):
+        dynamic_spec(graph, 17)  # more than the 16 channels of the first conv
+
+
+class _Tied(nn.Module):
+    """Both convs feed one residual add: their channels are tied, so neither may keep a prefix alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.fc(F.adaptive_avg_pool2d(y + self.conv2(F.relu(y)), 1).flatten(1))
+
+
+class _InputResidual(nn.Module):
+    """A conv whose output is added to the network's input: its channels are tied to the input's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(x + self.conv(x), 1).flatten(1))
+
+
+def test_a_model_without_gateable_layers_raises():
+    x = torch.randn(1, 3, 8, 8)
+    graph = ChannelGraph(_Tied().eval(), x)
+    with pytest.raises(ValueError, match="_Tied has no gateable conv layer"):
+        gated_layers(graph, 2)
+    with pytest.raises(ValueError, match="no gateable conv layer"):
+        build_dynamic(_Tied().eval(), x)
+
+
+def test_a_conv_added_to_the_input_is_not_gated():
+    model = _InputResidual().eval()
+    x = torch.randn(2, 4, 8, 8)
+    try:
+        net, _, _ = build_dynamic(model, x[:1], groups=2)
+    except ValueError:
+        return  # refusing the model is right too
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, [1]), model(x), atol=1e-5, rtol=1e-5)
+        net(x, [0])  # must either work or have been refused above
+
+
+# ---- the function ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_all_max_actions_equal_the_original_model(zoo, name):
+    model, net, _, spec = zoo[name]
+    x = _inputs(name, BATCH, seed=1)
+    with torch.no_grad():
+        expected = model(x)
+        for mode in EXECUTION_MODES:
+            out = net(x, [spec.groups - 1] * len(spec.layers), mode=mode)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            assert net.last_density == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20"])
+def test_slice_loop_and_mask_modes_agree_on_a_mixed_batch(zoo, name):
+    model, net, _, spec = zoo[name]
+    x = _inputs(name, BATCH, seed=2)
+    actions = _mixed_actions(spec, BATCH, seed=3)
+    expected_density = spec.density(actions.numpy())
+    outs = {}
+    with torch.no_grad():
+        dense = model(x)
+        for mode in EXECUTION_MODES:
+            outs[mode] = net(x, actions, mode=mode)
+            assert outs[mode].shape == (BATCH, 10)
+            np.testing.assert_allclose(np.asarray(net.last_density), expected_density, rtol=1e-5, atol=1e-6)
+            decided = torch.stack([torch.as_tensor(a).expand(BATCH) for a in net.last_actions], dim=1)
+            assert torch.equal(decided, actions)
+        rows = torch.cat([net(x[i: i + 1], actions[i].tolist()) for i in range(BATCH)])
+    torch.testing.assert_close(outs["loop"], outs["slice"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["mask"], outs["slice"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows, outs["slice"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs["slice"], dense, atol=1e-3)  # the actions really pruned something
+    assert len(set(expected_density.round(9))) > 1  # ...and differently per input
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "vgg_small"])
+def test_slice_output_equals_the_physically_pruned_model(zoo, name):
+    _, net, reordered, spec = zoo[name]
+    assert not reordered.training
+    x = _inputs(name, 1, seed=4)
+    graph = ChannelGraph(reordered, x)
+    rng = np.random.default_rng(5)
+    for actions in (rng.integers(0, spec.groups, len(spec.layers)), np.zeros(len(spec.layers), dtype=np.int64)):
+        keep = {layer.name: layer.counts[a] for layer, a in zip(spec.layers, actions, strict=True)}
+        counts = [keep.get(group.name, group.num_channels) for group in graph.groups]
+        assert sum(group.name in keep for group in graph.groups) == len(spec.layers)
+        pruned = prune_channels(reordered, graph, [torch.arange(k) for k in counts]).eval()
+        with torch.no_grad():
+            expected = pruned(x)
+            out = net(x, actions.tolist())
+            dense = reordered(x)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(out, dense, atol=1e-3)
+        # the spec's density is the pruned model's FLOPs over the dense model's
+        assert net.last_density == pytest.approx(graph.flops(np.array(counts)) / graph.dense_flops, rel=1e-9)
+        assert spec.density(actions) == pytest.approx(net.last_density, rel=1e-9)
+
+
+def test_unfolded_network_in_mask_mode_equals_the_folded_one():
+    """``fold_bn=False`` keeps the BNs (to train further): mask mode computes every channel, so it
+    runs them in eval mode and agrees with the folded network's slice path."""
+    _, folded, _, spec = _build("digits_cnn")
+    _, unfolded, _, _ = _build("digits_cnn", fold_bn=False)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = _inputs("digits_cnn", BATCH, seed=6)
+    actions = _mixed_actions(spec, BATCH, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded(x, actions, mode="mask"), folded(x, actions), atol=1e-5, rtol=1e-5)
+
+
+# ---- density -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_density_increases_with_the_action(zoo, name):
+    _, net, _, spec = zoo[name]
+    layers = len(spec.layers)
+    uniform = [float(spec.density(np.full(layers, a))) for a in range(spec.groups)]
+    assert all(lo < hi for lo, hi in zip(uniform, uniform[1:], strict=False)), uniform
+    assert uniform[-1] == pytest.approx(1.0)
+    assert 0.0 < uniform[0] < 1.0
+    x = _inputs(name, 2)
+    with torch.no_grad():
+        for a in range(spec.groups):
+            net(x, [a] * layers)
+            assert net.last_density == pytest.approx(uniform[a], rel=1e-9)
+    # raising one layer's action never lowers the density; batched rows give one value each
+    rows = np.random.default_rng(8).integers(0, spec.groups - 1, size=(5, layers))
+    base = spec.density(rows)
+    assert base.shape == (5,)
+    for g in range(layers):
+        more = rows.copy()
+        more[:, g] += 1
+        assert np.all(spec.density(more) > base)
+
+
+# ---- stepping and deciders ---------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20"])
+def test_steps_gives_the_forward_logits(zoo, name, mode):
+    _, net, _, spec = zoo[name]
+    x = _inputs(name, BATCH, seed=9)
+    actions = _mixed_actions(spec, BATCH, seed=10)
+    with torch.no_grad():
+        expected = net(x, actions, mode=mode)
+        density = net.last_density.clone()
+        logits, seen = _walk(net, x, actions.unbind(1), mode)
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(net.last_density, density)
+    assert [gate for gate, _, _ in seen] == list(range(len(spec.layers)))
+    spent = torch.stack([torch.as_tensor(s, dtype=torch.float32).expand(BATCH) for _, _, s in seen])
+    assert (spent[1:] >= spent[:-1]).all()
+    assert (spent[0] < 1).all() and (spent[-1] <= density + 1e-6).all()
+    assert all(features.shape[0] == BATCH for _, features, _ in seen)
+
+
+def _execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the conv and linear layers in the order a forward pass calls them."""
+    order, handles = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: order.append(name)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "vgg_small", "resnet20"])
+def test_spent_is_the_density_of_the_layers_already_run(zoo, name):
+    """``spent`` at a gated layer: the FLOPs of every layer run before it, over the dense FLOPs."""
+    model, net, _, spec = zoo[name]
+    x = _inputs(name, 2, seed=23)
+    actions = _mixed_actions(spec, 2, seed=24)
+    with torch.no_grad():
+        _, seen = _walk(net, x, actions.unbind(1))
+    fractions = np.array([[layer.counts[a] / layer.channels for layer, a in zip(spec.layers, row, strict=True)]
+                          for row in actions.tolist()])  # [B, L]
+    order = _execution_order(model, x[:1])
+    costs = {c[0]: c for c in spec.costs}
+    for gate, _, spent in seen:
+        before = order[: order.index(spec.layers[gate].name)]
+        expected = np.zeros(2)
+        for layer in before:
+            _, flops, g_in, g_out = costs[layer]
+            f_in = fractions[:, g_in] if g_in >= 0 else 1.0
+            f_out = fractions[:, g_out] if g_out >= 0 else 1.0
+            expected += flops * f_in * f_out / spec.dense_flops
+        np.testing.assert_allclose(np.broadcast_to(np.asarray(spent), (2,)), expected, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"gate {gate} ({spec.layers[gate].name})")
+
+
+def test_steps_with_int_actions_and_a_single_input(zoo):
+    _, net, _, spec = zoo["vgg_small"]
+    x = _inputs("vgg_small", 1, seed=11)
+    actions = [3, 0, 2, 1, 0, 3]
+    with torch.no_grad():
+        expected = net(x, actions)
+        logits, seen = _walk(net, x, actions)
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    assert net.last_density == pytest.approx(float(spec.density(np.array(actions))))
+    assert [float(s) for _, _, s in seen] == sorted(float(s) for _, _, s in seen)
+
+
+@pytest.mark.parametrize(("name", "action"), [("digits_cnn", 3), ("digits_cnn", 0), ("resnet20", 0)])
+def test_decider_sees_each_layers_input(name, action):
+    _, _, _, spec = _build(name)
+    calls = []
+
+    def decider(gate, features, spent):
+        calls.append((gate, features.shape[1], float(spent)))
+        return action
+
+    _, net, _, _ = _build(name, decider=decider)
+    x = _inputs(name, 2, seed=12)
+    with torch.no_grad():
+        out = net(x)
+        expected = net(x, [action] * len(spec.layers))
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert [c[0] for c in calls] == list(range(len(spec.layers)))  # once per gated layer, in order
+    widths = [c[1] for c in calls]
+    if name == "digits_cnn" and action < spec.groups - 1:
+        # a plain chain: each gated layer reads only what the previous one kept
+        assert widths == [1] + [layer.counts[action] for layer in spec.layers[:-1]]
+    else:
+        assert widths == [layer.in_channels for layer in spec.layers]
+    assert [c[2] for c in calls] == sorted(c[2] for c in calls)
+
+
+def test_decider_may_return_one_action_per_input():
+    _, _, _, spec = _build("digits_cnn")
+    actions = _mixed_actions(spec, BATCH, seed=13)
+    _, net, _, _ = _build("digits_cnn", decider=lambda gate, features, spent: actions[:, gate].clone())
+    x = _inputs("digits_cnn", BATCH, seed=14)
+    with torch.no_grad():
+        out = net(x)
+        decided = torch.stack(net.last_actions, dim=1)
+        density = net.last_density
+        expected = net(x, actions)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert torch.equal(decided, actions)
+    np.testing.assert_allclose(np.asarray(density), spec.density(actions.numpy()), rtol=1e-5)
+
+
+def test_fixed_actions_with_gaps_are_filled_by_the_decider():
+    calls = []
+
+    def decider(gate, features, spent):
+        calls.append(gate)
+        return 1
+
+    _, net, _, _ = _build("digits_cnn", decider=decider)
+    x = _inputs("digits_cnn", 2, seed=15)
+    with torch.no_grad():
+        out = net(x, [3, None, 0, None])
+        expected = net(x, [3, 1, 0, 1])
+    assert calls == [1, 3]
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_no_action_and_no_decider_raises(zoo):
+    _, net, _, _ = zoo["digits_cnn"]
+    with pytest.raises(ValueError, match="no action for gated layer 0 and no decider"):
+        net(_inputs("digits_cnn", 1))
+    with pytest.raises(ValueError, match="no action for gated layer 2"):
+        net(_inputs("digits_cnn", 1), [1, 1, None, 1])
+
+
+# ---- mask mode: training through the keep mask -------------------------------------------------
+def test_mask_mode_passes_gradients_to_a_soft_prefix_mask():
+    _, net, _, spec = _build("digits_cnn")
+    net.train()
+    x = _inputs("digits_cnn", 3, seed=16)
+    groups = spec.groups
+    sources = [torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]], requires_grad=True)
+               for _ in spec.layers]
+    assert sources[0].shape == (3, groups)
+    net.decider = lambda gate, features, spent: sources[gate]
+    assert net.training  # mask mode by default
+    out = net(x)
+    loss = F.cross_entropy(out, torch.tensor([0, 1, 2])) + net.last_density.sum()
+    loss.backward()
+    for source in sources:
+        assert source.grad is not None
+        assert source.grad.abs().sum() > 0
+    # a 0/1 prefix mask computes what the matching integer actions do
+    net.eval()
+    with torch.no_grad():
+        expected = net(x, torch.tensor([[1, 3, 0]] * len(spec.layers)).T)
+    torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_keep_mask_needs_mask_mode(zoo):
+    _, net, _, spec = zoo["digits_cnn"]
+    mask = torch.ones(2, spec.groups)
+    with pytest.raises(ValueError, match="needs mask mode"):
+        net(_inputs("digits_cnn", 2), [mask] * len(spec.layers))
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+def test_tune_keeps_the_outputs():
+    _, net, _, spec = _build("resnet20")
+    _, reference, _, _ = _build("resnet20")
+    x = _inputs("resnet20", 1, seed=17)
+    choices = net.tune(x, repeats=2)
+    assert isinstance(choices, dict)
+    assert json.loads(json.dumps(choices)) == choices
+    assert net.kernels() == choices
+    rng = np.random.default_rng(18)
+    with torch.no_grad():
+        for actions in (rng.integers(0, 4, len(spec.layers)), [0] * 9, [3] * 9):
+            actions = [int(a) for a in actions]
+            torch.testing.assert_close(net(x, actions), reference(x, actions), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not built into this torch")
+def test_set_kernels_round_trips_and_keeps_the_outputs():
+    _, net, _, spec = _build("digits_cnn")
+    _, reference, _, _ = _build("digits_cnn")
+    all_slices = [f"{o},{i}" for o in range(4) for i in range(4)]
+    choices = {"features.3": dict.fromkeys(all_slices, "onednn"), "features.0": {"1,0": "onednn"}}
+    if torch._nnpack_available():
+        choices["features.7"] = dict.fromkeys(all_slices, "nnpack")
+    net.set_kernels(choices)
+    assert net.kernels() == choices
+    x = _inputs("digits_cnn", 1, seed=19)
+    xb = _inputs("digits_cnn", 3, seed=20)
+    with torch.no_grad():
+        for actions in ([1, 2, 0, 3], [3, 3, 3, 3], [0, 1, 2, 0]):
+            torch.testing.assert_close(net(x, actions), reference(x, actions), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(net(xb, actions), reference(xb, actions), atol=1e-5, rtol=1e-5)
+    net.set_kernels({})
+    assert net.kernels() == {}
+
+
+@pytest.mark.parametrize(("choices", "match"), [
+    ({"nonexistent.conv": {"0,0": "aten"}}, "nonexistent.conv"),
+    ({"features.3": {"0,0": "cudnn"}}, "cudnn"),
+    ({"features.3": {"9,9": "aten"}}, "9,9"),
+    ({"classifier": {"0,0": "onednn"}}, "onednn"),  # a linear layer runs ATen only
+])
+def test_set_kernels_rejects_unknown_choices(choices, match):
+    _, net, _, _ = _build("digits_cnn")
+    with pytest.raises(ValueError, match=match):
+        net.set_kernels(choices)
+
+
+# ---- the spec as JSON --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20"])
+def test_spec_round_trips_through_json(zoo, name):
+    _, net, reordered, spec = zoo[name]
+    text = json.dumps(spec.to_dict())
+    loaded = DynamicSpec.from_dict(json.loads(text))
+    assert loaded == spec
+    assert loaded.groups == spec.groups
+    rebuilt = DynamicNetwork(fold_batchnorm(reordered), loaded).eval()
+    x = _inputs(name, BATCH, seed=21)
+    actions = _mixed_actions(spec, BATCH, seed=22)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, actions), net(x, actions), atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(loaded.density(actions.numpy()), spec.density(actions.numpy()))
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_wrong_number_of_actions_raises(zoo):
+    _, net, _, _ = zoo["digits_cnn"]
+    x = _inputs("digits_cnn", 2)
+    with pytest.raises(ValueError, match=r"one action per gated layer \(4\), got 3"):
+        net(x, [1, 1, 1])
+    with pytest.raises(ValueError, match=r"\(4\), got 5"):
+        net(x, torch.ones(2, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("actions", "mode"), [
+    ([4, 3, 3, 3], "slice"),
+    ([-1, 3, 3, 3], "slice"),
+    ([-1, 3, 3, 3], "mask"),
+    (torch.tensor([[4, 3, 3, 3], [4, 3, 3, 3]]), "slice"),
+    (torch.tensor([[-1, 3, 3, 3], [0, 3, 3, 3]]), "slice"),
+    (torch.tensor([[-1, 3, 3, 3], [-1, 3, 3, 3]]), "mask"),
+])
+def test_action_out_of_range_raises(zoo, actions, mode):
+    _, net, _, _ = zoo["digits_cnn"]
+    bad = int(actions[0][0]) if isinstance(actions, torch.Tensor) else actions[0]
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"action {bad}\b.*'features\.0'"):
+        net(_inputs("digits_cnn", 2), actions, mode=mode)
+
+
+def test_unknown_mode_raises(zoo):
+    _, net, _, _ = zoo["digits_cnn"]
+    with pytest.raises(ValueError, match="'fast'"):
+        net(_inputs("digits_cnn", 1), [3, 3, 3, 3], mode="fast")
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it (torch-pruning, which runs it, can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if x.sum() > 0:
+            x = F.relu(x)
+        return self.fc(F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1))
+
+
+def test_a_model_fx_cannot_trace_raises():
+    model = _Branchy().eval()
+    x = torch.randn(1, 1, 8, 8)
+    spec = dynamic_spec(ChannelGraph(model, x), 4)
+    assert [layer.name for layer in spec.layers] == ["conv1", "conv2"]
+    with pytest.raises(ValueError, match="torch.fx-traceable model; _Branchy"):
+        DynamicNetwork(model, spec)
+    with pytest.raises(ValueError):
+        build_dynamic(model, x)
+
+
+def test_a_spec_for_another_model_raises(zoo):
+    _, _, _, spec = zoo["vgg_small"]
+    with pytest.raises(ValueError, match="features.14"):
+        DynamicNetwork(fold_batchnorm(_zoo_model("digits_cnn")), spec)
