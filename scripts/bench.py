@@ -1,4 +1,5 @@
-"""Benchmarks that print figures and assert nothing: environment throughput, and latency against FLOPs.
+"""Benchmarks that print figures and assert nothing: environment throughput, latency against FLOPs,
+and the per-input (dynamic) models' batch-1 latency against their mean FLOPs density.
 
 env: episodes and steps per second of prunegym/LayerPruning-v0 made with no keyword (the digits
 CNN; the first run trains and caches its base model, which is not timed), under gymnasium.make's
@@ -11,6 +12,14 @@ latency: a zoo model (ResNet-20 by default) with random weights and random batch
 alternating rounds and each model's latency is the median of its per-round medians, so drift on
 the machine does not bias the ratios. A ratio of latency ratio to FLOPs ratio of 1 means the
 pruned model is as much faster as it is smaller; above 1 it gains less than its FLOPs promise.
+
+dynamic: a zoo model (ResNet-20 by default) with random weights at 32x32 as a DynamicNetwork (its
+gated layers' channels in L1 order, BN folded), driven by a policy actor with random weights (the
+architecture train.py --env input trains: obs -> 64 -> 64 -> G, tanh) and by the gate baseline with
+random weights, each with its last bias shifted so that it keeps fewer or more groups. Batch-1
+latency is the mean over random inputs of each input's median; the dense model is the plain
+BN-folded model on the same inputs. The ideal latency ratio is the mean FLOPs density (of the
+network; the policy's own FLOPs are printed beside); the last column is latency ratio / density.
 """
 
 from __future__ import annotations
@@ -30,8 +39,16 @@ from torch import nn
 
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
 from prunegym.compression.checkpoint import write_json
+from prunegym.compression.dynamic import build_dynamic
 from prunegym.compression.fusion import fold_batchnorm
-from prunegym.compression.metrics import count_flops, count_params, keep_freed_memory, measure_latency
+from prunegym.compression.gates import GateDecider
+from prunegym.compression.metrics import (
+    count_flops,
+    count_params,
+    keep_freed_memory,
+    measure_input_latency,
+    measure_latency,
+)
 from prunegym.compression.models import MODELS, build_model
 
 ENV_ID = "prunegym/LayerPruning-v0"
@@ -223,6 +240,91 @@ def format_latency(r: dict[str, Any]) -> str:
 
 
 # ---- command line -------------------------------------------------------------------------------
+# ---- per-input (dynamic) models ----------------------------------------------------------------
+def _policy_actor(obs_size: int, groups: int, preferred: int | None, generator: torch.Generator) -> list[nn.Module]:
+    layers = [nn.Linear(obs_size, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, groups)]
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / layer.in_features ** 0.5)
+                layer.bias.zero_()
+        if preferred is not None:
+            layers[-1].bias[preferred] = 1.5
+    return layers
+
+
+@torch.no_grad()
+def bench_dynamic(model_name: str, groups: int, threads: int, inputs: int, repeats: int, rounds: int,
+                  seed: int, tune: bool) -> dict[str, Any]:
+    from prunegym.agents.gated import PolicyDecider
+    from prunegym.envs.input_pruning import observation_stats
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dense = randomize(build_model(model_name, 3, 10), seed)
+    x = torch.randn(inputs, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    folded = fold_batchnorm(dense)
+    deciders: list[tuple[str, Any]] = []
+    base, _, spec = build_dynamic(dense, x[:1], groups)
+    stats = observation_stats(base, torch.randn(64, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator))
+    obs_size = stats[0].shape[1] + len(spec.layers) + 1
+    for preferred in (0, 1, 2, None):
+        label = "rl (random actor)" + ("" if preferred is None else f", prefers {preferred + 1}/{groups}")
+        deciders.append((label, PolicyDecider(_policy_actor(obs_size, groups, preferred, generator), *stats)))
+    for shift in (-1.0, 0.5, 2.0):
+        gate = GateDecider(spec)
+        for g in gate.gates:
+            g.fc2.bias.fill_(shift)
+        deciders.append((f"gate (random, bias {shift:+.1f})", gate.eval()))
+    policy_flops = 2 * sum(m.in_features * m.out_features for m in deciders[0][1].actor if isinstance(m, nn.Linear))
+    rows = []
+    models: list[nn.Module] = [folded]
+    for label, decider in deciders:
+        net, _, _ = build_dynamic(dense, x[:1], groups, decider=decider)
+        net.eval()
+        if tune:
+            net.tune(x[:1])
+        densities = []
+        for i in range(inputs):
+            net(x[i:i + 1])
+            densities.append(float(net.last_density))
+        rows.append({"model": label, "density_mean": float(np.mean(densities)),
+                     "density_std": float(np.std(densities))})
+        models.append(net)
+    if tune:  # the fair dense reference runs the same kernels: the dynamic path keeping everything
+        reference, _, _ = build_dynamic(dense, x[:1], groups, decider=lambda g, f, s: groups - 1)
+        reference.eval()
+        reference.tune(x[:1])
+        models[0] = reference
+    per_round: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            per_round[i].append(measure_input_latency(models[i], x, repeats=repeats, warmup=2, threads=threads))
+    latency = [statistics.median(t) for t in per_round]
+    for row, ms in zip(rows, latency[1:], strict=True):
+        row["latency_b1_ms"] = 1e3 * ms
+        row["latency_ratio"] = ms / latency[0]
+        row["ratio_over_density"] = row["latency_ratio"] / row["density_mean"]
+    return {"model": model_name, "image_size": IMAGE_SIZE, "groups": groups, "threads": threads,
+            "inputs": inputs, "repeats": repeats, "rounds": rounds, "tuned_kernels": tune,
+            "gated_layers": [layer.name for layer in spec.layers], "dense_flops": spec.dense_flops,
+            "policy_flops_per_input": policy_flops * len(spec.layers),
+            "dense_b1_ms": 1e3 * latency[0], "rows": rows}
+
+
+def format_dynamic(r: dict[str, Any]) -> str:
+    lines = [f"per-input models, {r['model']} at {r['image_size']}x{r['image_size']}, batch 1, {r['threads']} "
+             f"thread(s), {r['groups']} groups per gated layer ({len(r['gated_layers'])} layers), "
+             f"{'tuned' if r['tuned_kernels'] else 'ATen'} kernels; dense {r['dense_b1_ms']:.3f} ms, "
+             f"{r['dense_flops'] / 1e6:.1f} MFLOPs; policy {r['policy_flops_per_input'] / 1e6:.3f} MFLOPs per input",
+             f"{'model':<34}{'density':>9}{'± std':>8}{'b1 ms':>9}{'lat ratio':>11}{'ratio/density':>15}"]
+    for row in r["rows"]:
+        lines.append(f"{row['model']:<34}{row['density_mean']:>9.3f}{row['density_std']:>8.3f}"
+                     f"{row['latency_b1_ms']:>9.3f}{row['latency_ratio']:>11.3f}{row['ratio_over_density']:>15.3f}")
+    return "\n".join(lines)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -245,7 +347,8 @@ def _ratios(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=["env", "latency", "all"], default="all", help="what to run (default: all)")
+    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all"], default="all",
+                        help="what to run (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the actions, weights and inputs (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
     env = parser.add_argument_group("env")
@@ -270,6 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                          help="time the inference form, BN folded into the convs, of dense and pruned models "
                               "alike (default: on)")
+    dynamic = parser.add_argument_group("dynamic (also uses --model, --threads, --rounds)")
+    dynamic.add_argument("--groups", type=_positive_int, default=4, help="channel groups per gated layer (default: 4)")
+    dynamic.add_argument("--inputs", type=_positive_int, default=32,
+                         help="random inputs the batch-1 latency is averaged over (default: 32)")
+    dynamic.add_argument("--input-repeats", type=_positive_int, default=15,
+                         help="timed passes of each input per round (default: 15)")
+    dynamic.add_argument("--tune-kernels", action="store_true",
+                         help="pick each conv slice's fastest batch-1 kernel (ATen, NNPACK, oneDNN) for the gated "
+                              "models and a dense reference run through the same path")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="alternating rounds: dense and pruned models, or wrapped and bare env, take turns "
                              "this many times (default: 3)")
@@ -301,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
                                                args.channel_multiple)
             print()
             print(format_latency(figures["latency"]))
+        if args.what in ("dynamic", "all"):
+            figures["dynamic"] = bench_dynamic(args.model, args.groups, args.threads, args.inputs, args.input_repeats,
+                                               args.rounds, args.seed, args.tune_kernels)
+            print()
+            print(format_dynamic(figures["dynamic"]))
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
