@@ -13,9 +13,11 @@ _EXPORTS = {
     "make_agent": "factory",
     "CheckpointCallback": "callbacks",
     "PruningCallback": "callbacks",
+    "InputPruningCallback": "callbacks",
     "latest_checkpoint": "callbacks",
     "load_agent": "loading",
     "load_inference_model": "loading",
+    "load_dynamic": "loading",
     "PolicyDecider": "gated",
     "BatchedInputPruningVecEnv": "vec_env",
     "RunDirError": "run",
@@ -24,6 +26,8 @@ _EXPORTS = {
     "load_config": "run",
     "train": "run",
     "uniform_keep_counts": "run",
+    "train_input": "run_input",
+    "format_input_report": "run_input",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -69,6 +69,9 @@ def load_inference_model(run_dir: str | os.PathLike, name: str = "model", fold_b
                                 f"`python scripts/train.py --run-dir {path} --resume`")
     model, _, metadata = load_checkpoint(file, trust_factory=trust_factory)
     if metadata.get("kind") == "dynamic":
+        if not fold_bn:
+            raise ValueError(f"{file.name} is a per-input model, which runs with BN folded only (fold_bn=False "
+                             "applies to static models); load_checkpoint gives its unfolded network")
         return load_dynamic(model, metadata)
     return inference_form(model)[0] if fold_bn else model
 

@@ -69,7 +69,7 @@ class GateDecider(nn.Module):
         if not self.training:
             kept = torch.cumprod(hard, dim=1).sum(dim=1).long()
             return int(kept[0]) if kept.shape[0] == 1 else kept
-        straight = hard + probs - probs.detach()
+        straight = probs + (hard - probs).detach()  # exactly 0/1 forward, the sigmoid's gradient back
         ones = torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
         return torch.cat([ones, torch.cumprod(straight, dim=1)], dim=1)
 
@@ -134,7 +134,7 @@ def train_gates(model: nn.Module, splits: Splits, *, target_density: float, grou
 
     Returns the inference network (BN folded, gates deciding), the trained unfolded network it was
     built from, the spec, and a summary (history, reward-split accuracy and mean density)."""
-    if not isinstance(target_density, int | float) or not math.isfinite(target_density) \
+    if not isinstance(target_density, int | float | np.floating) or not math.isfinite(target_density) \
             or not 0 < target_density <= 1:
         raise ValueError(f"target_density must be in (0, 1], got {target_density!r}")
     device = device or torch.device("cpu")

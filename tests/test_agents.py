@@ -59,7 +59,7 @@ def _play(agent, env: LayerPruningEnv) -> dict:
 
 # ---- the factory ---------------------------------------------------------------------------------
 def test_algorithms():
-    assert set(ALGORITHMS) == {"ppo", "a2c", "sac", "td3", "ddpg"}
+    assert set(ALGORITHMS) == {"ppo", "a2c", "sac", "td3", "ddpg", "dqn"}
 
 
 @pytest.mark.parametrize(("algo", "timesteps", "hyper"),
