@@ -269,6 +269,38 @@ def resume_config(run_dir: str | os.PathLike, *, timesteps: int | None = None,
     return config
 
 
+def search(config: TrainConfig, env: Any, episode_length: int, make_callback: Any, *, device: torch.device,
+           resume: bool, progress_bar: bool, log: Any) -> tuple[Any, Any, Path]:
+    """The RL search of either job: build the agent (or load the latest checkpoint when resuming),
+    make the run directory, learn up to ``config.timesteps`` with the pruning callback
+    (``make_callback(hparams)``) and checkpoints, and save ``agent.zip``. The agent is built before
+    the run directory, so a bad setting leaves nothing behind. Returns the agent, the callback and
+    the run directory."""
+    run_dir = Path(config.run_dir)
+    agent_cls = ALGORITHMS[config.algo]
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if checkpoint is None:
+        agent = make_agent(config.algo, env, episode_length=episode_length, seed=config.seed, device=str(device),
+                           tensorboard_log=str(run_dir / "tb"), hyperparameters=config.hyperparameters)
+    run_dir = _prepare_run_dir(config, resume)
+    log(f"run directory: {run_dir}")
+    callback = make_callback({**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)})
+    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, callback)
+    if checkpoint is not None:
+        path, state = checkpoint
+        agent = agent_cls.load(path, env=env, device=device, tensorboard_log=str(run_dir / "tb"))
+        if "replay_buffer" in state:
+            agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
+        callback.load_state_dict(state["callback"])
+        log(f"resuming from {path} at timestep {agent.num_timesteps}")
+    remaining = config.timesteps - agent.num_timesteps
+    if remaining > 0:
+        agent.learn(remaining, callback=[callback, ckpt_cb], tb_log_name=config.algo,
+                    reset_num_timesteps=checkpoint is None, progress_bar=progress_bar)
+    agent.save(run_dir / "agent.zip")
+    return agent, callback, run_dir
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
           log: Any = print) -> dict[str, Any]:
     """Run the whole job and return the report.
@@ -298,29 +330,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
 
     # 2. The RL search, resumable from the latest checkpoint.
     monitored = Monitor(env)
-    agent_cls = ALGORITHMS[config.algo]
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if checkpoint is None:
-        agent = make_agent(config.algo, monitored, episode_length=env.num_groups, seed=config.seed,
-                           device=str(device), tensorboard_log=str(run_dir / "tb"),
-                           hyperparameters=config.hyperparameters)
-    run_dir = _prepare_run_dir(config, resume)
-    log(f"run directory: {run_dir}")
-    hparams = {**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)}
-    pruning_cb = PruningCallback([g.name for g in env.graph.groups], hparams=hparams)
-    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, pruning_cb)
-    if checkpoint is not None:
-        path, state = checkpoint
-        agent = agent_cls.load(path, env=monitored, device=device, tensorboard_log=str(run_dir / "tb"))
-        if "replay_buffer" in state:
-            agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
-        pruning_cb.load_state_dict(state["callback"])
-        log(f"resuming from {path} at timestep {agent.num_timesteps}")
-    remaining = config.timesteps - agent.num_timesteps
-    if remaining > 0:
-        agent.learn(remaining, callback=[pruning_cb, ckpt_cb], tb_log_name=config.algo,
-                    reset_num_timesteps=checkpoint is None, progress_bar=progress_bar)
-    agent.save(run_dir / "agent.zip")
+    agent, pruning_cb, run_dir = search(
+        config, monitored, env.num_groups, lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp),
+        device=device, resume=resume, progress_bar=progress_bar, log=log)
     search_seconds = time.perf_counter() - started
 
     # 3. The best policy found: the best episode of the search, or the final deterministic policy.

@@ -8,7 +8,6 @@ The run directory holds ``config.json``, ``checkpoints/``, ``tb/``, ``agent.zip`
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,10 @@ from prunegym.compression.dynamic import DynamicNetwork, evaluate_dynamic
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.gates import dynamic_inference, train_dynamic, train_gates
 from prunegym.compression.metrics import count_flops, count_params, measure_input_latency, measure_latency, model_bytes
-from prunegym.compression.training import evaluate, resolve_device
+from prunegym.compression.training import base_model, evaluate, resolve_device
 from prunegym.envs.input_pruning import make_setup
 
-from .callbacks import CheckpointCallback, InputPruningCallback, latest_checkpoint
-from .factory import ALGORITHMS, make_agent
+from .callbacks import InputPruningCallback
 from .gated import PolicyDecider
 from .vec_env import BatchedInputPruningVecEnv
 
@@ -70,12 +68,11 @@ def _save_dynamic(path: Path, model: torch.nn.Module, net: DynamicNetwork, confi
 
 def train_input(config, *, resume: bool = False, progress_bar: bool = False, log: Any = print) -> dict[str, Any]:
     """Run the per-input job for a validated ``TrainConfig`` with ``env="input"``; return the report."""
-    from .run import _prepare_run_dir, env_kwargs
+    from .run import env_kwargs, search
 
     device = resolve_device(config.device)
     started = time.perf_counter()
     config.run_dir = config.run_dir or config.default_run_dir()
-    run_dir = Path(config.run_dir)
 
     # 1. Base model (cached), its dynamic network and the batched env, before the run directory.
     kwargs = env_kwargs(config)
@@ -88,32 +85,14 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
         f"{config.groups} channel groups each, {spec.dense_flops / 1e6:.2f} MFLOPs dense")
 
     # 2. The RL search, resumable from the latest checkpoint.
-    agent_cls = ALGORITHMS[config.algo]
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if checkpoint is None:
-        agent = make_agent(config.algo, vec, episode_length=episode_length, seed=config.seed, device=str(device),
-                           tensorboard_log=str(run_dir / "tb"), hyperparameters=config.hyperparameters)
-    run_dir = _prepare_run_dir(config, resume)
-    log(f"run directory: {run_dir}")
-    hparams = {**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)}
-    pruning_cb = InputPruningCallback([layer.name for layer in spec.layers], hparams=hparams)
-    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, pruning_cb)
-    if checkpoint is not None:
-        path, state = checkpoint
-        agent = agent_cls.load(path, env=vec, device=device, tensorboard_log=str(run_dir / "tb"))
-        if "replay_buffer" in state:
-            agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
-        pruning_cb.load_state_dict(state["callback"])
-        log(f"resuming from {path} at timestep {agent.num_timesteps}")
-    remaining = config.timesteps - agent.num_timesteps
-    if remaining > 0:
-        agent.learn(remaining, callback=[pruning_cb, ckpt_cb], tb_log_name=config.algo,
-                    reset_num_timesteps=checkpoint is None, progress_bar=progress_bar)
-    agent.save(run_dir / "agent.zip")
+    agent, pruning_cb, run_dir = search(
+        config, vec, episode_length,
+        lambda hp: InputPruningCallback([layer.name for layer in spec.layers], hparams=hp),
+        device=device, resume=resume, progress_bar=progress_bar, log=log)
     search_seconds = time.perf_counter() - started
 
     # 3. The policy-gated network: the actor decides, only kept channels are computed.
-    policy = PolicyDecider.from_agent(agent, setup.stats).to(device)
+    policy = PolicyDecider.from_agent(agent, setup.stats).to(device).requires_grad_(False)
     net = dynamic_inference(setup.model, spec, policy)
     searched = evaluate_dynamic(net, splits.reward.x, splits.reward.y)
     log(f"policy before fine-tuning: reward-split accuracy {searched['accuracy']:.4f}, "
@@ -122,9 +101,7 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
     # 4. Fine-tune the network with the (frozen) policy deciding, as long as the gates train below.
     model = setup.model
     if config.finetune_epochs > 0:
-        frozen = PolicyDecider.from_agent(agent, setup.stats).to(device)
-        frozen.requires_grad_(False)
-        train_net = DynamicNetwork(model, spec, frozen)
+        train_net = DynamicNetwork(model, spec, policy)  # frozen: only the network learns
         train_dynamic(train_net, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
                       seed=config.seed, device=device)
         model.eval()
@@ -134,7 +111,7 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
     # 5. The gate baseline from the same base model, towards the policy's mean density on the train split.
     target = float(np.clip(tuned["density_mean"], 1e-3, 1.0))
     log(f"gate baseline: training gates and network for {config.finetune_epochs} epochs towards density {target:.3f}")
-    base = _base_model_for(config, splits, device)
+    base = base_model(config.model, splits, config.seed, epochs=config.base_epochs, device=device).eval()
     gate_net, gate_model, _, gate_summary = train_gates(
         base, splits, target_density=target, groups=config.groups, epochs=max(1, config.finetune_epochs),
         lr=config.finetune_lr, seed=config.seed, device=device, importance=make_importance(config.importance))
@@ -177,12 +154,6 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
     log(format_input_report(report))
     vec.close()
     return report
-
-
-def _base_model_for(config, splits, device):
-    from prunegym.compression.training import base_model
-
-    return base_model(config.model, splits, config.seed, epochs=config.base_epochs, device=device).eval()
 
 
 def format_input_report(report: dict[str, Any]) -> str:

@@ -366,6 +366,7 @@ class DynamicNetwork(nn.Module):
             raise ValueError(f"layers {missing} of the spec are not called by {type(model).__name__}")
         gm.recompile()
         self.net = gm
+        self._called = {str(n.target): gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
         self._norms = [name for name, m in gm.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # FLOPs terms in execution order: (gated layers before it, weight, gate in, gate out)
         self._terms = sorted(
@@ -549,7 +550,7 @@ class DynamicNetwork(nn.Module):
         This is how an environment walks an input through the network."""
         plan = _Plan(self, None, None)
         env: dict[torch.fx.Node, Any] = {}
-        modules = dict(self.net.named_modules())
+        modules = self._called
 
         def load(n: torch.fx.Node) -> Any:
             return env[n]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 from prunegym.compression.channels import (
@@ -28,23 +29,9 @@ SIZE = 8
 ZOO = {"digits_cnn": 1, "resnet20": 3, "vgg_small": 3}  # name -> in_channels
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Random BN affine parameters and running statistics, so pruned channels matter to the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.randn(n, generator=gen))
-                m.bias.copy_(torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.5 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model
-
-
 def _zoo_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomize_bn(build_model(name, ZOO[name], 10), seed).eval()
+    return randomize_bn(build_model(name, ZOO[name], 10), seed).eval()
 
 
 @pytest.fixture(scope="module")
@@ -557,7 +544,7 @@ class _FlattenNet(nn.Module):
 def test_reordering_keeps_the_function_and_sorts_each_group(zoo, name):
     if name == "flatten":
         torch.manual_seed(0)
-        model = _randomize_bn(_FlattenNet(), 0).eval()
+        model = randomize_bn(_FlattenNet(), 0).eval()
         x = torch.randn(3, 3, 4, 4)
         graph = ChannelGraph(model, x[:1])
     else:

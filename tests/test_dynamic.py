@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_bn
 from torch import nn
 
 from prunegym.compression.channels import ChannelGraph, prune_channels
@@ -28,23 +29,9 @@ ZOO = {"digits_cnn": (1, 8), "resnet20": (3, 16), "vgg_small": (3, 16)}  # name 
 BATCH = 6
 
 
-def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Random BN affine parameters and running statistics, so every channel matters to the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.randn(n, generator=gen))
-                m.bias.copy_(torch.randn(n, generator=gen))
-                m.running_mean.copy_(0.5 * torch.randn(n, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-    return model
-
-
 def _zoo_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _randomize_bn(build_model(name, ZOO[name][0], 10), seed).eval()
+    return randomize_bn(build_model(name, ZOO[name][0], 10), seed).eval()
 
 
 def _inputs(name: str, batch: int, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,6 @@ model deciding exactly as the agent does, resuming, and bad input."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ok, run_train
 from stable_baselines3 import DQN
 
 from prunegym.agents import TrainConfig, load_agent, load_inference_model, make_agent
@@ -31,23 +31,11 @@ MEASURES = ("test_accuracy", "density_mean", "density_std", "latency_b1_ms", "la
 LAYERS = 4  # digits_cnn: every conv is gated
 
 
-def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python scripts/train.py ARGS`` from the repository root; PRUNEGYM_CACHE comes from the session fixture."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the models are tiny; threads only contend on shared cores
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def run_dir(prunegym_cache, tmp_path_factory) -> Path:
     """One finished tiny per-input run, shared by the tests that only read it."""
     path = tmp_path_factory.mktemp("train_input") / "run"
-    _ok(_train("--run-dir", str(path), *TINY))
+    ok(run_train("--run-dir", str(path), *TINY))
     return path
 
 
@@ -177,11 +165,24 @@ def test_the_models_load_without_gymnasium_or_sb3(run_dir):
         f"    print(tuple(load_inference_model({str(run_dir)!r}, name)(x).shape))\n"
         "print('gymnasium' in sys.modules and sys.modules['gymnasium'] is not None)\n"
     )
-    result = _ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120))
+    result = ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120))
     assert result.stdout.split("\n")[:3] == ["(5, 10)", "(5, 10)", "False"]
 
 
 # ---- the policy-gated model decides as the agent does --------------------------------------------
+def _predicted_episode(agent, env, net, train_x, seed: int) -> dict:
+    """One env episode acted by ``agent.predict(deterministic=True)``; then ``net`` runs on the same
+    input, so its ``last_actions`` can be compared with the episode's. Returns the final info."""
+    obs, info = env.reset(seed=seed)
+    done = False
+    while not done:
+        action, _ = agent.predict(obs, deterministic=True)
+        obs, _, done, _, info = env.step(action)
+    with torch.no_grad():
+        net(train_x[info["index"]: info["index"] + 1])
+    return info
+
+
 def _policy_net(agent, setup) -> DynamicNetwork:
     from prunegym.agents import PolicyDecider
 
@@ -196,13 +197,7 @@ def test_policy_gated_actions_equal_agent_predict(agent_and_setup):
     train_x = setup.splits.train.x
     seen = set()
     for seed in range(100):
-        obs, info = env.reset(seed=seed)
-        done = False
-        while not done:
-            action, _ = agent.predict(obs, deterministic=True)
-            obs, _, done, _, info = env.step(action)
-        with torch.no_grad():
-            net(train_x[info["index"]: info["index"] + 1])
+        info = _predicted_episode(agent, env, net, train_x, seed)
         assert [int(a) for a in net.last_actions] == info["actions"], (seed, info["index"])
         assert float(net.last_density) == pytest.approx(info["flops_ratio"], abs=1e-6)
         seen.add(tuple(info["actions"]))
@@ -253,7 +248,7 @@ def test_resume_with_more_timesteps_continues(run_dir, tmp_path):
     shutil.copytree(run_dir, target)
     (target / "report.json").write_text("{}")  # a marker: the resumed run writes its own
     more = TIMESTEPS + 1024
-    result = _ok(_train("--run-dir", str(target), "--resume", "--timesteps", str(more)))
+    result = ok(run_train("--run-dir", str(target), "--resume", "--timesteps", str(more)))
     assert "resuming" in result.stdout
     state = json.loads((target / "checkpoints" / "state.json").read_text())
     assert state["num_timesteps"] == more
@@ -270,7 +265,7 @@ def test_resume_with_more_timesteps_continues(run_dir, tmp_path):
 
 # ---- command-line behaviour ----------------------------------------------------------------------
 def test_help_mentions_the_input_flags():
-    result = _ok(_train("--help"))
+    result = ok(run_train("--help"))
     for flag in ("--env", "--groups", "--num-envs"):
         assert flag in result.stdout, flag
 
@@ -281,7 +276,7 @@ def test_help_mentions_the_input_flags():
 ])
 def test_bad_input_options_exit_2_naming_them(tmp_path, args, pattern):
     target = tmp_path / "run"
-    result = _train("--run-dir", str(target), *TINY, *args)
+    result = run_train("--run-dir", str(target), *TINY, *args)
     assert result.returncode == 2, result.stderr
     assert pattern in result.stderr, result.stderr
     assert not target.exists()  # nothing is written for a run that cannot start
@@ -289,7 +284,7 @@ def test_bad_input_options_exit_2_naming_them(tmp_path, args, pattern):
 
 def test_an_unknown_env_is_an_argparse_error(tmp_path):
     target = tmp_path / "run"
-    result = _train("--run-dir", str(target), "--env", "bogus")
+    result = run_train("--run-dir", str(target), "--env", "bogus")
     assert result.returncode == 2
     assert "--env" in result.stderr and "bogus" in result.stderr and "invalid choice" in result.stderr
     assert not target.exists()
@@ -334,13 +329,7 @@ def test_a_dqn_actor_decides_as_the_dqn_predicts(agent_and_setup):
     agent.learn(160)
     net = _policy_net(agent, setup)
     for seed in range(20):
-        obs, info = env.reset(seed=seed)
-        done = False
-        while not done:
-            action, _ = agent.predict(obs, deterministic=True)
-            obs, _, done, _, info = env.step(action)
-        with torch.no_grad():
-            net(setup.splits.train.x[info["index"]: info["index"] + 1])
+        info = _predicted_episode(agent, env, net, setup.splits.train.x, seed)
         assert [int(a) for a in net.last_actions] == info["actions"], seed
 
 

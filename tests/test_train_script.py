@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import gymnasium
 import pytest
 import torch
+from helpers import ok, run_train
 
 from prunegym.agents import load_agent, load_inference_model
 from prunegym.compression import count_flops, count_params, load_dataset
@@ -25,18 +25,6 @@ SCRIPT = ROOT / "scripts" / "train.py"
 TINY = ["--timesteps", "64", "--finetune-epochs", "1", "--base-epochs", "2", "--checkpoint-freq", "32",
         "--device", "cpu"]
 MEASURES = ("test_accuracy", "flops", "params", "bytes", "latency_b1_ms", "latency_b64_ms")
-
-
-def _train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python scripts/train.py ARGS`` from the repository root; PRUNEGYM_CACHE comes from the session fixture."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the models are tiny; threads only contend on shared cores
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 def _script_module():
@@ -50,7 +38,7 @@ def _script_module():
 def run_dir(prunegym_cache, tmp_path_factory) -> Path:
     """One finished tiny run, shared by the tests that only read it."""
     path = tmp_path_factory.mktemp("train") / "run"
-    _ok(_train("--run-dir", str(path), *TINY))
+    ok(run_train("--run-dir", str(path), *TINY))
     return path
 
 
@@ -111,7 +99,7 @@ def test_tensorboard_has_pruning_scalars(run_dir):
 
 # ---- command-line behaviour ----------------------------------------------------------------------
 def test_help():
-    result = _ok(_train("--help"))
+    result = ok(run_train("--help"))
     for flag in ("--env", "--dataset", "--model", "--algo", "--lam", "--flops-target", "--timesteps", "--seed",
                  "--device", "--run-dir", "--resume"):
         assert flag in result.stdout, flag
@@ -119,7 +107,7 @@ def test_help():
 
 def test_existing_run_dir_without_resume_fails(run_dir):
     before = (run_dir / "report.json").read_bytes()
-    result = _train("--run-dir", str(run_dir), *TINY)
+    result = run_train("--run-dir", str(run_dir), *TINY)
     assert result.returncode != 0
     assert str(run_dir) in result.stderr
     assert "--resume" in result.stderr
@@ -136,7 +124,7 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus")])
 def test_bad_values_fail_naming_them(tmp_path, args, pattern):
     target = tmp_path / "run"
-    result = _train("--run-dir", str(target), *TINY, *args)
+    result = run_train("--run-dir", str(target), *TINY, *args)
     assert result.returncode != 0
     assert re.search(pattern, result.stderr), result.stderr
     assert not target.exists()  # nothing is written for a run that cannot start
@@ -145,7 +133,7 @@ def test_bad_values_fail_naming_them(tmp_path, args, pattern):
 def test_resume_without_config_fails_naming_it(tmp_path):
     target = tmp_path / "not_a_run"
     target.mkdir()
-    result = _train("--run-dir", str(target), "--resume", "--timesteps", "64")
+    result = run_train("--run-dir", str(target), "--resume", "--timesteps", "64")
     assert result.returncode != 0
     assert "config.json" in result.stderr
     assert str(target) in result.stderr
@@ -153,11 +141,11 @@ def test_resume_without_config_fails_naming_it(tmp_path):
 
 def test_resume_continues_the_timestep_count(tmp_path):
     target = tmp_path / "run"
-    _ok(_train("--run-dir", str(target), *TINY))
+    ok(run_train("--run-dir", str(target), *TINY))
     first, _ = load_agent(target, device="cpu")
     assert first.num_timesteps == 64
 
-    result = _ok(_train("--run-dir", str(target), "--resume", "--timesteps", "128"))
+    result = ok(run_train("--run-dir", str(target), "--resume", "--timesteps", "128"))
     assert "resuming" in result.stdout
     agent, _ = load_agent(target, device="cpu")
     assert agent.num_timesteps == 128
@@ -192,17 +180,17 @@ def test_resume_without_timesteps_keeps_the_saved_total(run_dir, tmp_path, monke
 
 
 def test_resume_refuses_flags_that_would_change_the_saved_config(run_dir, tmp_path):
-    result = _train("--run-dir", str(run_dir), "--resume", "--lam", "3")
+    result = run_train("--run-dir", str(run_dir), "--resume", "--lam", "3")
     assert result.returncode != 0
     assert "--lam" in result.stderr
 
 
 def test_resume_of_a_moved_run_dir_continues_it(run_dir, tmp_path):
     original = tmp_path / "original"
-    _ok(_train("--run-dir", str(original), *TINY))
+    ok(run_train("--run-dir", str(original), *TINY))
     moved = tmp_path / "moved"
     original.rename(moved)
-    result = _train("--run-dir", str(moved), "--resume", "--timesteps", "64")
+    result = run_train("--run-dir", str(moved), "--resume", "--timesteps", "64")
     assert result.returncode == 0, result.stderr
     assert not original.exists()
     assert (moved / "report.json").is_file()
@@ -230,7 +218,7 @@ def test_the_pruned_model_loads_without_gymnasium_or_sb3(run_dir, report):
         f"model, _, _ = load_checkpoint({str(run_dir / 'model.pt')!r})\n"
         "print(count_flops(model, load_dataset('digits', 0).test.x[:1]))\n"
     )
-    result = _ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120))
+    result = ok(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120))
     assert int(result.stdout.split()[-1]) == report["results"]["rl"]["flops"]
 
 

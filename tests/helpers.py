@@ -1,0 +1,40 @@
+"""Helpers several test modules share (pytest puts this folder on sys.path: ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
+
+
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Random BN affine parameters and running statistics, so every channel matters to the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.randn(n, generator=gen))
+                m.bias.copy_(torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.5 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+    return model
+
+
+def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python scripts/train.py ARGS`` from the repository root; PRUNEGYM_CACHE comes from the session fixture."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the models are tiny; threads only contend on shared cores
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
