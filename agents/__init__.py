@@ -25,7 +25,6 @@ _EXPORTS = {
     "format_report": "run",
     "load_config": "run",
     "train": "run",
-    "uniform_keep_counts": "run",
     "train_input": "run_input",
     "format_input_report": "run_input",
 }

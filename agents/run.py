@@ -10,6 +10,7 @@ complete exactly when ``report.json`` exists.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import math
@@ -28,9 +29,11 @@ from stable_baselines3.common.monitor import Monitor
 
 from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
+from prunegym.compression.distillation import Distillation
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes
 from prunegym.compression.models import MODELS
+from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, LayerPruningEnv
 
@@ -38,7 +41,8 @@ from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
 __all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
-           "load_config", "resume_config", "format_report", "field_docs", "uniform_keep_counts", "RunDirError"]
+           "load_config", "resume_config", "format_report", "field_docs", "measure_model", "distillation",
+           "RunDirError"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
@@ -89,6 +93,9 @@ class TrainConfig:
     """epochs of fine-tuning after pruning, the same for the RL-pruned and the uniform model"""
     finetune_lr: float = 5e-4
     """learning rate of the fine-tune"""
+    distill: bool = False
+    """fine-tune every pruned model with knowledge distillation from the dense model (Hinton's loss,
+    T = 4, α = 0.9) instead of the labels alone"""
     device: str = "auto"
     """where the search and the fine-tune run: auto, cpu, cuda; latency is always timed on the CPU"""
     threads: int = 1
@@ -183,16 +190,14 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             "base_epochs": config.base_epochs}
 
 
-def uniform_keep_counts(env: LayerPruningEnv, flops: float) -> np.ndarray:
-    """Keep counts of one keep ratio for every group: the largest ratio whose FLOPs stay within ``flops``."""
-    ratios = np.linspace(0.0, 1.0, 2001)
-    groups = len(env.graph.groups)
-    counts = np.stack([env.graph.keep_counts(np.full(groups, r), multiple=env.channel_multiple) for r in ratios])
-    fits = np.flatnonzero(env.graph.flops(counts) <= flops * (1 + 1e-9))
-    return counts[fits[-1] if len(fits) else 0].astype(np.int64)
+def distillation(config: TrainConfig, dense: torch.nn.Module) -> Distillation | None:
+    """The fine-tune's teacher when ``config.distill``: the dense model, a frozen copy."""
+    return Distillation(copy.deepcopy(dense).eval().requires_grad_(False)) if config.distill else None
 
 
-def _measure(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
+def measure_model(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
+    """Test accuracy, FLOPs, parameters, bytes and batch-1/batch-64 latency of a static model in its
+    inference form (CPU, eval mode, BN folded)."""
     model, folding = inference_form(model)
     x1 = splits.test.x[:1]
     x64 = splits.test.x[:64].repeat(-(-64 // min(64, len(splits.test))), 1, 1, 1)[:64]
@@ -350,16 +355,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
         f"keep ratios {np.round(best['keep_ratios'], 3).tolist()}")
 
     # 4. Hard prune and fine-tune the RL choice and the uniform L1 baseline at the same FLOPs.
-    uniform = uniform_keep_counts(env, float(env.graph.flops(counts)))
+    uniform = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
+                                  env.channel_multiple)
     models = {"dense": env.model}
+    teacher = distillation(config, env.model)
     for name, keep in (("rl", counts), ("uniform", uniform)):
         pruned = prune_channels(env.model, env.graph, env.kept_channels(keep))
         train_classifier(pruned, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                         seed=config.seed, device=device)
+                         seed=config.seed, device=device, distill=teacher)
         models[name] = pruned
 
     # 5. Report: test split only, latency on the CPU with fixed threads, all models in one process.
-    results = {name: _measure(model, splits, config.threads) for name, model in models.items()}
+    results = {name: measure_model(model, splits, config.threads) for name, model in models.items()}
     for name in ("rl", "uniform"):
         results[name]["keep_ratios"] = ((counts if name == "rl" else uniform) / env.graph.num_channels).tolist()
     for result in results.values():
@@ -380,7 +387,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
                  f"{config.threads} thread(s); accuracy on the test split after {config.finetune_epochs} "
-                 "fine-tune epochs for both pruned models.",
+                 "fine-tune epochs for both pruned models"
+                 + (" (distilled from the dense model)." if config.distill else "."),
         "seconds": time.perf_counter() - started,
     }
     write_json(run_dir / "report.json", report)

@@ -68,7 +68,7 @@ def _save_dynamic(path: Path, model: torch.nn.Module, net: DynamicNetwork, confi
 
 def train_input(config, *, resume: bool = False, progress_bar: bool = False, log: Any = print) -> dict[str, Any]:
     """Run the per-input job for a validated ``TrainConfig`` with ``env="input"``; return the report."""
-    from .run import env_kwargs, search
+    from .run import distillation, env_kwargs, search
 
     device = resolve_device(config.device)
     started = time.perf_counter()
@@ -100,10 +100,11 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
 
     # 4. Fine-tune the network with the (frozen) policy deciding, as long as the gates train below.
     model = setup.model
+    base = base_model(config.model, splits, config.seed, epochs=config.base_epochs, device=device).eval()
     if config.finetune_epochs > 0:
         train_net = DynamicNetwork(model, spec, policy)  # frozen: only the network learns
         train_dynamic(train_net, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                      seed=config.seed, device=device)
+                      seed=config.seed, device=device, distill=distillation(config, base))
         model.eval()
     rl_net = dynamic_inference(model, spec, policy)
     tuned = evaluate_dynamic(rl_net, splits.train.x, splits.train.y)
@@ -111,10 +112,10 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
     # 5. The gate baseline from the same base model, towards the policy's mean density on the train split.
     target = float(np.clip(tuned["density_mean"], 1e-3, 1.0))
     log(f"gate baseline: training gates and network for {config.finetune_epochs} epochs towards density {target:.3f}")
-    base = base_model(config.model, splits, config.seed, epochs=config.base_epochs, device=device).eval()
     gate_net, gate_model, _, gate_summary = train_gates(
         base, splits, target_density=target, groups=config.groups, epochs=max(1, config.finetune_epochs),
-        lr=config.finetune_lr, seed=config.seed, device=device, importance=make_importance(config.importance))
+        lr=config.finetune_lr, seed=config.seed, device=device, importance=make_importance(config.importance),
+        distill=distillation(config, base))
 
     # 6. Report: test split only; latency on the CPU, batch 1 averaged over test inputs, batch 64.
     dense, folding = inference_form(base)
@@ -147,7 +148,8 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
                  "mean ± std over the test split. Latency: median ms on the CPU, "
                  f"{config.threads} thread(s); batch 1 averaged over {LATENCY_INPUTS} test inputs. Both gated "
                  f"models trained {max(1, config.finetune_epochs)} epochs after the base model (the network "
-                 "fine-tuned with the policy deciding; gates and network jointly).",
+                 "fine-tuned with the policy deciding; gates and network jointly)"
+                 + (", distilled from the dense model." if config.distill else "."),
         "seconds": time.perf_counter() - started,
     }
     write_json(run_dir / "report.json", report)

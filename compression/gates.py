@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Split, Splits
+from .distillation import Distillation, kd_loss
 from .dynamic import DynamicNetwork, DynamicSpec, build_dynamic, evaluate_dynamic
 from .fusion import fold_batchnorm
 
@@ -76,13 +77,14 @@ class GateDecider(nn.Module):
 
 def train_dynamic(net: DynamicNetwork, split: Split, *, epochs: int, lr: float = 5e-4, batch_size: int = 64,
                   seed: int = 0, device: torch.device | None = None, target_density: float | None = None,
-                  density_weight: float = 5.0, decider_lr: float = 1e-2,
+                  density_weight: float = 5.0, decider_lr: float = 1e-2, distill: Distillation | None = None,
                   log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
     """Train a ``DynamicNetwork`` in mask mode on ``split`` with cross-entropy, plus
     ``density_weight · (mean density - target_density)²`` when a target is given: the network's
     parameters at ``lr``, those of a decider that is an ``nn.Module`` (and require grad) at
-    ``decider_lr`` (gates start from scratch and must move far). Returns the per-epoch mean loss,
-    cross-entropy and density."""
+    ``decider_lr`` (gates start from scratch and must move far). ``distill`` replaces the
+    cross-entropy by the distillation loss from a (dense) teacher. Returns the per-epoch mean loss,
+    task loss and density."""
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if target_density is not None and not 0 < target_density <= 1:
@@ -96,6 +98,9 @@ def train_dynamic(net: DynamicNetwork, split: Split, *, epochs: int, lr: float =
                "lr": decider_lr}]
     optimizer = torch.optim.Adam([g for g in groups if g["params"]])
     generator = torch.Generator().manual_seed(seed)
+    if distill is not None:
+        teacher_was_training = distill.teacher.training
+        distill.teacher.to(device).eval()
     history = []
     for epoch in range(epochs):
         order = torch.randperm(len(split), generator=generator)
@@ -104,7 +109,12 @@ def train_dynamic(net: DynamicNetwork, split: Split, *, epochs: int, lr: float =
             index = order[start:start + batch_size]
             x, y = split.x[index].to(device), split.y[index].to(device)
             logits = net(x)
-            ce = F.cross_entropy(logits, y)
+            if distill is not None:
+                with torch.no_grad():
+                    teacher_logits = distill.teacher(x)
+                ce = kd_loss(logits, teacher_logits, y, distill.temperature, distill.alpha)
+            else:
+                ce = F.cross_entropy(logits, y)
             density = torch.as_tensor(net.last_density, dtype=logits.dtype, device=device).mean()
             loss = ce if target_density is None else ce + density_weight * (density - target_density) ** 2
             optimizer.zero_grad(set_to_none=True)
@@ -115,6 +125,8 @@ def train_dynamic(net: DynamicNetwork, split: Split, *, epochs: int, lr: float =
         if log is not None:
             log(f"epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()))
     net.eval()
+    if distill is not None:
+        distill.teacher.train(teacher_was_training)
     return history
 
 
@@ -127,7 +139,7 @@ def dynamic_inference(model: nn.Module, spec: DynamicSpec, decider: nn.Module | 
 
 def train_gates(model: nn.Module, splits: Splits, *, target_density: float, groups: int = 4, epochs: int = 10,
                 lr: float = 5e-4, density_weight: float = 5.0, hidden: int = 16, seed: int = 0,
-                device: torch.device | None = None, importance=None,
+                device: torch.device | None = None, importance=None, distill: Distillation | None = None,
                 log: Callable[[str], None] | None = None) -> tuple[DynamicNetwork, nn.Module, DynamicSpec, dict]:
     """The gate baseline: gates and network trained jointly from the trained ``model`` towards
     ``target_density`` (mean FLOPs density on the train split).
@@ -144,7 +156,8 @@ def train_gates(model: nn.Module, splits: Splits, *, target_density: float, grou
     decider = GateDecider(spec, hidden).to(device)
     net.decider = decider
     history = train_dynamic(net, splits.train, epochs=epochs, lr=lr, seed=seed, device=device,
-                            target_density=target_density, density_weight=density_weight, log=log)
+                            target_density=target_density, density_weight=density_weight, distill=distill,
+                            log=log)
     inference = dynamic_inference(reordered, spec, decider)
     result = evaluate_dynamic(inference, splits.reward.x, splits.reward.y)
     summary = {"history": history, "reward_loss": result["loss"], "reward_accuracy": result["accuracy"],

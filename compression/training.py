@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from .checkpoint import describe_architecture, load_checkpoint, save_checkpoint
 from .data import Split, Splits, dataset_key
+from .distillation import Distillation, kd_loss
 from .models import build_model
 
 __all__ = ["resolve_device", "evaluate", "train_classifier", "base_model", "cache_dir", "BASE_EPOCHS"]
@@ -44,11 +46,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are; the CPU for a model without any (quantized kernels pack theirs)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1024,
              device: torch.device | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode)."""
-    device = device or next(model.parameters()).device
+    device = device or _device_of(model)
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -63,13 +71,22 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1024,
 
 
 def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float = 1e-3, batch_size: int = 64,
-                     weight_decay: float = 5e-4, seed: int = 0, device: torch.device | None = None) -> nn.Module:
-    """Train (or fine-tune) ``model`` in place with Adam and a cosine schedule; returns it in eval mode."""
+                     weight_decay: float = 5e-4, seed: int = 0, device: torch.device | None = None,
+                     distill: Distillation | None = None,
+                     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+                     after_step: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Train (or fine-tune) ``model`` in place with AdamW and a cosine schedule; returns it in eval mode.
+
+    ``distill``: learn from a teacher's soft targets as well as the labels (``kd_loss``; the teacher
+    runs in eval mode). ``penalty(model)`` is added to the loss (network slimming's L1 on BN scales).
+    ``after_step(step, total_steps)`` runs after every optimiser step (gradual magnitude pruning
+    re-applies its masks there).
+    """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = device or next(model.parameters()).device
+    device = device or _device_of(model)
     model.to(device)
     if epochs == 0:
         return model.eval()
@@ -77,19 +94,39 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = -(-len(split) // batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    teacher = None
+    if distill is not None:
+        teacher = distill.teacher.to(device)
+        teacher_was_training = teacher.training
+        teacher.eval()
+    total = epochs * steps_per_epoch
+    step = 0
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(split), generator=generator)
         for start in range(0, len(split), batch_size):
             idx = order[start:start + batch_size]
+            step += 1
             if len(idx) < 2:
                 continue  # a batch of one breaks batch norm
             x, y = split.x[idx].to(device), split.y[idx].to(device)
-            loss = F.cross_entropy(model(x), y)
+            logits = model(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = kd_loss(logits, teacher_logits, y, distill.temperature, distill.alpha)
+            else:
+                loss = F.cross_entropy(logits, y)
+            if penalty is not None:
+                loss = loss + penalty(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if after_step is not None:
+                after_step(step, total)
+    if teacher is not None:
+        teacher.train(teacher_was_training)
     return model.eval()
 
 

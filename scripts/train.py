@@ -10,41 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
+from prunegym.agents.cli import json_dict, optional_float, optional_int
 from prunegym.agents.run import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.envs import DENSITY_KINDS
-
-
-def _optional_float(text: str) -> float | None:
-    if text.lower() in ("none", ""):
-        return None
-    try:
-        return float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from err
-
-
-def _optional_int(text: str) -> int | None:
-    if text.lower() in ("none", ""):
-        return None
-    try:
-        return int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from err
-
-
-def _json_dict(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err})") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -55,11 +27,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                "importance": sorted(IMPORTANCES)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = {"flops_target": _optional_float, "timesteps": _optional_int,
-                "hyperparameters": _json_dict}.get(f.name, type(default))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices.get(f.name),
-                            default=argparse.SUPPRESS if suppress_defaults else default,
-                            help=f"{docs.get(f.name, '')} (default: {default})")
+        flag = f"--{f.name.replace('_', '-')}"
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)
+            continue
+        kind = {"flops_target": optional_float, "timesteps": optional_int,
+                "hyperparameters": json_dict}.get(f.name, type(default))
+        parser.add_argument(flag, type=kind, choices=choices.get(f.name),
+                            default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)
     parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
                         help="continue the run in --run-dir from its latest checkpoint (timesteps keep counting)")
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,

@@ -1,0 +1,572 @@
+"""The comparison harness (``scripts/compare.py``): every method on the same model, data, FLOPs
+budget and fine-tune, over seeds, in one table and one plot.
+
+For each seed: the dense model, int8 (PyTorch's per-channel post-training quantization), the
+mean-centred weight-only int8, and the per-input job (RL per-input and the gate baseline, which
+choose their own density through λ). For each seed and FLOPs budget: RL per-layer (budget mode),
+RL per-layer + int8, uniform L1, global L1 and L2, network slimming, random channels at the RL
+policy's per-layer counts, torch-pruning's magnitude pruner, unstructured magnitude pruning (AGP)
+and a reduced-width student trained with knowledge distillation.
+
+The output folder holds ``config.json`` (first), ``cells/`` (one JSON per method, budget and seed,
+written as each finishes: a rerun with the same ``--out`` and settings picks up where it stopped),
+``runs/`` (the RL run directories), ``tb/`` (TensorBoard hparams, one run per table row), and,
+written last, ``results.json``, ``results.md`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunegym.compression.channels import BNScaleImportance, ChannelGraph, L1Importance, L2Importance, prune_channels
+from prunegym.compression.checkpoint import read_json, write_json
+from prunegym.compression.data import load_dataset
+from prunegym.compression.distillation import Distillation, student_model
+from prunegym.compression.fusion import inference_form
+from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, measure_latency
+from prunegym.compression.models import MODELS
+from prunegym.compression.quantization import int8_bytes, mean_centred_int8, quantize_int8, state_bytes
+from prunegym.compression.sparsity import (
+    MagnitudePruner,
+    global_keep_counts,
+    random_kept,
+    slimming_penalty,
+    sparse_bytes,
+    torch_pruning_magnitude,
+    uniform_keep_counts,
+    weight_sparsity,
+)
+from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device, train_classifier
+
+from .callbacks import latest_checkpoint
+from .loading import load_inference_model
+from .run import DEFAULT_TIMESTEPS, RunDirError, TrainConfig, distillation, measure_model, train
+
+__all__ = ["CompareConfig", "METHODS", "compare", "summarize", "format_table", "markdown_table", "pareto_plot"]
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    per_budget: bool
+    note: str
+
+
+METHODS: dict[str, Method] = {
+    "dense": Method("dense", False, "the base model"),
+    "int8": Method("int8 (PTQ)", False, "per-channel symmetric weights, calibrated activations; int8 kernels"),
+    "int8_mean_centred": Method("int8 mean-centred", False, "weights q·α+μ per channel, weight-only; fp32 kernels"),
+    "rl_input": Method("RL per-input", False, "mean per-input density; λ sets it"),
+    "gate": Method("gate", False, "mean per-input density, trained to RL per-input's"),
+    "rl_layer": Method("RL per-layer", True, "budget mode"),
+    "rl_layer_int8": Method("RL per-layer + int8", True, "the RL model quantized; int8 kernels"),
+    "uniform_l1": Method("uniform L1", True, "Li et al. 2017"),
+    "global_l1": Method("global L1", True, "scores normalised per layer"),
+    "global_l2": Method("global L2", True, "scores normalised per layer"),
+    "slimming": Method("network slimming", True, "L1 on BN scales, then global BN-scale ranking"),
+    "random": Method("random channels", True, "RL per-layer's channel counts, random channels"),
+    "torch_pruning": Method("torch-pruning L1", True, "torch-pruning's MagnitudePruner, one ratio per layer"),
+    "magnitude_agp": Method("unstructured AGP", True, "sparsity 1 - budget; dense kernels run every FLOP"),
+    "kd_student": Method("KD student", True, "reduced width at the budget, trained from scratch with KD"),
+}
+
+
+@dataclass
+class CompareConfig:
+    """Settings of a comparison, written once to ``config.json``."""
+
+    model: str = "digits_cnn"
+    """zoo name (digits_cnn, resnet20, resnet56, vgg_small) or ``package.module:factory``"""
+    dataset: str = "digits"
+    """``digits``, ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    """FLOPs budgets, as fractions of the dense model's FLOPs"""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """seeds of the data split, base model, agents and fine-tunes; the table gives mean ± std over them"""
+    finetune_epochs: int = 10
+    """fine-tune epochs after pruning, the same for every method (the KD student trains from scratch
+    for the base model's epochs; slimming's sparsity training comes on top)"""
+    finetune_lr: float = 5e-4
+    """learning rate of every fine-tune"""
+    out: str = ""
+    """the output folder; empty: ``runs/compare__<model>__<dataset>``"""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """which methods to run (dense always runs)"""
+    algo: str = "ppo"
+    """the SB3 algorithm of the RL per-layer search"""
+    layer_timesteps: int | None = None
+    """timesteps of each RL per-layer search (default: the main job's, 6000)"""
+    input_timesteps: int | None = None
+    """timesteps of each RL per-input search (default: the per-input job's, 200000)"""
+    input_lam: float = 2.0
+    """λ of the per-input search: its density is the agent's choice, not a budget"""
+    distill: bool = False
+    """fine-tune every pruned model with knowledge distillation from the dense model"""
+    slimming_strength: float = 1e-4
+    """network slimming's L1 penalty on BN scales, per unit of |γ|"""
+    base_epochs: int = BASE_EPOCHS
+    """epochs of the dense base model (cached), and of the KD student"""
+    device: str = "auto"
+    """where training runs: auto, cpu, cuda; latency is always timed on the CPU"""
+    threads: int = 1
+    """CPU threads for the latency measurements"""
+
+    def validate(self) -> None:
+        if ":" not in self.model and self.model not in MODELS:
+            raise ValueError(f"model {self.model!r} is unknown; expected one of {sorted(MODELS)} "
+                             "or 'package.module:factory'")
+        if not self.budgets:
+            raise ValueError("budgets must name at least one FLOPs budget")
+        for b in self.budgets:
+            if not isinstance(b, int | float) or not 0 < b < 1:
+                raise ValueError(f"budget {b!r} is not a FLOPs fraction in (0, 1)")
+        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets {self.budgets} repeat a value")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be one or more distinct integers, got {self.seeds}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+        for name in ("finetune_epochs", "base_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("layer_timesteps", "input_timesteps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name in ("finetune_lr", "input_lam", "slimming_strength"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "finetune_lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'finetune_lr' else '>= 0'}, "
+                                 f"got {value}")
+        resolve_device(self.device)
+
+    def default_out(self) -> str:
+        model = self.model.replace(":", ".").replace("/", "_")
+        return str(Path("runs") / f"compare__{model}__{self.dataset.split(':')[0]}")
+
+
+# ---- measuring ----------------------------------------------------------------------------------
+def _inputs(splits) -> tuple[torch.Tensor, torch.Tensor]:
+    x = splits.test.x
+    return x[:1], x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
+
+
+def _measure(model: nn.Module, splits, threads: int, *, flops: int | None = None, params: int | None = None,
+             size: int | None = None) -> dict[str, Any]:
+    """Test accuracy and costs of a model as deployed; ``flops``, ``params`` and ``size`` (bytes)
+    override what cannot be counted on it (quantized kernels are invisible to FlopCounterMode)."""
+    if flops is None:
+        result = measure_model(model, splits, threads)
+    else:
+        x1, x64 = _inputs(splits)
+        loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
+        result = {"test_accuracy": accuracy, "test_loss": loss, "flops": flops,
+                  "latency_b1_ms": 1e3 * measure_latency(model, x1, repeats=200, warmup=20, threads=threads),
+                  "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=50, warmup=5, threads=threads)}
+    if params is not None:
+        result["params"] = params
+    if size is not None:
+        result["bytes"] = size
+    return result
+
+
+# ---- one seed's shared state ------------------------------------------------------------------
+class _Seed:
+    """What every method of one seed shares: splits, dense model, channel graph, calibration data."""
+
+    def __init__(self, config: CompareConfig, seed: int, device: torch.device):
+        self.config, self.seed, self.device = config, seed, device
+        self.splits = load_dataset(config.dataset, seed)
+        self.dense = base_model(config.model, self.splits, seed, epochs=config.base_epochs, device=device).eval()
+        self.graph = ChannelGraph(self.dense, self.splits.train.x[:1].to(device))
+        self.calibration = [self.splits.train.x[i:i + 64] for i in range(0, min(512, len(self.splits.train)), 64)]
+
+    def teacher(self) -> Distillation | None:
+        return distillation(self._train_config(), self.dense)
+
+    def _train_config(self, **overrides: Any):
+        c = self.config
+        return TrainConfig(model=c.model, dataset=c.dataset, seed=self.seed, finetune_epochs=c.finetune_epochs,
+                           finetune_lr=c.finetune_lr, distill=c.distill, base_epochs=c.base_epochs, device=c.device,
+                           threads=c.threads, **overrides)
+
+    def finetune(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        return train_classifier(model, self.splits.train, epochs=self.config.finetune_epochs,
+                                lr=self.config.finetune_lr, seed=self.seed, device=self.device,
+                                distill=self.teacher(), **kwargs)
+
+    def pruned(self, kept: list[torch.Tensor], source: nn.Module | None = None) -> nn.Module:
+        return self.finetune(prune_channels(self.dense if source is None else source, self.graph, kept))
+
+    def measure(self, model: nn.Module, **kwargs: Any) -> dict[str, Any]:
+        return _measure(model, self.splits, self.config.threads, **kwargs)
+
+    def counts_result(self, counts: np.ndarray) -> dict[str, Any]:
+        return {"keep_ratios": (np.asarray(counts) / self.graph.num_channels).round(4).tolist()}
+
+
+# ---- the methods ------------------------------------------------------------------------------
+def _rl_run(state: _Seed, out: Path, env: str, budget: float | None, log: Callable) -> tuple[dict, Path]:
+    """Run (or resume, or reuse) the main job of ``env`` for this seed and budget; its report and run dir."""
+    c = state.config
+    if env == "layer":
+        run_dir = out / "runs" / f"layer__b{budget:g}__s{state.seed}"
+        config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
+                                     timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"], run_dir=str(run_dir))
+    else:
+        run_dir = out / "runs" / f"input__s{state.seed}"
+        config = state._train_config(env="input", lam=c.input_lam,
+                                     timesteps=c.input_timesteps or DEFAULT_TIMESTEPS["input"], run_dir=str(run_dir))
+    if (run_dir / "report.json").is_file():
+        return read_json(run_dir / "report.json"), run_dir
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
+    try:
+        report = train(config, resume=resume, log=lambda text: None)
+    except RunDirError as err:
+        raise RunDirError(f"{run_dir}: {err}") from err
+    return report, run_dir
+
+
+def _load_static(run_dir: Path) -> nn.Module:
+    return load_inference_model(run_dir, fold_bn=False, trust_factory=True)
+
+
+def _rl_layer(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    report, run_dir = _rl_run(state, out, "layer", budget, log)
+    row = dict(report["results"]["rl"])
+    row["run_dir"] = str(run_dir)
+    return row
+
+
+def _rl_layer_int8(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    report, run_dir = _rl_run(state, out, "layer", budget, log)
+    model = _load_static(run_dir)
+    q = quantize_int8(model, state.calibration)
+    return {**state.measure(q, flops=report["results"]["rl"]["flops"], params=count_params(model),
+                            size=int8_bytes(q)), "run_dir": str(run_dir)}
+
+
+def _rl_counts(state: _Seed, out: Path, budget: float, log: Callable) -> np.ndarray:
+    report, _ = _rl_run(state, out, "layer", budget, log)
+    ratios = np.asarray(report["results"]["rl"]["keep_ratios"])
+    return np.rint(ratios * state.graph.num_channels).astype(np.int64)
+
+
+def _static(counts_of: Callable[[_Seed, float], np.ndarray], importance) -> Callable:
+    """A structured baseline: keep counts from ``counts_of(state, budget)``, the channels the
+    importance criterion ranks first, hard-pruned and fine-tuned."""
+    def run(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+        counts = counts_of(state, budget)
+        model = state.pruned(state.graph.kept_channels(importance, counts))
+        return {**state.measure(model), **state.counts_result(counts)}
+
+    return run
+
+
+def _global(importance) -> Callable:
+    return _static(lambda state, budget: global_keep_counts(state.graph, importance, budget), importance)
+
+
+def _slimming(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    slim = copy.deepcopy(state.dense)
+    train_classifier(slim, state.splits.train, epochs=state.config.finetune_epochs, lr=state.config.finetune_lr,
+                     seed=state.seed, device=state.device, penalty=slimming_penalty(state.config.slimming_strength))
+    importance = BNScaleImportance()
+    counts = global_keep_counts(state.graph, importance, budget, normalize=False, model=slim)
+    kept = state.graph.kept_channels(state.graph.rankings(importance, model=slim), counts)
+    model = state.pruned(kept, source=slim)
+    return {**state.measure(model), **state.counts_result(counts)}
+
+
+def _random(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    counts = _rl_counts(state, out, budget, log) if "rl_layer" in state.config.methods \
+        else uniform_keep_counts(state.graph, budget)
+    model = state.pruned(random_kept(state.graph, counts, seed=state.seed))
+    return {**state.measure(model), **state.counts_result(counts)}
+
+
+def _torch_pruning(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    model = torch_pruning_magnitude(state.dense, state.splits.train.x[:1], budget, p=1)
+    return state.measure(state.finetune(model.to(state.device)))
+
+
+def _magnitude_agp(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    model = copy.deepcopy(state.dense)
+    pruner = MagnitudePruner(model)
+    final = 1.0 - budget
+    state.finetune(model, after_step=pruner.hook(final))
+    if pruner.sparsity < final:
+        pruner.update(final)  # a run too short to reach the end of the ramp still ends at the target
+    deployed = inference_form(model)[0]
+    x1 = state.splits.test.x[:1]
+    layer_flops = count_layer_flops(deployed, x1)
+    modules = dict(deployed.named_modules())  # every layer that counts FLOPs is a conv or a linear
+    nonzero = sum(f * float((modules[n].weight != 0).float().mean()) for n, f in layer_flops.items())
+    result = state.measure(model)
+    result.update(bytes=sparse_bytes(deployed), sparsity=weight_sparsity(deployed),
+                  nonzero_flops=float(nonzero))
+    return result
+
+
+def _kd_student(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    student = student_model(state.dense, state.graph, budget, seed=state.seed)
+    train_classifier(student, state.splits.train, epochs=state.config.base_epochs, seed=state.seed,
+                     device=state.device, distill=Distillation(state.dense))
+    return state.measure(student)
+
+
+def _dense(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+    return state.measure(state.dense)
+
+
+def _int8(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+    q = quantize_int8(state.dense, state.calibration)
+    return state.measure(q, flops=count_flops(state.dense.cpu(), state.splits.test.x[:1]),
+                         params=count_params(state.dense), size=int8_bytes(q))
+
+
+def _int8_mean_centred(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+    model, stored = mean_centred_int8(state.dense)
+    return state.measure(model, size=state_bytes(stored))
+
+
+def _dynamic(name: str) -> Callable:
+    def run(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+        report, run_dir = _rl_run(state, out, "input", None, log)
+        r = report["results"][name]
+        dense = report["results"]["dense"]
+        return {"test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"], "flops": r["flops_mean"],
+                "flops_ratio": r["flops_mean"] / dense["flops_mean"], "density_std": r["density_std"],
+                "params": r["params"], "bytes": r["bytes"], "latency_b1_ms": r["latency_b1_ms"],
+                "latency_b64_ms": r["latency_b64_ms"], "latency_ratio_b1": r["latency_ratio_b1"],
+                "latency_ratio_b64": r["latency_ratio_b64"], "run_dir": str(run_dir)}
+
+    return run
+
+
+RUNNERS: dict[str, Callable] = {
+    "dense": _dense, "int8": _int8, "int8_mean_centred": _int8_mean_centred,
+    "rl_input": _dynamic("rl"), "gate": _dynamic("gate"),
+    "rl_layer": _rl_layer, "rl_layer_int8": _rl_layer_int8,
+    "uniform_l1": _static(lambda state, budget: uniform_keep_counts(state.graph, budget), L1Importance()),
+    "global_l1": _global(L1Importance()), "global_l2": _global(L2Importance()), "slimming": _slimming,
+    "random": _random, "torch_pruning": _torch_pruning, "magnitude_agp": _magnitude_agp, "kd_student": _kd_student,
+}
+
+
+# ---- the harness --------------------------------------------------------------------------------
+def _cells(config: CompareConfig) -> list[tuple[str, float | None, int]]:
+    methods = ["dense"] + [m for m in config.methods if m != "dense"]
+    cells = []
+    for seed in config.seeds:
+        for method in methods:
+            if METHODS[method].per_budget:
+                cells += [(method, float(b), seed) for b in config.budgets]
+            else:
+                cells.append((method, None, seed))
+    return cells
+
+
+def _cell_path(out: Path, method: str, budget: float | None, seed: int) -> Path:
+    return out / "cells" / f"{method}__{'-' if budget is None else f'b{budget:g}'}__s{seed}.json"
+
+
+def _prepare_out(config: CompareConfig) -> Path:
+    out = Path(config.out)
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "device")}
+    if (out / "config.json").is_file():
+        before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in ("out", "device")}
+        changed = sorted(k for k in saved if before.get(k) != saved[k])
+        if changed:
+            raise ValueError(f"{out} holds a comparison with other settings ({changed}); choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a comparison folder (no config.json); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "results.md", "pareto.png"):
+        (out / name).unlink(missing_ok=True)  # incomplete until they are written again
+    write_json(out / "config.json", {"config": dataclasses.asdict(config), "torch": torch.__version__})
+    return out
+
+
+def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every method of ``config`` (reusing cells already in ``config.out``); return the results."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    config.out = config.out or config.default_out()
+    device = resolve_device(config.device)
+    started = time.perf_counter()
+    out = _prepare_out(config)
+    cells = _cells(config)
+    rows: list[dict[str, Any]] = []
+    states: dict[int, _Seed] = {}
+    bar = tqdm(cells, desc="compare", disable=not progress, unit="cell")
+    for method, budget, seed in bar:
+        path = _cell_path(out, method, budget, seed)
+        bar.set_postfix_str(f"{method} b={budget} seed={seed}")
+        if path.is_file():
+            rows.append(read_json(path))
+            continue
+        if seed not in states:
+            states = {seed: _Seed(config, seed, device)}  # one seed at a time: the others' models can go
+        t0 = time.perf_counter()
+        result = RUNNERS[method](states[seed], out, budget, log)
+        row = {"method": method, "budget": budget, "seed": seed, **result,
+               "seconds": time.perf_counter() - t0}
+        write_json(path, row)
+        rows.append(row)
+        (bar.write if progress else log)(
+            f"{METHODS[method].label:<22} budget {'-' if budget is None else budget:<5} seed {seed}: "
+            f"accuracy {row['test_accuracy']:.4f}, FLOPs {row['flops']:,.0f}, {row['seconds']:.1f} s")
+    bar.close()
+    dense_by_seed = {r["seed"]: r for r in rows if r["method"] == "dense"}
+    for r in rows:
+        d = dense_by_seed[r["seed"]]
+        r.setdefault("flops_ratio", r["flops"] / d["flops"])
+        for b in ("b1", "b64"):
+            r.setdefault(f"latency_ratio_{b}", r[f"latency_{b}_ms"] / d[f"latency_{b}_ms"])
+        r["bytes_ratio"] = r["bytes"] / d["bytes"]
+        if "nonzero_flops" in r:
+            r["nonzero_flops_ratio"] = r["nonzero_flops"] / d["flops"]
+    table = summarize(rows)
+    results = {"config": dataclasses.asdict(config), "table": table, "rows": rows,
+               "notes": _notes(config), "seconds": time.perf_counter() - started}
+    _hparams(out, table)
+    pareto_plot(table, out / "pareto.png", title=f"{config.model} on {config.dataset.split(':')[0]}")
+    (out / "results.md").write_text(markdown_table(table) + "\n\n" + results["notes"] + "\n")
+    write_json(out / "results.json", results)
+    log(format_table(table))
+    log(f"{results['notes']}\nwritten to {out}/results.json, results.md, pareto.png")
+    return results
+
+
+def _notes(config: CompareConfig) -> str:
+    return (f"Test split; mean ± std over seeds {config.seeds}; every pruned model fine-tuned "
+            f"{config.finetune_epochs} epochs (lr {config.finetune_lr}"
+            + (", distilled from the dense model" if config.distill else "") + "). "
+            "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "
+            f"Latency: median ms on the CPU, {config.threads} thread(s), models in their inference form "
+            "(BN folded). Bytes: the state dict as torch.save writes it (int8: int8 weights; unstructured: "
+            "nonzero values and a bitmask). Unstructured AGP keeps dense shapes: its FLOPs and latency are the "
+            "dense model's; the plot places it at its nonzero FLOPs, hollow.")
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, budget): mean ± std of accuracy over seeds, means of the costs."""
+    table = []
+    keys = []
+    for r in rows:
+        if (r["method"], r["budget"]) not in keys:
+            keys.append((r["method"], r["budget"]))
+    for method, budget in keys:
+        group = [r for r in rows if r["method"] == method and r["budget"] == budget]
+        acc = np.array([r["test_accuracy"] for r in group]) * 100
+        entry = {"method": method, "label": METHODS[method].label, "budget": budget, "seeds": len(group),
+                 "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                 "note": METHODS[method].note}
+        for key in ("flops_ratio", "params", "bytes", "bytes_ratio", "latency_b1_ms", "latency_b64_ms",
+                    "latency_ratio_b1", "latency_ratio_b64", "sparsity", "nonzero_flops_ratio"):
+            if all(key in r for r in group):
+                entry[key] = float(np.mean([r[key] for r in group]))
+        table.append(entry)
+    return table
+
+
+def _budget(entry: dict[str, Any]) -> str:
+    return "-" if entry["budget"] is None else f"{entry['budget']:g}"
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    """The table for the terminal."""
+    header = (f"{'method':<22}{'budget':>7}{'test acc %':>16}{'FLOPs':>7}{'params':>10}{'bytes':>10}"
+              f"{'b1 ms':>8}{'b64 ms':>8}")
+    lines = [header, "-" * len(header)]
+    for e in table:
+        acc = f"{e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f}"
+        lines.append(f"{e['label']:<22}{_budget(e):>7}{acc:>16}{e['flops_ratio']:>7.3f}{e['params']:>10,.0f}"
+                     f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}")
+    return "\n".join(lines)
+
+
+def markdown_table(table: list[dict[str, Any]]) -> str:
+    """The table in Markdown."""
+    lines = ["| method | budget | test accuracy % | FLOPs ratio | params | bytes | b1 ms | b64 ms | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for e in table:
+        note = e["note"]
+        if "sparsity" in e:
+            note += f"; sparsity {e['sparsity']:.2f}"
+        lines.append(f"| {e['label']} | {_budget(e)} | {e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f} | "
+                     f"{e['flops_ratio']:.3f} | {e['params']:,.0f} | {e['bytes']:,.0f} | {e['latency_b1_ms']:.3f} | "
+                     f"{e['latency_b64_ms']:.3f} | {note} |")
+    return "\n".join(lines)
+
+
+def pareto_plot(table: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Accuracy against FLOPs ratio, one marker per (method, budget), the Pareto front drawn through
+    the non-dominated points. Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prunegym.compression.checkpoint import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^vP*Xh<>pd8H"
+    points = []
+    for i, method in enumerate(dict.fromkeys(e["method"] for e in table)):
+        entries = [e for e in table if e["method"] == method]
+        hollow = all("nonzero_flops_ratio" in e for e in entries)
+        xs = [e.get("nonzero_flops_ratio", e["flops_ratio"]) for e in entries]
+        ys = [e["accuracy_mean"] for e in entries]
+        ax.errorbar(xs, ys, yerr=[e["accuracy_std"] for e in entries], fmt=markers[i % len(markers)], capsize=3,
+                    color=cmap(i % 20), mfc="none" if hollow else cmap(i % 20), label=METHODS[method].label)
+        if not hollow:
+            points += list(zip(xs, ys, strict=True))
+    front = sorted(points)
+    best, line = -np.inf, []
+    for x, y in front:
+        if y > best:
+            best = y
+            line.append((x, y))
+    if line:
+        ax.step(*zip(*line, strict=True), where="post", color="grey", lw=1, ls="--", label="Pareto front")
+    ax.set_xlabel("FLOPs ratio (pruned / dense; hollow: nonzero FLOPs of unstructured sparsity)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _hparams(out: Path, table: list[dict[str, Any]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.rmtree(out / "tb", ignore_errors=True)  # a rerun writes the whole table again
+    with SummaryWriter(str(out / "tb")) as writer:
+        for e in table:
+            metrics = {f"compare/{k}": e[k] for k in ("accuracy_mean", "accuracy_std", "flops_ratio", "bytes",
+                                                      "latency_b1_ms", "latency_b64_ms") if k in e}
+            writer.add_hparams({"method": e["method"], "budget": -1.0 if e["budget"] is None else e["budget"]},
+                               metrics, run_name=f"{e['method']}__{_budget(e)}")

@@ -1,0 +1,188 @@
+"""Tests for the comparison harness: ``CompareConfig`` validation, one tiny comparison run end to end
+(every method, one seed, one budget), its outputs, resuming from the cells it wrote, the table
+helpers, and ``scripts/compare.py`` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunegym.agents.compare import METHODS, CompareConfig, compare, format_table, markdown_table, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "compare.py"
+
+
+def tiny(out: Path, **overrides) -> CompareConfig:
+    settings = dict(budgets=[0.5], seeds=[0], finetune_epochs=1, base_epochs=2, layer_timesteps=64,
+                    input_timesteps=512, device="cpu", out=str(out))
+    return CompareConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One comparison of every method (tiny budgets), shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("compare") / "out"
+    lines: list[str] = []
+    results = compare(tiny(out), log=lines.append)
+    return out, results, "\n".join(lines)
+
+
+def test_every_method_has_a_row(run):
+    out, results, _ = run
+    table = {(e["method"], e["budget"]) for e in results["table"]}
+    for name, method in METHODS.items():
+        assert (name, 0.5 if method.per_budget else None) in table
+    assert len(results["rows"]) == len(METHODS)
+
+
+def test_outputs_are_written(run):
+    out, results, text = run
+    for name in ("config.json", "results.json", "results.md", "pareto.png"):
+        assert (out / name).is_file(), name
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "cells").glob("*.json"))) == len(METHODS)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["table"] == json.loads(json.dumps(results["table"]))
+    markdown = (out / "results.md").read_text()
+    for method in METHODS.values():
+        assert method.label in markdown and method.label in text
+    assert list((out / "tb").rglob("events.out.tfevents.*")), "no TensorBoard hparams"
+
+
+def test_the_rl_runs_are_complete_run_directories(run):
+    out, _, _ = run
+    for name in ("layer__b0.5__s0", "input__s0"):
+        assert (out / "runs" / name / "report.json").is_file()
+
+
+def test_budgets_are_met_and_costs_make_sense(run):
+    _, results, _ = run
+    rows = {r["method"]: r for r in results["rows"]}
+    dense = rows["dense"]
+    assert rows["dense"]["flops_ratio"] == 1.0
+    for name in ("rl_layer", "uniform_l1", "global_l1", "global_l2", "slimming", "random", "torch_pruning",
+                 "kd_student"):
+        assert rows[name]["flops_ratio"] <= 0.5 + 1e-6, name
+        assert rows[name]["params"] < dense["params"], name
+        assert 0 <= rows[name]["test_accuracy"] <= 1
+    # Random channels use the RL policy's counts: the same FLOPs, other channels.
+    assert rows["random"]["flops"] == pytest.approx(rows["rl_layer"]["flops"])
+    # Unstructured sparsity keeps dense shapes: all the FLOPs, fewer bytes.
+    agp = rows["magnitude_agp"]
+    assert agp["flops_ratio"] == 1.0 and agp["sparsity"] >= 0.5 - 1e-3
+    assert agp["nonzero_flops_ratio"] < 0.75 and agp["bytes"] < dense["bytes"]
+    # int8 stores a quarter of the bytes, at the dense FLOPs; the RL model quantized stores fewer still.
+    assert rows["int8"]["bytes"] <= 0.3 * dense["bytes"]
+    assert rows["int8_mean_centred"]["bytes"] <= 0.35 * dense["bytes"]
+    assert rows["rl_layer_int8"]["bytes"] < rows["int8"]["bytes"]
+    assert rows["rl_layer_int8"]["flops"] == rows["rl_layer"]["flops"]
+    # Per-input methods report their mean density.
+    for name in ("rl_input", "gate"):
+        assert 0 < rows[name]["flops_ratio"] <= 1
+
+
+def test_a_rerun_reuses_the_cells(run, monkeypatch):
+    out, results, _ = run
+    from prunegym.agents import compare as module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(module, "RUNNERS", {name: fail for name in module.RUNNERS})
+    again = compare(tiny(out), log=lambda text: None)
+    assert again["table"] == results["table"]
+
+
+def test_a_rerun_computes_only_missing_cells(tmp_path):
+    out = tmp_path / "out"
+    config = tiny(out, methods=["uniform_l1", "global_l1"])
+    compare(config, log=lambda text: None)
+    cell = out / "cells" / "global_l1__b0.5__s0.json"
+    before = cell.read_text()
+    (out / "cells" / "uniform_l1__b0.5__s0.json").unlink()
+    (out / "results.json").unlink()
+    compare(tiny(out, methods=["uniform_l1", "global_l1"]), log=lambda text: None)
+    assert cell.read_text() == before
+    assert (out / "cells" / "uniform_l1__b0.5__s0.json").is_file() and (out / "results.json").is_file()
+
+
+def test_other_settings_in_the_same_out_are_refused(tmp_path):
+    out = tmp_path / "out"
+    compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    with pytest.raises(ValueError, match="other settings.*budgets"):
+        compare(tiny(out, methods=["uniform_l1"], budgets=[0.25]), log=lambda text: None)
+
+
+def test_a_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "something.txt").write_text("not a comparison")
+    with pytest.raises(ValueError, match="not a comparison folder"):
+        compare(tiny(tmp_path, methods=["uniform_l1"]), log=lambda text: None)
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"budgets": [1.5]}, "budget 1.5"),
+    ({"budgets": [0.0]}, "budget 0.0"),
+    ({"budgets": []}, "at least one"),
+    ({"budgets": [0.5, 0.5]}, "repeat"),
+    ({"seeds": []}, "seeds"),
+    ({"seeds": [1, 1]}, "seeds"),
+    ({"methods": ["magic"]}, "magic"),
+    ({"model": "nope"}, "nope"),
+    ({"finetune_epochs": -1}, "finetune_epochs"),
+    ({"layer_timesteps": 0}, "layer_timesteps"),
+    ({"finetune_lr": 0.0}, "finetune_lr"),
+    ({"input_lam": float("nan")}, "input_lam"),
+    ({"threads": 0}, "threads"),
+    ({"device": "tpu"}, "tpu"),
+])
+def test_bad_settings_name_the_value(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compare(tiny(tmp_path / "out", **overrides), log=lambda text: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_summarize_gives_mean_and_std_over_seeds():
+    rows = [{"method": "uniform_l1", "budget": 0.5, "seed": s, "test_accuracy": a, "flops_ratio": 0.5,
+             "params": 10, "bytes": 100, "bytes_ratio": 0.5, "latency_b1_ms": 1.0, "latency_b64_ms": 2.0,
+             "latency_ratio_b1": 0.6, "latency_ratio_b64": 0.5} for s, a in ((0, 0.90), (1, 0.94))]
+    (entry,) = summarize(rows)
+    assert entry["accuracy_mean"] == pytest.approx(92.0)
+    assert entry["accuracy_std"] == pytest.approx(2.828427, rel=1e-5)  # sample std of 90 and 94
+    assert entry["seeds"] == 2 and entry["flops_ratio"] == 0.5
+    assert "uniform L1" in format_table([entry]) and "92.00 ± 2.83" in markdown_table([entry])
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_script_help_documents_every_option():
+    result = _script("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--dataset", "--budgets", "--seeds", "--finetune-epochs", "--out", "--methods",
+                 "--distill", "--layer-timesteps", "--input-timesteps", "--device"):
+        assert flag in result.stdout
+
+
+def test_script_runs_and_reports(tmp_path):
+    out = tmp_path / "out"
+    result = _script("--methods", "uniform_l1", "int8", "--budgets", "0.5", "--seeds", "0", "--finetune-epochs", "1",
+                     "--base-epochs", "2", "--device", "cpu", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "uniform L1" in result.stdout and "int8 (PTQ)" in result.stdout
+    assert (out / "results.json").is_file()
+
+
+def test_script_bad_budget_is_a_clear_error(tmp_path):
+    result = _script("--budgets", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "budget 2.0" in result.stderr
