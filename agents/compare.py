@@ -35,9 +35,9 @@ from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.data import load_dataset
 from prunegym.compression.distillation import Distillation, student_model
 from prunegym.compression.fusion import inference_form
-from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, measure_latency
+from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, saved_bytes
 from prunegym.compression.models import MODELS
-from prunegym.compression.quantization import int8_bytes, mean_centred_int8, quantize_int8, state_bytes
+from prunegym.compression.quantization import int8_bytes, mean_centred_int8, quantize_int8
 from prunegym.compression.sparsity import (
     MagnitudePruner,
     global_keep_counts,
@@ -52,7 +52,7 @@ from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, res
 
 from .callbacks import latest_checkpoint
 from .loading import load_inference_model
-from .run import DEFAULT_TIMESTEPS, RunDirError, TrainConfig, distillation, measure_model, train
+from .run import DEFAULT_TIMESTEPS, TrainConfig, distillation, measure_model, static_latency, train
 
 __all__ = ["CompareConfig", "METHODS", "compare", "summarize", "format_table", "markdown_table", "pareto_plot"]
 
@@ -160,30 +160,6 @@ class CompareConfig:
 
 
 # ---- measuring ----------------------------------------------------------------------------------
-def _inputs(splits) -> tuple[torch.Tensor, torch.Tensor]:
-    x = splits.test.x
-    return x[:1], x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
-
-
-def _measure(model: nn.Module, splits, threads: int, *, flops: int | None = None, params: int | None = None,
-             size: int | None = None) -> dict[str, Any]:
-    """Test accuracy and costs of a model as deployed; ``flops``, ``params`` and ``size`` (bytes)
-    override what cannot be counted on it (quantized kernels are invisible to FlopCounterMode)."""
-    if flops is None:
-        result = measure_model(model, splits, threads)
-    else:
-        x1, x64 = _inputs(splits)
-        loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
-        result = {"test_accuracy": accuracy, "test_loss": loss, "flops": flops,
-                  "latency_b1_ms": 1e3 * measure_latency(model, x1, repeats=200, warmup=20, threads=threads),
-                  "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=50, warmup=5, threads=threads)}
-    if params is not None:
-        result["params"] = params
-    if size is not None:
-        result["bytes"] = size
-    return result
-
-
 # ---- one seed's shared state ------------------------------------------------------------------
 class _Seed:
     """What every method of one seed shares: splits, dense model, channel graph, calibration data."""
@@ -194,9 +170,7 @@ class _Seed:
         self.dense = base_model(config.model, self.splits, seed, epochs=config.base_epochs, device=device).eval()
         self.graph = ChannelGraph(self.dense, self.splits.train.x[:1].to(device))
         self.calibration = [self.splits.train.x[i:i + 64] for i in range(0, min(512, len(self.splits.train)), 64)]
-
-    def teacher(self) -> Distillation | None:
-        return distillation(self._train_config(), self.dense)
+        self.teacher = distillation(config, self.dense)  # None unless config.distill
 
     def _train_config(self, **overrides: Any):
         c = self.config
@@ -207,20 +181,28 @@ class _Seed:
     def finetune(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         return train_classifier(model, self.splits.train, epochs=self.config.finetune_epochs,
                                 lr=self.config.finetune_lr, seed=self.seed, device=self.device,
-                                distill=self.teacher(), **kwargs)
+                                distill=self.teacher, **kwargs)
 
     def pruned(self, kept: list[torch.Tensor], source: nn.Module | None = None) -> nn.Module:
         return self.finetune(prune_channels(self.dense if source is None else source, self.graph, kept))
 
-    def measure(self, model: nn.Module, **kwargs: Any) -> dict[str, Any]:
-        return _measure(model, self.splits, self.config.threads, **kwargs)
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        """Test accuracy and costs of a model in its inference form (``measure_model``)."""
+        return measure_model(model, self.splits, self.config.threads)
+
+    def measure_int8(self, qmodel: nn.Module, source: nn.Module, flops: int) -> dict[str, Any]:
+        """A quantized model: accuracy, latency and int8 bytes measured on it; FLOPs and parameters
+        are those of the fp32 ``source`` (FlopCounterMode does not see quantized kernels)."""
+        loss, accuracy = evaluate(qmodel, self.splits.test, device=torch.device("cpu"))
+        return {"test_accuracy": accuracy, "test_loss": loss, "flops": flops, "params": count_params(source),
+                "bytes": int8_bytes(qmodel), **static_latency(qmodel, self.splits.test.x, self.config.threads)}
 
     def counts_result(self, counts: np.ndarray) -> dict[str, Any]:
         return {"keep_ratios": (np.asarray(counts) / self.graph.num_channels).round(4).tolist()}
 
 
 # ---- the methods ------------------------------------------------------------------------------
-def _rl_run(state: _Seed, out: Path, env: str, budget: float | None, log: Callable) -> tuple[dict, Path]:
+def _rl_run(state: _Seed, out: Path, env: str, budget: float | None) -> tuple[dict, Path]:
     """Run (or resume, or reuse) the main job of ``env`` for this seed and budget; its report and run dir."""
     c = state.config
     if env == "layer":
@@ -236,34 +218,25 @@ def _rl_run(state: _Seed, out: Path, env: str, budget: float | None, log: Callab
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
-    try:
-        report = train(config, resume=resume, log=lambda text: None)
-    except RunDirError as err:
-        raise RunDirError(f"{run_dir}: {err}") from err
-    return report, run_dir
+    return train(config, resume=resume, log=lambda text: None), run_dir
 
 
-def _load_static(run_dir: Path) -> nn.Module:
-    return load_inference_model(run_dir, fold_bn=False, trust_factory=True)
-
-
-def _rl_layer(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
-    report, run_dir = _rl_run(state, out, "layer", budget, log)
+def _rl_layer(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
+    report, run_dir = _rl_run(state, out, "layer", budget)
     row = dict(report["results"]["rl"])
     row["run_dir"] = str(run_dir)
     return row
 
 
-def _rl_layer_int8(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
-    report, run_dir = _rl_run(state, out, "layer", budget, log)
-    model = _load_static(run_dir)
+def _rl_layer_int8(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
+    report, run_dir = _rl_run(state, out, "layer", budget)
+    model = load_inference_model(run_dir, fold_bn=False, trust_factory=True)
     q = quantize_int8(model, state.calibration)
-    return {**state.measure(q, flops=report["results"]["rl"]["flops"], params=count_params(model),
-                            size=int8_bytes(q)), "run_dir": str(run_dir)}
+    return {**state.measure_int8(q, model, report["results"]["rl"]["flops"]), "run_dir": str(run_dir)}
 
 
-def _rl_counts(state: _Seed, out: Path, budget: float, log: Callable) -> np.ndarray:
-    report, _ = _rl_run(state, out, "layer", budget, log)
+def _rl_counts(state: _Seed, out: Path, budget: float) -> np.ndarray:
+    report, _ = _rl_run(state, out, "layer", budget)
     ratios = np.asarray(report["results"]["rl"]["keep_ratios"])
     return np.rint(ratios * state.graph.num_channels).astype(np.int64)
 
@@ -271,7 +244,7 @@ def _rl_counts(state: _Seed, out: Path, budget: float, log: Callable) -> np.ndar
 def _static(counts_of: Callable[[_Seed, float], np.ndarray], importance) -> Callable:
     """A structured baseline: keep counts from ``counts_of(state, budget)``, the channels the
     importance criterion ranks first, hard-pruned and fine-tuned."""
-    def run(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+    def run(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
         counts = counts_of(state, budget)
         model = state.pruned(state.graph.kept_channels(importance, counts))
         return {**state.measure(model), **state.counts_result(counts)}
@@ -283,7 +256,7 @@ def _global(importance) -> Callable:
     return _static(lambda state, budget: global_keep_counts(state.graph, importance, budget), importance)
 
 
-def _slimming(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+def _slimming(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
     slim = copy.deepcopy(state.dense)
     train_classifier(slim, state.splits.train, epochs=state.config.finetune_epochs, lr=state.config.finetune_lr,
                      seed=state.seed, device=state.device, penalty=slimming_penalty(state.config.slimming_strength))
@@ -294,19 +267,19 @@ def _slimming(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str
     return {**state.measure(model), **state.counts_result(counts)}
 
 
-def _random(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
-    counts = _rl_counts(state, out, budget, log) if "rl_layer" in state.config.methods \
+def _random(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
+    counts = _rl_counts(state, out, budget) if "rl_layer" in state.config.methods \
         else uniform_keep_counts(state.graph, budget)
     model = state.pruned(random_kept(state.graph, counts, seed=state.seed))
     return {**state.measure(model), **state.counts_result(counts)}
 
 
-def _torch_pruning(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+def _torch_pruning(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
     model = torch_pruning_magnitude(state.dense, state.splits.train.x[:1], budget, p=1)
     return state.measure(state.finetune(model.to(state.device)))
 
 
-def _magnitude_agp(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+def _magnitude_agp(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
     model = copy.deepcopy(state.dense)
     pruner = MagnitudePruner(model)
     final = 1.0 - budget
@@ -324,31 +297,30 @@ def _magnitude_agp(state: _Seed, out: Path, budget: float, log: Callable) -> dic
     return result
 
 
-def _kd_student(state: _Seed, out: Path, budget: float, log: Callable) -> dict[str, Any]:
+def _kd_student(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
     student = student_model(state.dense, state.graph, budget, seed=state.seed)
     train_classifier(student, state.splits.train, epochs=state.config.base_epochs, seed=state.seed,
                      device=state.device, distill=Distillation(state.dense))
     return state.measure(student)
 
 
-def _dense(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+def _dense(state: _Seed, out: Path, budget: None) -> dict[str, Any]:
     return state.measure(state.dense)
 
 
-def _int8(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+def _int8(state: _Seed, out: Path, budget: None) -> dict[str, Any]:
     q = quantize_int8(state.dense, state.calibration)
-    return state.measure(q, flops=count_flops(state.dense.cpu(), state.splits.test.x[:1]),
-                         params=count_params(state.dense), size=int8_bytes(q))
+    return state.measure_int8(q, state.dense, count_flops(state.dense.cpu(), state.splits.test.x[:1]))
 
 
-def _int8_mean_centred(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
+def _int8_mean_centred(state: _Seed, out: Path, budget: None) -> dict[str, Any]:
     model, stored = mean_centred_int8(state.dense)
-    return state.measure(model, size=state_bytes(stored))
+    return {**state.measure(model), "bytes": saved_bytes(stored)}
 
 
 def _dynamic(name: str) -> Callable:
-    def run(state: _Seed, out: Path, budget: None, log: Callable) -> dict[str, Any]:
-        report, run_dir = _rl_run(state, out, "input", None, log)
+    def run(state: _Seed, out: Path, budget: None) -> dict[str, Any]:
+        report, run_dir = _rl_run(state, out, "input", None)
         r = report["results"][name]
         dense = report["results"]["dense"]
         return {"test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"], "flops": r["flops_mean"],
@@ -426,7 +398,7 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
         if seed not in states:
             states = {seed: _Seed(config, seed, device)}  # one seed at a time: the others' models can go
         t0 = time.perf_counter()
-        result = RUNNERS[method](states[seed], out, budget, log)
+        result = RUNNERS[method](states[seed], out, budget)
         row = {"method": method, "budget": budget, "seed": seed, **result,
                "seconds": time.perf_counter() - t0}
         write_json(path, row)

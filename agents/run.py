@@ -41,7 +41,8 @@ from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
 __all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
-           "load_config", "resume_config", "format_report", "field_docs", "measure_model", "distillation",
+           "load_config", "resume_config", "format_report", "field_docs", "measure_model", "static_latency",
+           "batch_of_64", "distillation",
            "RunDirError"]
 
 
@@ -190,26 +191,35 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             "base_epochs": config.base_epochs}
 
 
-def distillation(config: TrainConfig, dense: torch.nn.Module) -> Distillation | None:
-    """The fine-tune's teacher when ``config.distill``: the dense model, a frozen copy."""
+def distillation(config: Any, dense: torch.nn.Module) -> Distillation | None:
+    """The fine-tune's teacher when ``config.distill`` (a ``TrainConfig`` or ``CompareConfig``): the
+    dense model, a frozen copy."""
     return Distillation(copy.deepcopy(dense).eval().requires_grad_(False)) if config.distill else None
+
+
+def batch_of_64(x: torch.Tensor) -> torch.Tensor:
+    """64 inputs from ``x`` (repeated when it has fewer): the batch-64 latency input."""
+    return x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
+
+
+def static_latency(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
+    """Batch-1 and batch-64 latency (median ms on the CPU) of a model whose cost does not depend on the input."""
+    return {"latency_b1_ms": 1e3 * measure_latency(model, x[:1], repeats=200, warmup=20, threads=threads),
+            "latency_b64_ms": 1e3 * measure_latency(model, batch_of_64(x), repeats=50, warmup=5, threads=threads)}
 
 
 def measure_model(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
     """Test accuracy, FLOPs, parameters, bytes and batch-1/batch-64 latency of a static model in its
     inference form (CPU, eval mode, BN folded)."""
     model, folding = inference_form(model)
-    x1 = splits.test.x[:1]
-    x64 = splits.test.x[:64].repeat(-(-64 // min(64, len(splits.test))), 1, 1, 1)[:64]
     loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
     return {
         "test_accuracy": accuracy,
         "test_loss": loss,
-        "flops": count_flops(model, x1),
+        "flops": count_flops(model, splits.test.x[:1]),
         "params": count_params(model),
         "bytes": model_bytes(model),
-        "latency_b1_ms": 1e3 * measure_latency(model, x1, repeats=200, warmup=20, threads=threads),
-        "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=50, warmup=5, threads=threads),
+        **static_latency(model, splits.test.x, threads),
         "inference_form": folding,
     }
 

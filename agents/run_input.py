@@ -35,10 +35,11 @@ LATENCY_INPUTS = 32  # test inputs the batch-1 latency is averaged over
 
 
 def _latency(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
-    x64 = x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
+    from .run import batch_of_64
+
     return {"latency_b1_ms": 1e3 * measure_input_latency(model, x[:LATENCY_INPUTS], repeats=15, warmup=2,
                                                          threads=threads),
-            "latency_b64_ms": 1e3 * measure_latency(model, x64, repeats=30, warmup=3, threads=threads)}
+            "latency_b64_ms": 1e3 * measure_latency(model, batch_of_64(x), repeats=30, warmup=3, threads=threads)}
 
 
 def _dynamic_result(net: DynamicNetwork, splits, threads: int) -> dict[str, Any]:

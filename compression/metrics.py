@@ -14,12 +14,13 @@ import platform
 import statistics
 import time
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "measure_latency",
+__all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "saved_bytes", "measure_latency",
            "measure_input_latency", "num_threads", "keep_freed_memory"]
 
 
@@ -55,11 +56,16 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def saved_bytes(obj: Any) -> int:
+    """Size in bytes of ``obj`` (a state dict, or any object ``torch.save`` takes) as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
 def model_bytes(model: nn.Module) -> int:
     """Size in bytes of the model's state dict as ``torch.save`` writes it."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
+    return saved_bytes(model.state_dict())
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

@@ -19,7 +19,6 @@ not ship; it still works on torch <= 2.13, and its deprecation warnings are sile
 from __future__ import annotations
 
 import copy
-import io
 import os
 import warnings
 from collections import OrderedDict
@@ -32,9 +31,10 @@ from torch import nn
 
 from .checkpoint import atomic_path, build_from_architecture
 from .fusion import inference_form
+from .metrics import saved_bytes
 
 __all__ = ["quantize_int8", "int8_state", "int8_bytes", "save_int8", "load_int8", "quantized_engine",
-           "mean_centred_int8", "mean_centred_quantize", "state_bytes"]
+           "mean_centred_int8", "mean_centred_quantize"]
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 
@@ -155,17 +155,9 @@ def _expand(state: dict[str, Any]) -> dict[str, Any]:
     return {key: _decode(key, state, scalars) for key in state["keys"]}
 
 
-def state_bytes(state: Any) -> int:
-    """Bytes of ``state`` as ``torch.save`` writes it."""
-    buffer = io.BytesIO()
-    with _ao_quiet():
-        torch.save(state, buffer)
-    return buffer.getbuffer().nbytes
-
-
 def int8_bytes(qmodel: nn.Module) -> int:
     """Bytes on disk of the quantized model's compact state (``int8_state``)."""
-    return state_bytes(int8_state(qmodel))
+    return saved_bytes(int8_state(qmodel))
 
 
 def save_int8(path: str | os.PathLike, qmodel: nn.Module, arch: dict[str, Any],

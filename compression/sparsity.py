@@ -16,7 +16,6 @@ exactly as many FLOPs as before: it saves bytes (``sparse_bytes``), not time.
 from __future__ import annotations
 
 import copy
-import io
 import math
 from collections.abc import Callable, Sequence
 
@@ -26,7 +25,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .channels import ChannelGraph, Importance
-from .metrics import count_flops
+from .metrics import count_flops, saved_bytes
 
 __all__ = [
     "uniform_keep_counts",
@@ -206,9 +205,7 @@ def sparse_bytes(model: nn.Module) -> int:
             state[key + ".bits"] = torch.from_numpy(np.packbits(mask.flatten().numpy()))
         else:
             state[key] = value
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getbuffer().nbytes
+    return saved_bytes(state)
 
 
 def torch_pruning_magnitude(model: nn.Module, example_input: torch.Tensor, flops_ratio: float,

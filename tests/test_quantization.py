@@ -1,6 +1,6 @@
 """Tests for prunegym.compression.quantization: FX post-training int8 (quantize_int8), its compact state
 (int8_state, int8_bytes, save_int8, load_int8) and the mean-centred weight-only scheme
-(mean_centred_quantize, mean_centred_int8, state_bytes)."""
+(mean_centred_quantize, mean_centred_int8; sizes by metrics.saved_bytes)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from prunegym.compression.channels import ChannelGraph, L1Importance, prune_chan
 from prunegym.compression.checkpoint import describe_architecture
 from prunegym.compression.data import load_dataset
 from prunegym.compression.fusion import inference_form
-from prunegym.compression.metrics import model_bytes
+from prunegym.compression.metrics import model_bytes, saved_bytes
 from prunegym.compression.models import build_model
 from prunegym.compression.quantization import (
     int8_bytes,
@@ -26,7 +26,6 @@ from prunegym.compression.quantization import (
     quantize_int8,
     quantized_engine,
     save_int8,
-    state_bytes,
 )
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import evaluate
@@ -67,7 +66,7 @@ def test_quantized_engine_is_supported():
 def test_int8_model_is_four_times_smaller(trained, quantized):
     fp32 = model_bytes(inference_form(trained)[0])
     assert int8_bytes(quantized) <= 0.3 * fp32
-    assert int8_bytes(quantized) == state_bytes(int8_state(quantized))
+    assert int8_bytes(quantized) == saved_bytes(int8_state(quantized))
 
 
 def test_int8_model_keeps_the_accuracy_and_the_logits(trained, quantized, splits):
@@ -308,8 +307,8 @@ def test_mean_centred_int8_keeps_the_outputs_and_stores_int8(trained, splits):
         view = (-1,) + (1,) * (weight.dim() - 1)
         torch.testing.assert_close(q.float() * alpha.view(view) + mu.view(view), weight.detach())  # what it runs
     assert not any(v.is_floating_point() and v.dim() > 1 for v in state.values())
-    assert state_bytes(state) <= 0.35 * model_bytes(folded)
-    assert state_bytes(state) == pytest.approx(int8_bytes(quantize_int8(trained, [x[:64]])), rel=0.25)
+    assert saved_bytes(state) <= 0.35 * model_bytes(folded)
+    assert saved_bytes(state) == pytest.approx(int8_bytes(quantize_int8(trained, [x[:64]])), rel=0.25)
 
 
 def test_mean_centred_int8_without_batch_norm():
