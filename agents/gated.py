@@ -14,14 +14,14 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prunegym.compression.dynamic import DynamicSpec, Observation
+from prunegym.compression.dynamic import DynamicSpec, Observation, standardise
 
 __all__ = ["PolicyDecider", "actor_layers", "check_spec"]
 
 _ACTIVATIONS = {cls.__name__: cls for cls in (nn.Tanh, nn.ReLU, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid)}
+_IN_PLACE = {nn.Tanh: torch.Tensor.tanh_, nn.ReLU: torch.Tensor.relu_, nn.Sigmoid: torch.Tensor.sigmoid_}
 
 
 def actor_layers(agent: Any) -> list[nn.Module]:
@@ -58,6 +58,9 @@ class PolicyDecider(nn.Module):
 
     def __init__(self, layers: list[nn.Module], mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
+        if not layers or not isinstance(layers[0], nn.Linear):
+            first = type(layers[0]).__name__ if layers else "no layer"
+            raise ValueError(f"the actor must begin with a Linear layer, got {first}")
         self.actor = nn.Sequential(*layers)
         self.observation = Observation(mean, std)
         self.num_layers, self.width = mean.shape
@@ -91,26 +94,69 @@ class PolicyDecider(nn.Module):
         return cls(actor_layers(agent), *stats).eval()
 
     def _apply(self, fn, recurse=True):
-        self.__dict__["_fast"] = None  # parameters moved or cast: look them up again
+        self.refresh()  # parameters moved or cast: fold them again
         return super()._apply(fn, recurse)
 
-    def _layers(self) -> list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]]:
-        """The actor's layers with their weights looked up once (a batch-1 decision is a few
-        microseconds of arithmetic; module call overhead would double it)."""
-        fast = self.__dict__.get("_fast")
-        if fast is None:
-            fast = [(layer, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else (layer, None, None)
-                    for layer in self.actor]
-            self.__dict__["_fast"] = fast
-        return fast
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.refresh()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> PolicyDecider:
+        self.refresh()
+        return super().train(mode)
+
+    def refresh(self) -> None:
+        """Fold the weights again on the next decision (done on ``to``, ``load_state_dict``, ``train``
+        and ``eval``; call it after editing a weight in place)."""
+        self.__dict__["_fast"] = {}
+
+    def _fold(self, gate: int, channels: int) -> tuple[Any, ...]:
+        """The actor's weights arranged for a decision in few operators (at batch 1 each costs a few
+        microseconds of dispatch, more than its arithmetic), for a gated layer with ``channels``
+        features: the observation's mean and std for them; the first Linear's columns for them
+        (transposed, for ``addmm``), its bias with the constant rest of the observation (padding,
+        one-hot) folded in, and its column for the density spent; then the later layers, each
+        Linear's weight transposed."""
+        first = self.actor[0]
+        with torch.no_grad():
+            mean, std, rest = self.observation.part(gate, channels)
+            weight = first.weight.detach()
+            bias = _bias(first)
+            steps = []
+            for layer in self.actor[1:]:
+                if isinstance(layer, nn.Linear):
+                    steps.append((layer.weight.detach().t().contiguous(), _bias(layer), None))
+                else:
+                    steps.append((None, None, _IN_PLACE.get(type(layer), layer)))
+            return (mean, std, weight[:, :channels].t().contiguous(), bias + weight[:, channels:-1] @ rest[0],
+                    weight[:, -1].contiguous(), steps)
 
     def forward(self, gate: int, features: torch.Tensor, spent: Any = 0.0) -> Any:
-        x = self.observation(gate, features, spent)
-        for layer, weight, bias in self._layers():
-            x = F.linear(x, weight, bias) if weight is not None else layer(x)
+        """The action at gated layer ``gate``: the actor's argmax on the observation the env would
+        give. The observation is not built: its constant part lives in the first layer's bias
+        (the same sums in another order, so equal up to float rounding)."""
+        key = (gate, features.shape[1])
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            fast = self.__dict__["_fast"] = {}
+        folded = fast.get(key)
+        if folded is None:
+            folded = fast[key] = self._fold(*key)
+        mean, std, weight, bias, spent_column, steps = folded
+        if isinstance(spent, torch.Tensor):
+            bias = torch.addcmul(bias, spent.to(bias.dtype).reshape(-1, 1), spent_column)
+        else:
+            bias = torch.add(bias, spent_column, alpha=float(spent))
+        x = torch.addmm(bias, standardise(features, mean, std), weight)
+        for weight, bias, activation in steps:
+            x = torch.addmm(bias, x, weight) if weight is not None else activation(x)
         if x.shape[0] == 1:
-            return int(x[0].argmax())
+            return int(x.argmax())  # the flat index of a [1, G] row is the action
         return x.argmax(dim=1)
+
+
+def _bias(layer: nn.Linear) -> torch.Tensor:
+    return layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
 
 
 def check_spec(decider: PolicyDecider, spec: DynamicSpec) -> None:

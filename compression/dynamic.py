@@ -640,6 +640,11 @@ def evaluate_dynamic(net: DynamicNetwork, x: torch.Tensor, y: torch.Tensor, batc
 FEATURE_CLIP = 10.0  # standardised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP]
 
 
+def standardise(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[B, C]``: features ``[B, C, H, W]`` average-pooled per channel, standardised, clipped."""
+    return ((features.mean(dim=(2, 3)) - mean) / std).clamp_(-FEATURE_CLIP, FEATURE_CLIP)
+
+
 class Observation(nn.Module):
     """The per-input pruning observation at a gated layer, ``[B, F + L + 1]``: the features entering
     it average-pooled per channel, padded with zeros to ``F`` and standardised by the layer's
@@ -665,7 +670,14 @@ class Observation(nn.Module):
         self._parts = {}  # tensors moved or cast: cut the parts again
         return super()._apply(fn, recurse)
 
-    def _part(self, gate: int, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._parts = {}
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def part(self, gate: int, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a gated layer whose features have ``channels`` channels: its ``mean`` and ``std`` for
+        them, and ``[1, F + L - channels]``, the observation's entries after them and before the
+        density spent (padding and one-hot), which do not depend on the input."""
         key = (gate, channels)
         parts = self.__dict__.setdefault("_parts", {})
         if key not in parts:
@@ -675,8 +687,8 @@ class Observation(nn.Module):
 
     def forward(self, gate: int, features: torch.Tensor, spent: Any) -> torch.Tensor:
         n, c = features.shape[:2]
-        mean, std, rest = self._part(gate, c)
-        standard = ((features.mean(dim=(2, 3)) - mean) / std).clamp_(-FEATURE_CLIP, FEATURE_CLIP)
+        mean, std, rest = self.part(gate, c)
+        standard = standardise(features, mean, std)
         if isinstance(spent, torch.Tensor):
             spent = spent.to(standard.dtype).reshape(-1, 1).expand(n, 1)
         else:
