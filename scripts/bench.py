@@ -16,7 +16,8 @@ pruned model is as much faster as it is smaller; above 1 it gains less than its 
 dynamic: a zoo model (ResNet-20 by default) with random weights at 32x32 as a DynamicNetwork (its
 gated layers' channels in L1 order, BN folded), driven by a policy actor with random weights (the
 architecture train.py --env input trains: obs -> 64 -> 64 -> G, tanh) and by the gate baseline with
-random weights, each with its last bias shifted so that it keeps fewer or more groups. Batch-1
+random weights, each with its last bias shifted so that it keeps fewer or more groups, and by fixed
+actions (the same groups for every input: the network's own cost, no decision). Batch-1
 latency is the mean over random inputs of each input's median; the dense model is the plain
 BN-folded model on the same inputs. The ideal latency ratio is the mean FLOPs density (of the
 network; the policy's own FLOPs are printed beside); the last column is latency ratio / density.
@@ -271,6 +272,8 @@ def bench_dynamic(model_name: str, groups: int, threads: int, inputs: int, repea
     for preferred in (0, 1, 2, None):
         label = "rl (random actor)" + ("" if preferred is None else f", prefers {preferred + 1}/{groups}")
         deciders.append((label, PolicyDecider(_policy_actor(obs_size, groups, preferred, generator), *stats)))
+    for kept in range(groups):  # the network alone: every input keeps the same groups, nothing decides
+        deciders.append((f"fixed {kept + 1}/{groups} (no decider)", lambda gate, features, spent, a=kept: a))
     for shift in (-1.0, 0.5, 2.0):
         gate = GateDecider(spec)
         for g in gate.gates:

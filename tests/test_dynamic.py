@@ -188,6 +188,21 @@ def test_all_max_actions_equal_the_original_model(zoo, name):
             assert net.last_density == pytest.approx(1.0)
 
 
+def test_a_replaced_submodule_is_the_one_that_runs():
+    """Submodules are also plain attributes (a faster lookup); replacing one must still take effect."""
+    model, net, _, spec = _build("resnet20")
+    x = _inputs("resnet20", 2, seed=1)
+    block = getattr(net.net.layer1, "0")
+    assert block.__dict__["conv2"] is block._modules["conv2"]
+    with torch.no_grad():
+        before = net(x, [spec.groups - 1] * len(spec.layers))
+        block.conv2 = nn.Identity()  # the block's conv1 output now feeds its residual add directly
+        after = net(x, [spec.groups - 1] * len(spec.layers))
+    assert "conv2" not in block.__dict__
+    assert block.conv2 is block._modules["conv2"]
+    assert not torch.allclose(before, after)
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "resnet20"])
 def test_slice_loop_and_mask_modes_agree_on_a_mixed_batch(zoo, name):
     model, net, _, spec = zoo[name]
