@@ -4,11 +4,11 @@ training loop every dynamic network is fine-tuned with.
 Each gated layer gets a squeeze-and-excitation style gate that reads the features entering that
 layer: global average pool -> FC -> ReLU -> FC -> sigmoid, one output per channel group after
 the first (the first group is always kept, as the agent always keeps at least one). A group is
-kept when its gate and every earlier group's gate exceed 0.5, so the kept channels are a prefix
-and run through the same dynamic execution as the agent's decisions. The hard threshold passes no
-gradient, so training uses a straight-through estimator: forward the 0/1 decision, backward the
-sigmoid's gradient. A target-density penalty ``weight · (mean FLOPs density - target)²`` sets how
-much is kept.
+kept when its gate and every earlier group's gate exceed 0.5 (their logits exceed 0), so the
+kept channels are a prefix and run through the same dynamic execution as the agent's decisions.
+The hard threshold passes no gradient, so training uses a straight-through estimator: forward the
+0/1 decision, backward the sigmoid's gradient. A target-density penalty
+``weight · (mean FLOPs density - target)²`` sets how much is kept.
 """
 
 from __future__ import annotations
@@ -41,11 +41,15 @@ class ChannelGate(nn.Module):
         self.fc2 = nn.Linear(hidden, groups - 1)
         nn.init.constant_(self.fc2.bias, open_bias)  # start from the dense network: every gate open
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid outputs: a gate is open (sigmoid > 0.5) where its logit is > 0."""
         pooled = features.mean(dim=(2, 3))
         if pooled.shape[1] < self.in_channels:  # channels an earlier gate dropped enter as zeros
             pooled = F.pad(pooled, (0, self.in_channels - pooled.shape[1]))
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+        return self.fc2(torch.relu(self.fc1(pooled)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(features))
 
 
 class GateDecider(nn.Module):
@@ -65,11 +69,12 @@ class GateDecider(nn.Module):
         return {"kind": "gate", "hidden": self.hidden}
 
     def forward(self, gate: int, features: torch.Tensor, spent: Any = None) -> Any:
-        probs = self.gates[gate](features)
-        hard = (probs > 0.5).to(probs.dtype)
-        if not self.training:
-            kept = torch.cumprod(hard, dim=1).sum(dim=1).long()
-            return int(kept[0]) if kept.shape[0] == 1 else kept
+        logits = self.gates[gate].logits(features)
+        if not self.training:  # the number of leading open gates; no sigmoid: at batch 1 each operator counts
+            kept = (logits > 0).cumprod(dim=1).sum(dim=1)
+            return int(kept) if kept.shape[0] == 1 else kept
+        probs = torch.sigmoid(logits)
+        hard = (logits > 0).to(probs.dtype)
         straight = probs + (hard - probs).detach()  # exactly 0/1 forward, the sigmoid's gradient back
         ones = torch.ones(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
         return torch.cat([ones, torch.cumprod(straight, dim=1)], dim=1)
