@@ -64,6 +64,7 @@ class PolicyDecider(nn.Module):
         self.actor = nn.Sequential(*layers)
         self.observation = Observation(mean, std)
         self.num_layers, self.width = mean.shape
+        self.refresh()
 
     def config(self) -> dict[str, Any]:
         layers = []
@@ -136,9 +137,7 @@ class PolicyDecider(nn.Module):
         give. The observation is not built: its constant part lives in the first layer's bias
         (the same sums in another order, so equal up to float rounding)."""
         key = (gate, features.shape[1])
-        fast = self.__dict__.get("_fast")
-        if fast is None:
-            fast = self.__dict__["_fast"] = {}
+        fast = self.__dict__["_fast"]
         folded = fast.get(key)
         if folded is None:
             folded = fast[key] = self._fold(*key)
