@@ -138,11 +138,12 @@ def latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | No
 
 class CheckpointCallback(BaseCallback):
     """Every ``save_freq`` timesteps and at the end: the agent zip, the replay buffer (off-policy agents)
-    and ``state.json`` (timesteps, the pruning callback's best episode). ``state.json`` is written last
+    and ``state.json`` (timesteps, the pruning callback's best episode, and ``env_state.state_dict()``
+    when given: what the env learned that its rewards depend on). ``state.json`` is written last
     and atomically, so it only ever names a complete checkpoint."""
 
     def __init__(self, directory: str | Path, save_freq: int, pruning: PruningCallback | InputPruningCallback,
-                 keep: int = 2):
+                 keep: int = 2, env_state: Any = None):
         super().__init__()
         if save_freq < 1:
             raise ValueError(f"save_freq must be >= 1, got {save_freq}")
@@ -150,6 +151,7 @@ class CheckpointCallback(BaseCallback):
         self.save_freq = save_freq
         self.pruning = pruning
         self.keep = keep
+        self.env_state = env_state
         self._last_saved = -1
         self._period = 0
 
@@ -161,6 +163,8 @@ class CheckpointCallback(BaseCallback):
         self.model.save(self.directory / f"{name}.zip")
         state = {"agent": f"{name}.zip", "num_timesteps": int(self.num_timesteps),
                  "callback": self.pruning.state_dict()}
+        if self.env_state is not None:
+            state["env"] = self.env_state.state_dict()
         if hasattr(self.model, "replay_buffer") and self.model.replay_buffer is not None:
             self.model.save_replay_buffer(self.directory / f"{name}_replay_buffer.pkl")
             state["replay_buffer"] = f"{name}_replay_buffer.pkl"

@@ -71,10 +71,16 @@ class TrainConfig:
     lam: float = 1.0
     """λ, the price of density in the reward ``-task_loss - λ·density``"""
     density: str = "flops"
-    """what density measures: flops, params or channels (input env: flops or channels)"""
+    """what density measures: flops, params, channels, or latency (layer env: the pruned model's batch-64
+    CPU latency at ``threads`` threads, predicted from a lookup table of its layers' timings); input
+    env: flops or channels"""
     flops_target: float | None = None
     """budget mode (layer env): the largest FLOPs ratio the pruned model may have (the reward is then
     ``-task_loss``)"""
+    latency_target: float | None = None
+    """budget mode (layer env) in latency: the largest batch-64 latency ratio the pruned model may have,
+    as a lookup table of its layers' timings at ``threads`` threads predicts it (the reward is then
+    ``-task_loss``); with --flops-target too, both hold"""
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
@@ -123,7 +129,7 @@ class TrainConfig:
         self.resolve_defaults()
         if self.env == "input":
             defaults = TrainConfig()
-            layer_only = [name for name in ("flops_target", "min_keep", "channel_multiple")
+            layer_only = [name for name in ("flops_target", "latency_target", "min_keep", "channel_multiple")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -149,8 +155,9 @@ class TrainConfig:
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance {self.importance!r} is unknown; expected one of {sorted(IMPORTANCES)}")
         resolve_device(self.device)
-        if self.flops_target is not None and not 0 < self.flops_target <= 1:
-            raise ValueError(f"flops_target must be in (0, 1], got {self.flops_target}")
+        for name in ("flops_target", "latency_target"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("timesteps", "checkpoint_freq", "threads", "channel_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -188,7 +195,15 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
     return {"model": config.model, "dataset": config.dataset, "lam": config.lam, "density": config.density,
             "seed": config.seed, "flops_target": config.flops_target, "min_keep": config.min_keep,
             "importance": config.importance, "channel_multiple": config.channel_multiple,
-            "base_epochs": config.base_epochs}
+            "base_epochs": config.base_epochs, **_latency_kwargs(config)}
+
+
+def _latency_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The latency table's keywords, only where the run prices or budgets latency (older runs' env
+    keywords stay as they were)."""
+    if config.density != "latency" and config.latency_target is None:
+        return {}
+    return {"latency_target": config.latency_target, "latency_threads": config.threads}
 
 
 def distillation(config: Any, dense: torch.nn.Module) -> Distillation | None:
@@ -285,12 +300,13 @@ def resume_config(run_dir: str | os.PathLike, *, timesteps: int | None = None,
 
 
 def search(config: TrainConfig, env: Any, episode_length: int, make_callback: Any, *, device: torch.device,
-           resume: bool, progress_bar: bool, log: Any) -> tuple[Any, Any, Path]:
+           resume: bool, progress_bar: bool, log: Any, env_state: Any = None) -> tuple[Any, Any, Path]:
     """The RL search of either job: build the agent (or load the latest checkpoint when resuming),
     make the run directory, learn up to ``config.timesteps`` with the pruning callback
     (``make_callback(hparams)``) and checkpoints, and save ``agent.zip``. The agent is built before
-    the run directory, so a bad setting leaves nothing behind. Returns the agent, the callback and
-    the run directory."""
+    the run directory, so a bad setting leaves nothing behind. ``env_state``, an object with
+    ``state_dict``/``load_state_dict`` (the env), is saved with each checkpoint and restored on resume.
+    Returns the agent, the callback and the run directory."""
     run_dir = Path(config.run_dir)
     agent_cls = ALGORITHMS[config.algo]
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
@@ -300,13 +316,15 @@ def search(config: TrainConfig, env: Any, episode_length: int, make_callback: An
     run_dir = _prepare_run_dir(config, resume)
     log(f"run directory: {run_dir}")
     callback = make_callback({**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)})
-    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, callback)
+    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, callback, env_state=env_state)
     if checkpoint is not None:
         path, state = checkpoint
         agent = agent_cls.load(path, env=env, device=device, tensorboard_log=str(run_dir / "tb"))
         if "replay_buffer" in state:
             agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
         callback.load_state_dict(state["callback"])
+        if env_state is not None and "env" in state:
+            env_state.load_state_dict(state["env"])
         log(f"resuming from {path} at timestep {agent.num_timesteps}")
     remaining = config.timesteps - agent.num_timesteps
     if remaining > 0:
@@ -347,7 +365,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     monitored = Monitor(env)
     agent, pruning_cb, run_dir = search(
         config, monitored, env.num_groups, lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp),
-        device=device, resume=resume, progress_bar=progress_bar, log=log)
+        device=device, resume=resume, progress_bar=progress_bar, log=log, env_state=env)
     search_seconds = time.perf_counter() - started
 
     # 3. The best policy found: the best episode of the search, or the final deterministic policy.

@@ -17,6 +17,7 @@ from .channels import (
 from .checkpoint import build_from_architecture, describe_architecture, load_checkpoint, save_checkpoint
 from .data import DATASETS, Split, Splits, load_dataset
 from .fusion import fold_batchnorm, inference_form
+from .latency import LatencyTable
 from .metrics import count_flops, count_layer_flops, count_params, measure_latency, model_bytes
 from .models import MODELS, build_model
 from .training import base_model, evaluate, resolve_device, train_classifier
@@ -30,6 +31,7 @@ __all__ = [
     "Importance",
     "L1Importance",
     "L2Importance",
+    "LatencyTable",
     "MODELS",
     "SoftMask",
     "Split",

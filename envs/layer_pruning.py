@@ -22,11 +22,12 @@ from prunegym.compression.channels import (
     recalibrate_bn,
 )
 from prunegym.compression.data import Splits, load_dataset
+from prunegym.compression.latency import LatencyTable
 from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device
 
 __all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
 
-DENSITY_KINDS = ("flops", "params", "channels")
+DENSITY_KINDS = ("flops", "params", "channels", "latency")
 
 OBSERVATION_FEATURES = (
     "position",  # step index / (number of groups - 1)
@@ -64,30 +65,41 @@ class LayerPruningEnv(gym.Env):
     Zero until the last step; then ``-task_loss - lam * density``, where ``task_loss`` is the mean
     cross-entropy of the soft-masked (not fine-tuned) model on the reward split, after batch-norm
     recalibration on ``recalibration_batches`` train batches, and ``density`` the kept fraction of
-    the dense FLOPs (or parameters, or channels: ``density=``). With ``flops_target`` the reward is
-    ``-task_loss``: the budget is enforced by the action clamp instead.
+    the dense FLOPs (or parameters, channels, or predicted CPU latency: ``density=``). With a budget
+    (``flops_target``, ``latency_target``) the reward is ``-task_loss``: the budget is enforced by
+    the action clamp instead.
 
     ## Episode End
     The episode terminates after one step per channel group; it is never truncated. The final
     ``info`` holds ``accuracy``, ``loss``, ``density``, ``flops``, ``flops_ratio``, ``params``,
-    ``keep_ratios`` and ``keep_counts``.
+    ``keep_ratios`` and ``keep_counts``; with a latency table (``density="latency"`` or
+    ``latency_target``) also ``latency_ratio``, the predicted latency over the dense model's.
 
     ## Arguments
     - ``model``: a zoo name (``digits_cnn``, ``resnet20``, ``resnet56``, ``vgg_small``), an import
       path ``package.module:factory`` (trained and cached as the base model), or a trained ``nn.Module``.
     - ``dataset``: ``digits``, ``mnist:PATH``, ``cifar10:PATH``, ``npz:PATH``, or loaded ``Splits``.
     - ``lam``: λ >= 0, the price of density in the reward.
-    - ``density``: ``flops`` | ``params`` | ``channels``.
+    - ``density``: ``flops`` | ``params`` | ``channels`` | ``latency``. ``latency`` is the pruned
+      model's CPU latency over the dense model's, predicted by a lookup table of its layers' timings
+      (``compression.latency.LatencyTable``) at batch ``latency_batch`` with ``latency_threads``
+      threads; each (layer, channels) entry is timed on first use, so the early episodes are slower.
+      The table is part of the env's state (``state_dict``), so a resumed search keeps its timings.
     - ``seed``: the data split (and base-model training) seed.
     - ``flops_target``: budget mode: the episode cannot end above this fraction of dense FLOPs
       (AMC's resource-constrained search). Each action is clamped so that, even if every later group
       kept only ``min_keep``, the model would fit.
+    - ``latency_target``: budget mode in predicted latency: the episode cannot end above this
+      fraction of the dense model's latency (as the latency table predicts it; see ``density``).
+      With both targets, both hold.
     - ``min_keep``: the smallest keep ratio, in (0, 1].
     - ``action_levels``: ``None`` for a continuous action, or n >= 2 discrete keep ratios.
     - ``importance``: ``l1`` | ``l2`` | ``bn_scale``, which channels stay inside a group.
     - ``channel_multiple``: keep channel counts at multiples of this (a group may always keep all
       its channels); 16 suits AVX-512 fp32 kernels, 8 AVX2.
     - ``recalibration_batches``: train batches (of 128) for BN recalibration before the reward; 0: none.
+    - ``latency_batch``, ``latency_threads``: the batch size and CPU threads the latency table
+      times (with ``density="latency"`` or ``latency_target`` only).
     - ``device``: ``auto``, ``cpu``, ``cuda``...
     """
 
@@ -101,12 +113,15 @@ class LayerPruningEnv(gym.Env):
         density: str = "flops",
         seed: int = 0,
         flops_target: float | None = None,
+        latency_target: float | None = None,
         min_keep: float = 0.25,
         action_levels: int | None = None,
         importance: str = "l1",
         channel_multiple: int = 1,
         recalibration_batches: int = 2,
         base_epochs: int = BASE_EPOCHS,
+        latency_batch: int = 64,
+        latency_threads: int = 1,
         device: str = "cpu",
     ):
         if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
@@ -117,14 +132,18 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"min_keep must be in (0, 1], got {min_keep!r}")
         if action_levels is not None and (not isinstance(action_levels, int) or action_levels < 2):
             raise ValueError(f"action_levels must be None or an int >= 2, got {action_levels!r}")
-        if flops_target is not None and (not isinstance(flops_target, int | float) or not 0 < flops_target <= 1):
-            raise ValueError(f"flops_target must be None or in (0, 1], got {flops_target!r}")
+        for name, target in (("flops_target", flops_target), ("latency_target", latency_target)):
+            if target is not None and (not isinstance(target, int | float) or not 0 < target <= 1):
+                raise ValueError(f"{name} must be None or in (0, 1], got {target!r}")
         if not isinstance(recalibration_batches, int) or recalibration_batches < 0:
             raise ValueError(f"recalibration_batches must be an int >= 0, got {recalibration_batches!r}")
         if not isinstance(channel_multiple, int | np.integer) or channel_multiple < 1:
             raise ValueError(f"channel_multiple must be an int >= 1, got {channel_multiple!r}")
         if not isinstance(seed, int | np.integer):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        for name, value in (("latency_batch", latency_batch), ("latency_threads", latency_threads)):
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.device = resolve_device(device)
         self.importance = make_importance(importance)
 
@@ -142,6 +161,8 @@ class LayerPruningEnv(gym.Env):
         self.lam = float(lam)
         self.density_kind = density
         self.flops_target = None if flops_target is None else float(flops_target)
+        self.latency_target = None if latency_target is None else float(latency_target)
+        self.budgeted = self.flops_target is not None or self.latency_target is not None
         self.min_keep = float(min_keep)
         self.action_levels = action_levels
         self.seed_value = int(seed)
@@ -163,6 +184,16 @@ class LayerPruningEnv(gym.Env):
                 f"{min_density:.4f} (every group at min_keep={self.min_keep})"
             )
 
+        self.latency = None
+        if density == "latency" or self.latency_target is not None:
+            self.latency = LatencyTable(self.model, self.graph, example, batch_size=int(latency_batch),
+                                        threads=int(latency_threads))
+            min_latency = self.latency.density(self.min_counts)
+            if self.latency_target is not None and self.latency_target < min_latency:
+                raise ValueError(
+                    f"latency_target={self.latency_target} is below the smallest reachable latency ratio "
+                    f"{min_latency:.4f} (every group at min_keep={self.min_keep}, as the latency table predicts)"
+                )
         self._mask = SoftMask(self.model, self.graph)
         self._bn_state = bn_state(self.model)
         generator = torch.Generator().manual_seed(self.seed_value)
@@ -210,15 +241,26 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"action must be an int in [0, {self.action_levels}), got {action!r}")
         return self.min_keep + int(a[0]) / (self.action_levels - 1) * (1.0 - self.min_keep)
 
-    def _max_count(self, t: int) -> int:
-        """The most channels group t may keep so that min_keep on every later group meets the budget."""
+    def _fitting(self, t: int) -> np.ndarray:
+        """Which of group t's allowed counts meet the budget(s) if every later group kept only min_keep.
+
+        The counts chosen so far passed the same test with this group at its minimum, so the minimum
+        always fits: no sequence of actions can end over budget. Latency need not grow with channels
+        (a conv with 4 output channels can take longer than one with 8, when the kernels oneDNN picks
+        for them differ), so the fitting counts need not be a prefix of the allowed ones.
+        """
         allowed = self.allowed[t]
-        if self.flops_target is None:
-            return int(allowed[-1])
+        fits = np.ones(len(allowed), dtype=bool)
+        if not self.budgeted:
+            return fits
         candidates = np.repeat(np.concatenate([self._counts[:t], self.min_counts[t:]])[None], len(allowed), axis=0)
         candidates[:, t] = allowed
-        fits = np.flatnonzero(self.graph.flops(candidates) <= self.flops_target * self.dense_flops * (1 + 1e-9))
-        return int(allowed[fits[-1]]) if len(fits) else int(allowed[0])
+        if self.flops_target is not None:
+            fits &= self.graph.flops(candidates) <= self.flops_target * self.dense_flops * (1 + 1e-9)
+        if self.latency_target is not None:
+            fits &= np.array([self.latency.density(c) for c in candidates]) <= self.latency_target * (1 + 1e-9)
+        fits[0] = True  # the minimum fits by construction; this only guards against rounding
+        return fits
 
     def _get_obs(self) -> np.ndarray:
         t = self._step
@@ -226,8 +268,8 @@ class LayerPruningEnv(gym.Env):
         decided = np.concatenate([self._counts[:t], self.graph.num_channels[t:]])
         obs[7] = 1.0 - float(self.graph.flops(decided)) / self.dense_flops
         obs[9] = self._prev_ratio
-        self._max_now = self._max_count(t)  # the step that follows is clamped by it too
-        obs[10] = self._max_now / self.graph.num_channels[t]
+        self._fits_now = self._fitting(t)  # the step that follows is clamped by it too
+        obs[10] = self.allowed[t][self._fits_now][-1] / self.graph.num_channels[t]
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     def density_of(self, counts: np.ndarray) -> float:
@@ -235,7 +277,17 @@ class LayerPruningEnv(gym.Env):
             return float(self.graph.flops(counts)) / self.dense_flops
         if self.density_kind == "params":
             return float(self.graph.params(counts)) / self.graph.dense_params
+        if self.density_kind == "latency":
+            return self.latency.density(counts)
         return float(counts.sum() / self.graph.num_channels.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed search needs besides the agent: the latency table's timings (if any)."""
+        return {} if self.latency is None else {"latency_table": self.latency.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.latency is not None and "latency_table" in state:
+            self.latency.load_state_dict(state["latency_table"])
 
     def kept_channels(self, counts: np.ndarray) -> list[torch.Tensor]:
         """The channels each group keeps: its ``counts[g]`` most important, ascending."""
@@ -262,6 +314,7 @@ class LayerPruningEnv(gym.Env):
             "params": float(self.graph.params(counts)),
             "keep_counts": counts.tolist(),
             "keep_ratios": (counts / self.graph.num_channels).tolist(),
+            **({} if self.latency is None else {"latency_ratio": self.latency.density(counts)}),
         }
 
     # ---- gymnasium API ----------------------------------------------------------------------------
@@ -280,7 +333,8 @@ class LayerPruningEnv(gym.Env):
         t = self._step
         ratio = self.keep_ratio_of(action)
         channels = int(self.graph.num_channels[t])
-        count = min(nearest_count(self.allowed[t], ratio * channels), self._max_now)
+        asked = nearest_count(self.allowed[t], ratio * channels)
+        count = int(self.allowed[t][self._fits_now & (self.allowed[t] <= asked)][-1])  # the most that fits
         self._counts[t] = count
         self._prev_ratio = count / channels
         self._step += 1
@@ -289,7 +343,7 @@ class LayerPruningEnv(gym.Env):
             return self._get_obs(), 0.0, False, False, info
         metrics = self.evaluate_counts(self._counts)
         info.update(metrics)
-        price = 0.0 if self.flops_target is not None else self.lam * metrics["density"]
+        price = 0.0 if self.budgeted else self.lam * metrics["density"]
         reward = -metrics["loss"] - price
         # The observation after the last step is never acted on; it repeats the last group's.
         self._step = self.num_groups

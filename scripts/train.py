@@ -33,7 +33,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)
             continue
-        kind = {"flops_target": optional_float, "timesteps": optional_int,
+        kind = {"flops_target": optional_float, "latency_target": optional_float, "timesteps": optional_int,
                 "hyperparameters": json_dict}.get(f.name, type(default))
         parser.add_argument(flag, type=kind, choices=choices.get(f.name),
                             default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)

@@ -1,0 +1,208 @@
+"""A latency lookup table: the CPU time of a model pruned to any channel counts, from its layers' timings.
+
+FLOPs are a poor guide to CPU time once channel counts get uneven. CPU convolution kernels
+(oneDNN) compute channels in blocks of the vector width, so on an AVX-512 machine a 3x3 conv at
+batch 64 with 49 output channels can take twice as long as one with 48, and as long as one with
+64. A search that prices FLOPs happily picks 49. NetAdapt's answer is a lookup table of measured
+layer latencies; this is that table.
+
+Each conv and linear layer is timed alone (random weights, random input of the layer's own input
+size, the batch size and thread count asked for) at the input and output channel counts a keep
+decision gives it, once per (layer, in, out), on first use. The predicted latency of keep counts
+is the sum of their layers' entries plus the rest of the network (activations, adds, pooling):
+the dense model's measured time minus its layers' dense entries, scaled by the fraction of the
+layers' output activations the keep counts leave (those ops are memory-bound: their cost follows
+the activations' size).
+Batch norm is assumed folded into the conv before it, as in the inference form
+(``compression.fusion.inference_form``) the project times.
+
+The table is state (``state_dict``/``load_state_dict``): timings differ between runs and machines,
+so a resumed search reloads the entries it was rewarded with instead of measuring them again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .channels import ChannelGraph
+from .fusion import inference_form
+from .metrics import keep_freed_memory, num_threads
+
+__all__ = ["LatencyTable"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TARGET_SECONDS = 0.004  # time each entry for about this long
+_MIN_REPEATS, _MAX_REPEATS = 3, 50
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str
+    module: nn.Module  # the dense layer, read for its type, kernel, stride, padding, dilation, groups
+    in_size: tuple[int, ...]  # the input's shape after the channel dim (spatial dims; () for a linear)
+    out_size: int  # elements per output channel
+    in_channels: int
+    out_channels: int
+    in_group: int | None  # the group whose keep count sets the input channels (None: fixed)
+    out_group: int | None
+    depthwise: bool
+
+
+class LatencyTable:
+    """Measured per-layer latencies of ``model``'s conv and linear layers at any keep counts of ``graph``.
+
+    ``batch_size`` and ``threads`` are those of the latency the table predicts (batch 64, one thread
+    by default). ``density(keep_counts)`` is the predicted latency over the dense model's.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, example_input: torch.Tensor, *,
+                 batch_size: int = 64, threads: int = 1):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        self.graph = graph
+        self.batch_size = batch_size
+        self.threads = threads
+        self.layers = self._find_layers(model, graph, example_input)
+        self.entries: dict[tuple[int, int, int], float] = {}  # (layer, in, out) -> seconds
+        self._dense_activations = sum(layer.out_size * layer.out_channels for layer in self.layers)
+        dense_counts = graph.num_channels
+        dense_layers = sum(self._layer_seconds(i, *self._widths(i, dense_counts)) for i in range(len(self.layers)))
+        deployed, _ = inference_form(_cpu_copy(model))
+        x = example_input[:1].cpu().expand(batch_size, *example_input.shape[1:]).contiguous()
+        whole = _timed(deployed, x, threads, min_repeats=10)
+        self.rest_seconds = max(0.0, whole - dense_layers)
+        self.dense_seconds = dense_layers + self.rest_seconds
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def _find_layers(model: nn.Module, graph: ChannelGraph, example_input: torch.Tensor) -> list[_Layer]:
+        modules = dict(model.named_modules())
+        costs = {c.name: c for c in graph.layers}
+        timed = [n for n, m in modules.items() if isinstance(m, (*_CONVS, nn.Linear)) and n in costs]
+        sizes: dict[str, tuple[int, ...]] = {}  # input size per channel (spatial dims)
+        out_sizes: dict[str, int] = {}  # output elements per channel
+
+        def record(name: str):
+            def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                sizes.setdefault(name, tuple(args[0].shape[2:]))
+                out_sizes.setdefault(name, int(output[0, 0].numel()))
+            return hook
+
+        hooks = [modules[n].register_forward_hook(record(n)) for n in timed]
+        was_training = model.training
+        try:
+            model.eval()
+            model(example_input[:1])
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+        layers = []
+        for name in timed:
+            m, cost = modules[name], costs[name]
+            if name not in sizes:
+                continue  # not on the forward path: it costs nothing
+            in_ch = int(m.in_channels if isinstance(m, _CONVS) else m.in_features)
+            out_ch = int(m.out_channels if isinstance(m, _CONVS) else m.out_features)
+            groups = int(getattr(m, "groups", 1))
+            depthwise = groups > 1 and groups == in_ch == out_ch
+            if groups > 1 and not depthwise:
+                raise ValueError(f"layer {name!r} is a grouped conv (groups={groups}) that is not depthwise; "
+                                 "the latency table times plain and depthwise convs only")
+            layers.append(_Layer(name, m, sizes[name], out_sizes[name], in_ch, out_ch, cost.in_group, cost.out_group,
+                                 depthwise))
+        return layers
+
+    def _widths(self, index: int, counts: np.ndarray) -> tuple[int, int]:
+        layer = self.layers[index]
+        out = layer.out_channels if layer.out_group is None else int(counts[layer.out_group])
+        if layer.depthwise:
+            return out, out
+        return (layer.in_channels if layer.in_group is None else int(counts[layer.in_group])), out
+
+    # ---- timing -------------------------------------------------------------------------------------
+    def _layer_seconds(self, index: int, cin: int, cout: int) -> float:
+        key = (index, cin, cout)
+        if key not in self.entries:
+            self.entries[key] = _timed(*self._layer_and_input(index, cin, cout), self.threads)
+        return self.entries[key]
+
+    def _layer_and_input(self, index: int, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
+        layer = self.layers[index]
+        m = layer.module
+        if isinstance(m, nn.Linear):
+            return nn.Linear(cin, cout), torch.randn(self.batch_size, cin)
+        module = type(m)(cin, cout, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                         groups=cin if layer.depthwise else 1, bias=True, padding_mode=m.padding_mode)
+        return module, torch.randn(self.batch_size, cin, *layer.in_size)
+
+    def seconds(self, keep_counts: Sequence[int] | np.ndarray) -> float:
+        """Predicted latency (seconds) of the model pruned to ``keep_counts``; measures any entry it lacks."""
+        counts = np.asarray(keep_counts, dtype=np.int64)
+        if counts.shape != (len(self.graph.groups),):
+            raise ValueError(f"need one keep count per group ({len(self.graph.groups)}), got shape {counts.shape}")
+        if np.any(counts < 1) or np.any(counts > self.graph.num_channels):
+            raise ValueError(f"keep counts must be in [1, channels of the group], got {counts.tolist()}")
+        widths = [self._widths(i, counts) for i in range(len(self.layers))]
+        activations = sum(layer.out_size * out for layer, (_, out) in zip(self.layers, widths, strict=True))
+        return (self.rest_seconds * activations / self._dense_activations
+                + sum(self._layer_seconds(i, cin, cout) for i, (cin, cout) in enumerate(widths)))
+
+    def density(self, keep_counts: Sequence[int] | np.ndarray) -> float:
+        """Predicted latency of ``keep_counts`` over the dense model's."""
+        return self.seconds(keep_counts) / self.dense_seconds
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready: the settings, the rest term and every entry measured so far."""
+        return {"batch_size": self.batch_size, "threads": self.threads, "rest_seconds": self.rest_seconds,
+                "dense_seconds": self.dense_seconds, "layers": [layer.name for layer in self.layers],
+                "entries": [[self.layers[i].name, cin, cout, s] for (i, cin, cout), s in sorted(self.entries.items())]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the entries of a table saved by ``state_dict`` for the same layers, batch size and threads."""
+        names = [layer.name for layer in self.layers]
+        for key, mine in (("batch_size", self.batch_size), ("threads", self.threads), ("layers", names)):
+            if state.get(key) != mine:
+                raise ValueError(f"the saved latency table has {key}={state.get(key)!r}, this one {mine!r}")
+        index = {name: i for i, name in enumerate(names)}
+        entries = {}
+        for name, cin, cout, s in state["entries"]:
+            if not (isinstance(s, float) and math.isfinite(s) and s > 0):
+                raise ValueError(f"the saved latency table has a bad entry for {name!r} ({cin}, {cout}): {s!r}")
+            entries[(index[name], int(cin), int(cout))] = s
+        self.entries = entries
+        self.rest_seconds = float(state["rest_seconds"])
+        self.dense_seconds = float(state["dense_seconds"])
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).cpu()
+
+
+def _timed(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = _MIN_REPEATS) -> float:
+    """Median seconds of ``module(x)`` after one untimed pass: at least ``min_repeats`` timed passes,
+    more (up to ``_MAX_REPEATS``) until they fill ``_TARGET_SECONDS``."""
+    keep_freed_memory()
+    times: list[float] = []
+    with torch.inference_mode(), num_threads(threads):
+        module.eval()
+        module(x)
+        while len(times) < min_repeats or (sum(times) < _TARGET_SECONDS and len(times) < _MAX_REPEATS):
+            start = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)

@@ -1,0 +1,207 @@
+"""Tests for the latency lookup table (compression.latency) and the layer env's latency density and
+latency budget: what the table times, its memo and saved state, bad input, the budget clamp with
+non-monotone timings, and a resumed run keeping the timings it was rewarded with."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from helpers import ok, run_train
+from torch import nn
+
+from prunegym.compression import latency as latency_module
+from prunegym.compression.channels import ChannelGraph
+from prunegym.compression.latency import LatencyTable
+from prunegym.compression.models import build_model
+from prunegym.envs import LAYER_PRUNING_ID
+
+SMALL = {"base_epochs": 2}
+
+
+def _fake_seconds(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = 3) -> float:
+    """Deterministic stand-in timings for tests of what is built on the table: in x out channels, twice
+    as dear at an odd output count (the uneven cost real kernels have), plus a whole-model term."""
+    if isinstance(module, nn.Conv2d | nn.Linear):
+        cin = module.weight.shape[1] * getattr(module, "groups", 1)
+        cout = module.weight.shape[0]
+        return 1e-6 * cin * cout * (2.0 if cout % 2 else 1.0)
+    return 1.0  # the whole dense model
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
+
+
+def _resnet_table(**kwargs) -> tuple[nn.Module, ChannelGraph, LatencyTable]:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 3, 10).eval()
+    example = torch.randn(1, 3, 8, 8)
+    graph = ChannelGraph(model, example)
+    return model, graph, LatencyTable(model, graph, example, **kwargs)
+
+
+# ---- the table -----------------------------------------------------------------------------------
+def test_table_times_each_conv_at_its_pruned_widths_once():
+    model, graph, table = _resnet_table(batch_size=4)
+    dense = graph.num_channels
+    assert table.density(dense) == pytest.approx(1.0)
+    assert table.seconds(dense) == pytest.approx(table.dense_seconds)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert [layer.name for layer in table.layers] == convs
+    assert len(table.entries) == len(convs)  # the dense widths, measured while building
+
+    counts = dense.copy()
+    counts[1] = dense[1] // 2  # layer1.0.conv1's outputs, read by layer1.0.conv2
+    before = len(table.entries)
+    predicted = table.seconds(counts)
+    new = set(table.entries) - {k for k in list(table.entries)[:before]}
+    names = {table.layers[i].name: (cin, cout) for i, cin, cout in new}
+    assert names == {"layer1.0.conv1": (16, 8), "layer1.0.conv2": (8, 16)}
+    assert table.seconds(counts) == predicted  # memoised: the same value, nothing timed again
+    assert len(table.entries) == before + 2
+    for value in table.entries.values():
+        assert value > 0
+
+
+def test_fewer_channels_predict_less_time(fake_timer):
+    _, graph, table = _resnet_table()
+    dense = graph.num_channels
+    even = np.maximum(2, (dense // 4) * 2)  # about half of every group, even counts
+    assert table.density(even) < 0.7
+    odd = even + 1  # more channels, but odd: the fake kernels charge double
+    assert table.density(odd) > table.density(even)
+
+
+def test_state_round_trips_through_json_without_timing_again(monkeypatch):
+    _, graph, table = _resnet_table(batch_size=2)
+    table.seconds(np.maximum(1, graph.num_channels // 2))
+    state = json.loads(json.dumps(table.state_dict()))
+    other = _resnet_table(batch_size=2)[2]
+    other.load_state_dict(state)
+    assert other.entries == table.entries
+    assert other.dense_seconds == table.dense_seconds
+
+    def no_timing(*args):
+        raise AssertionError("a loaded entry was timed again")
+
+    monkeypatch.setattr(latency_module, "_timed", no_timing)
+    half = np.maximum(1, graph.num_channels // 2)
+    assert other.seconds(half) == table.seconds(half)
+
+
+def test_bad_input_raises_naming_it(fake_timer):
+    model, graph, table = _resnet_table()
+    with pytest.raises(ValueError, match="batch_size"):
+        LatencyTable(model, graph, torch.randn(1, 3, 8, 8), batch_size=0)
+    with pytest.raises(ValueError, match="threads"):
+        LatencyTable(model, graph, torch.randn(1, 3, 8, 8), threads=0)
+    with pytest.raises(ValueError, match="one keep count per group"):
+        table.seconds([1, 2])
+    too_many = graph.num_channels.copy()
+    too_many[0] += 1
+    with pytest.raises(ValueError, match="keep counts"):
+        table.seconds(too_many)
+    state = table.state_dict()
+    with pytest.raises(ValueError, match="batch_size"):
+        _resnet_table(batch_size=8)[2].load_state_dict(state)
+    state["entries"][0][3] = -1.0
+    with pytest.raises(ValueError, match="bad entry"):
+        table.load_state_dict(state)
+
+
+def test_grouped_conv_that_is_not_depthwise_is_refused(fake_timer):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    example = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="'2'.*groups=2"):
+        LatencyTable(model, ChannelGraph(model, example), example)
+
+
+# ---- the env -------------------------------------------------------------------------------------
+def _episode(env, rng):
+    env.reset()
+    done = False
+    while not done:
+        _, reward, done, _, info = env.step(rng.uniform(-1, 1, 1).astype(np.float32))
+    return reward, info
+
+
+def test_latency_density_is_the_tables_prediction(fake_timer):
+    env = gymnasium.make(LAYER_PRUNING_ID, density="latency", lam=2.0, **SMALL).unwrapped
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        reward, info = _episode(env, rng)
+        assert info["density"] == pytest.approx(env.latency.density(np.array(info["keep_counts"])))
+        assert reward == pytest.approx(-info["loss"] - 2.0 * info["density"], abs=1e-12)
+    env.close()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_latency_budget_never_ends_over_the_target_with_uneven_timings(fake_timer, target):
+    env = gymnasium.make(LAYER_PRUNING_ID, latency_target=target, lam=2.0, **SMALL).unwrapped
+    assert env.latency is not None and env.density_kind == "flops"
+    rng = np.random.default_rng(int(target * 10))
+    ratios = []
+    for _ in range(100):
+        reward, info = _episode(env, rng)
+        predicted = env.latency.density(np.array(info["keep_counts"]))
+        ratios.append(predicted)
+        assert predicted <= target + 1e-9
+        assert reward == pytest.approx(-info["loss"], abs=1e-12)  # budget mode: lam is ignored
+    assert max(ratios) > target - 0.15  # the budget binds, it does not just prune everything
+    env.reset()
+    done = False
+    while not done:  # "keep everything" is clamped too
+        _, _, done, _, info = env.step(np.ones(1, dtype=np.float32))
+    assert env.latency.density(np.array(info["keep_counts"])) <= target + 1e-9
+    env.close()
+
+
+def test_latency_budget_below_reachable_minimum_and_bad_settings_raise(fake_timer):
+    with pytest.raises(ValueError, match="latency_target"):
+        gymnasium.make(LAYER_PRUNING_ID, latency_target=0.001, **SMALL)
+    for kwargs, name in (({"latency_target": 0}, "latency_target"), ({"latency_target": 1.5}, "latency_target"),
+                         ({"latency_batch": 0}, "latency_batch"), ({"latency_threads": -1}, "latency_threads")):
+        with pytest.raises(ValueError, match=name):
+            gymnasium.make(LAYER_PRUNING_ID, density="latency", **SMALL, **kwargs)
+
+
+def test_env_state_carries_the_table():
+    env = gymnasium.make(LAYER_PRUNING_ID, density="latency", latency_batch=4, **SMALL).unwrapped
+    _episode(env, np.random.default_rng(0))
+    other = gymnasium.make(LAYER_PRUNING_ID, density="latency", latency_batch=4, **SMALL).unwrapped
+    other.load_state_dict(json.loads(json.dumps(env.state_dict())))
+    assert other.latency.entries == env.latency.entries
+    assert gymnasium.make(LAYER_PRUNING_ID, **SMALL).unwrapped.state_dict() == {}
+
+
+# ---- a run ---------------------------------------------------------------------------------------
+def test_resumed_latency_run_keeps_its_timings(prunegym_cache, tmp_path):
+    target = tmp_path / "run"
+    tiny = ["--timesteps", "48", "--finetune-epochs", "1", "--base-epochs", "2", "--checkpoint-freq", "24",
+            "--device", "cpu", "--density", "latency", "--lam", "0.5"]
+    ok(run_train("--run-dir", str(target), *tiny))
+    config = json.loads((target / "config.json").read_text())
+    assert config["env_kwargs"]["latency_threads"] == 1
+    first = json.loads((target / "checkpoints" / "state.json").read_text())["env"]["latency_table"]
+    assert first["entries"]
+
+    ok(run_train("--run-dir", str(target), "--resume", "--timesteps", "96"))
+    second = json.loads((target / "checkpoints" / "state.json").read_text())["env"]["latency_table"]
+    # every timing the first part measured is still there, unchanged (re-timing would change it)
+    later = {(name, cin, cout): s for name, cin, cout, s in second["entries"]}
+    for name, cin, cout, s in first["entries"]:
+        assert later[(name, cin, cout)] == s
+    assert second["dense_seconds"] == first["dense_seconds"]
+
+
+def test_latency_target_is_for_the_layer_env_only(prunegym_cache, tmp_path):
+    result = run_train("--env", "input", "--latency-target", "0.5", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "latency_target" in result.stderr
+    assert not (tmp_path / "run").exists()
