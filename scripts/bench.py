@@ -43,6 +43,7 @@ from prunegym.compression.checkpoint import write_json
 from prunegym.compression.dynamic import build_dynamic
 from prunegym.compression.fusion import fold_batchnorm
 from prunegym.compression.gates import GateDecider
+from prunegym.compression.latency import LatencyTable
 from prunegym.compression.metrics import (
     count_flops,
     count_params,
@@ -184,11 +185,12 @@ def bench_latency(model_name: str, targets: list[float], threads: int, repeats: 
     example = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
     graph = ChannelGraph(dense, example)
     dense_flops = count_flops(dense, example)
-    pruned_models, rows = [], []
+    pruned_models, rows, all_counts = [], [], []
     for target in targets:
         keep_ratio, counts = uniform_counts(graph, target, channel_multiple)
         pruned = prune_channels(dense, graph, graph.kept_channels(L1Importance(), counts)).eval()
         pruned_models.append(pruned)
+        all_counts.append(counts)
         rows.append({"target": target, "keep_ratio": keep_ratio, "flops": count_flops(pruned, example),
                      "params": count_params(pruned)})
     results: dict[str, Any] = {
@@ -208,6 +210,10 @@ def bench_latency(model_name: str, targets: list[float], threads: int, repeats: 
         results[f"warmup_b{batch}"] = passes
         for row, s in zip(rows, seconds[1:], strict=True):
             row[f"latency_b{batch}_ms"] = 1e3 * s
+    if fold_bn:  # what the latency table (density="latency") predicts, built after the timings above
+        table = LatencyTable(dense, graph, example, batch_size=BATCH_SIZES[-1], threads=threads)
+        for row, counts in zip(rows, all_counts, strict=True):
+            row[f"predicted_latency_ratio_b{BATCH_SIZES[-1]}"] = table.density(counts)
     for row in rows:
         row["flops_ratio"] = row["flops"] / dense_flops
         row["params_ratio"] = row["params"] / results["dense"]["params"]
@@ -229,14 +235,17 @@ def format_latency(r: dict[str, Any]) -> str:
              f"dense: {d['flops']:,} FLOPs, {d['params']:,} params, b1 {d['latency_b1_ms']:.3f} ms, "
              f"b64 {d['latency_b64_ms']:.3f} ms"]
     header = (f"{'target':>7}{'keep':>7}{'FLOPs ratio':>13}{'b1 ms':>9}{'b64 ms':>9}{'lat ratio b1':>14}"
-              f"{'lat ratio b64':>15}{'b1 / FLOPs':>12}{'b64 / FLOPs':>13}")
+              f"{'lat ratio b64':>15}{'b1 / FLOPs':>12}{'b64 / FLOPs':>13}{'table b64':>11}")
     lines += [header, "-" * len(header)]
     for p in r["pruned"]:
+        predicted = p.get("predicted_latency_ratio_b64")
         lines.append(f"{p['target']:>7.2f}{p['keep_ratio']:>7.3f}{p['flops_ratio']:>13.3f}{p['latency_b1_ms']:>9.3f}"
                      f"{p['latency_b64_ms']:>9.3f}{p['latency_ratio_b1']:>14.3f}{p['latency_ratio_b64']:>15.3f}"
-                     f"{p['latency_over_flops_b1']:>12.2f}{p['latency_over_flops_b64']:>13.2f}")
+                     f"{p['latency_over_flops_b1']:>12.2f}{p['latency_over_flops_b64']:>13.2f}"
+                     f"{'-' if predicted is None else f'{predicted:.3f}':>11}")
     lines.append("FLOPs count 2 per multiply-add (FlopCounterMode). latency / FLOPs ratio 1: the pruned model is "
-                 "as much faster as it is smaller.")
+                 "as much faster as it is smaller. table b64: the latency ratio the latency lookup table "
+                 "(density='latency') predicts, against the measured lat ratio b64 beside it.")
     return "\n".join(lines)
 
 

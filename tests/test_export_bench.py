@@ -105,9 +105,11 @@ def test_bench_latency_writes_ratios(tmp_path: Path, cache: Path):
     assert [row["target"] for row in rows] == [0.25, 0.5, 0.75]
     for row in rows:
         for key in ("flops_ratio", "latency_ratio_b1", "latency_ratio_b64", "latency_over_flops_b1",
-                    "latency_over_flops_b64"):
+                    "latency_over_flops_b64", "predicted_latency_ratio_b64"):
             assert row[key] > 0
         assert abs(row["flops_ratio"] - row["target"]) < 0.05
+    predicted = [row["predicted_latency_ratio_b64"] for row in rows]
+    assert predicted == sorted(predicted)  # a quarter, half, three quarters of the FLOPs: far apart in time
 
 
 def test_bench_env_runs(tmp_path: Path, cache: Path, run_dir: Path):
