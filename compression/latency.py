@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +34,7 @@ from torch import nn
 
 from .channels import ChannelGraph
 from .fusion import inference_form
-from .metrics import keep_freed_memory, num_threads
+from .metrics import measure_latency
 
 __all__ = ["LatencyTable"]
 
@@ -79,7 +77,7 @@ class LatencyTable:
         self._dense_activations = sum(layer.out_size * layer.out_channels for layer in self.layers)
         dense_counts = graph.num_channels
         dense_layers = sum(self._layer_seconds(i, *self._widths(i, dense_counts)) for i in range(len(self.layers)))
-        deployed, _ = inference_form(_cpu_copy(model))
+        deployed, _ = inference_form(copy.deepcopy(model).cpu())
         x = example_input[:1].cpu().expand(batch_size, *example_input.shape[1:]).contiguous()
         whole = _timed(deployed, x, threads, min_repeats=10)
         self.rest_seconds = max(0.0, whole - dense_layers)
@@ -189,20 +187,8 @@ class LatencyTable:
         self.dense_seconds = float(state["dense_seconds"])
 
 
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).cpu()
-
-
 def _timed(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = _MIN_REPEATS) -> float:
     """Median seconds of ``module(x)`` after one untimed pass: at least ``min_repeats`` timed passes,
     more (up to ``_MAX_REPEATS``) until they fill ``_TARGET_SECONDS``."""
-    keep_freed_memory()
-    times: list[float] = []
-    with torch.inference_mode(), num_threads(threads):
-        module.eval()
-        module(x)
-        while len(times) < min_repeats or (sum(times) < _TARGET_SECONDS and len(times) < _MAX_REPEATS):
-            start = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return measure_latency(module, x, repeats=min_repeats, warmup=1, threads=threads, fill_seconds=_TARGET_SECONDS,
+                           max_repeats=_MAX_REPEATS)

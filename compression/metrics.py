@@ -112,10 +112,14 @@ def measure_latency(
     repeats: int = 50,
     warmup: int = 10,
     threads: int | None = None,
+    fill_seconds: float = 0.0,
+    max_repeats: int | None = None,
 ) -> float:
     """Median wall-clock seconds of one forward pass, after ``warmup`` untimed passes.
 
-    The process keeps freed memory from then on (``keep_freed_memory``), as a deployment would.
+    ``repeats`` passes are timed, and more (up to ``max_repeats``) while they add up to less than
+    ``fill_seconds``: a fast model gets more passes than a slow one for the same time. The process
+    keeps freed memory from then on (``keep_freed_memory``), as a deployment would.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -126,7 +130,8 @@ def measure_latency(
     with num_threads(threads):
         for _ in range(warmup):
             model(example_input)
-        for _ in range(repeats):
+        most = repeats if max_repeats is None else max(repeats, max_repeats)
+        while len(times) < repeats or (sum(times) < fill_seconds and len(times) < most):
             start = time.perf_counter()
             model(example_input)
             times.append(time.perf_counter() - start)
