@@ -89,18 +89,18 @@ class LayerPruningEnv(gym.Env):
     - ``flops_target``: budget mode: the episode cannot end above this fraction of dense FLOPs
       (AMC's resource-constrained search). Each action is clamped so that, even if every later group
       kept only ``min_keep``, the model would fit.
-    - ``latency_target``: budget mode in predicted latency: the episode cannot end above this
-      fraction of the dense model's latency (as the latency table predicts it; see ``density``).
-      With both targets, both hold.
     - ``min_keep``: the smallest keep ratio, in (0, 1].
     - ``action_levels``: ``None`` for a continuous action, or n >= 2 discrete keep ratios.
     - ``importance``: ``l1`` | ``l2`` | ``bn_scale``, which channels stay inside a group.
     - ``channel_multiple``: keep channel counts at multiples of this (a group may always keep all
       its channels); 16 suits AVX-512 fp32 kernels, 8 AVX2.
     - ``recalibration_batches``: train batches (of 128) for BN recalibration before the reward; 0: none.
+    - ``device``: ``auto``, ``cpu``, ``cuda``...
+    - ``latency_target``: budget mode in predicted latency: the episode cannot end above this
+      fraction of the dense model's latency (as the latency table predicts it; see ``density``).
+      With both targets, both hold.
     - ``latency_batch``, ``latency_threads``: the batch size and CPU threads the latency table
       times (with ``density="latency"`` or ``latency_target`` only).
-    - ``device``: ``auto``, ``cpu``, ``cuda``...
     """
 
     metadata = {"render_modes": []}
@@ -113,16 +113,16 @@ class LayerPruningEnv(gym.Env):
         density: str = "flops",
         seed: int = 0,
         flops_target: float | None = None,
-        latency_target: float | None = None,
         min_keep: float = 0.25,
         action_levels: int | None = None,
         importance: str = "l1",
         channel_multiple: int = 1,
         recalibration_batches: int = 2,
         base_epochs: int = BASE_EPOCHS,
+        device: str = "cpu",
+        latency_target: float | None = None,
         latency_batch: int = 64,
         latency_threads: int = 1,
-        device: str = "cpu",
     ):
         if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
