@@ -74,8 +74,13 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
                      weight_decay: float = 5e-4, seed: int = 0, device: torch.device | None = None,
                      distill: Distillation | None = None,
                      penalty: Callable[[nn.Module], torch.Tensor] | None = None,
-                     after_step: Callable[[int, int], None] | None = None) -> nn.Module:
+                     after_step: Callable[[int, int], None] | None = None,
+                     max_steps: int | None = None) -> nn.Module:
     """Train (or fine-tune) ``model`` in place with AdamW and a cosine schedule; returns it in eval mode.
+
+    ``max_steps``: stop after this many batches, the cosine schedule spanning them, however many
+    epochs that is (the short-term fine-tune of a search reward; ``epochs`` is then ignored);
+    ``None``: ``epochs`` whole epochs.
 
     ``distill``: learn from a teacher's soft targets as well as the labels (``kd_loss``; the teacher
     runs in eval mode). ``penalty(model)`` is added to the loss (network slimming's L1 on BN scales).
@@ -86,25 +91,31 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_steps is not None and max_steps < 0:
+        raise ValueError(f"max_steps must be None or >= 0, got {max_steps}")
     device = device or _device_of(model)
     model.to(device)
+    steps_per_epoch = -(-len(split) // batch_size)
+    if max_steps is not None:
+        epochs = -(-max_steps // steps_per_epoch)
     if epochs == 0:
         return model.eval()
+    total = epochs * steps_per_epoch if max_steps is None else max_steps
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = -(-len(split) // batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     teacher = None
     if distill is not None:
         teacher = distill.teacher.to(device)
         teacher_was_training = teacher.training
         teacher.eval()
-    total = epochs * steps_per_epoch
     step = 0
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(split), generator=generator)
         for start in range(0, len(split), batch_size):
+            if step == total:
+                break
             idx = order[start:start + batch_size]
             step += 1
             if len(idx) < 2:

@@ -19,11 +19,12 @@ from prunegym.compression.channels import (
     load_bn_state,
     make_importance,
     nearest_count,
+    prune_channels,
     recalibrate_bn,
 )
 from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.latency import LatencyTable
-from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device
+from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device, train_classifier
 
 __all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
 
@@ -64,7 +65,8 @@ class LayerPruningEnv(gym.Env):
     ## Rewards
     Zero until the last step; then ``-task_loss - lam * density``, where ``task_loss`` is the mean
     cross-entropy of the soft-masked (not fine-tuned) model on the reward split, after batch-norm
-    recalibration on ``recalibration_batches`` train batches, and ``density`` the kept fraction of
+    recalibration on ``recalibration_batches`` train batches (with ``finetune_steps``: of the pruned
+    model after that short-term fine-tune), and ``density`` the kept fraction of
     the dense FLOPs (or parameters, channels, or predicted CPU latency: ``density=``). With a budget
     (``flops_target``, ``latency_target``) the reward is ``-task_loss``: the budget is enforced by
     the action clamp instead.
@@ -101,6 +103,13 @@ class LayerPruningEnv(gym.Env):
       With both targets, both hold.
     - ``latency_batch``, ``latency_threads``: the batch size and CPU threads the latency table
       times (with ``density="latency"`` or ``latency_target`` only).
+    - ``finetune_steps``: 0, or a short-term fine-tune before every reward (NetAdapt's): the
+      episode's model is pruned for real and trained this many batches of 64 on the train split
+      (AdamW, learning rate ``finetune_lr``, cosine schedule, the same batches every episode), and
+      the task loss is its loss after that. It costs a training run per episode, and pays where
+      the loss before fine-tuning does not rank models as fine-tuning would (deep residual
+      networks pruned by half or more are near chance before it, whatever their widths).
+    - ``finetune_lr``: the short-term fine-tune's learning rate, > 0.
     """
 
     metadata = {"render_modes": []}
@@ -123,6 +132,8 @@ class LayerPruningEnv(gym.Env):
         latency_target: float | None = None,
         latency_batch: int = 64,
         latency_threads: int = 1,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
     ):
         if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -144,6 +155,10 @@ class LayerPruningEnv(gym.Env):
         for name, value in (("latency_batch", latency_batch), ("latency_threads", latency_threads)):
             if not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(finetune_steps, int | np.integer) or finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
+        if not isinstance(finetune_lr, int | float) or not math.isfinite(finetune_lr) or finetune_lr <= 0:
+            raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}")
         self.device = resolve_device(device)
         self.importance = make_importance(importance)
 
@@ -166,6 +181,8 @@ class LayerPruningEnv(gym.Env):
         self.min_keep = float(min_keep)
         self.action_levels = action_levels
         self.seed_value = int(seed)
+        self.finetune_steps = int(finetune_steps)
+        self.finetune_lr = float(finetune_lr)
 
         example = self.splits.train.x[:1].to(self.device)
         self.graph = ChannelGraph(self.model, example)
@@ -295,15 +312,23 @@ class LayerPruningEnv(gym.Env):
 
     @torch.no_grad()
     def evaluate_counts(self, counts: np.ndarray, split: str = "reward") -> dict[str, Any]:
-        """Loss, accuracy and costs of the soft-masked, BN-recalibrated model for these keep counts."""
+        """Loss, accuracy and costs of the model for these keep counts: soft-masked and
+        BN-recalibrated, or with ``finetune_steps`` pruned and briefly fine-tuned."""
         counts = np.asarray(counts, dtype=np.int64)
-        self._mask.set(self.kept_channels(counts))
-        try:
-            recalibrate_bn(self.model, self._recal_batches)
-            loss, accuracy = evaluate(self.model, getattr(self.splits, split), device=self.device)
-        finally:
-            self._mask.set(None)
-            load_bn_state(self.model, self._bn_state)
+        if self.finetune_steps:
+            pruned = prune_channels(self.model, self.graph, self.kept_channels(counts))
+            with torch.enable_grad():
+                train_classifier(pruned, self.splits.train, epochs=0, lr=self.finetune_lr, seed=self.seed_value,
+                                 device=self.device, max_steps=self.finetune_steps)
+            loss, accuracy = evaluate(pruned, getattr(self.splits, split), device=self.device)
+        else:
+            self._mask.set(self.kept_channels(counts))
+            try:
+                recalibrate_bn(self.model, self._recal_batches)
+                loss, accuracy = evaluate(self.model, getattr(self.splits, split), device=self.device)
+            finally:
+                self._mask.set(None)
+                load_bn_state(self.model, self._bn_state)
         flops = float(self.graph.flops(counts))
         return {
             "loss": loss,

@@ -305,7 +305,7 @@ def test_timesteps_default_per_env():
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"algo": "td3"}, "td3"), ({"min_keep": 0.5}, "min_keep"), ({"channel_multiple": 8}, "channel_multiple"),
-    ({"groups": 0}, "groups"), ({"env": "bogus"}, "bogus"),
+    ({"groups": 0}, "groups"), ({"env": "bogus"}, "bogus"), ({"reward_finetune_steps": 5}, "reward_finetune_steps"),
 ])
 def test_train_config_rejects_layer_only_and_bad_options(kwargs, match):
     config = TrainConfig(**{"env": "input", **kwargs})

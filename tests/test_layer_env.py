@@ -12,7 +12,7 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from prunegym.compression import base_model, load_dataset
+from prunegym.compression import base_model, evaluate, load_dataset, prune_channels, train_classifier
 from prunegym.envs import DENSITY_KINDS, LAYER_PRUNING_ID, OBSERVATION_FEATURES, LayerPruningEnv
 
 SMALL = {"base_epochs": 2}  # every test not about accuracy: a briefly trained base model (cached per session)
@@ -204,6 +204,25 @@ def test_episodes_leave_the_dense_model_unchanged(small_env):
     assert small_env.evaluate_counts(small_env.graph.num_channels) == dense
 
 
+def test_short_term_finetune_reward_is_the_pruned_and_trained_models_loss():
+    """With ``finetune_steps`` the task loss is the hard-pruned model's after that many batches of
+    training on the train split: the same figure as pruning and training it by hand, the same
+    every time for the same widths, and the env's own model untouched."""
+    env = _make(finetune_steps=3, finetune_lr=2e-3)
+    before = {k: v.clone() for k, v in env.model.state_dict().items()}
+    info = _episode(env, _box(-0.5))["infos"][-1]
+    counts = np.asarray(info["keep_counts"])
+    assert (counts < env.graph.num_channels).any()
+    pruned = prune_channels(env.model, env.graph, env.kept_channels(counts))
+    train_classifier(pruned, env.splits.train, epochs=0, lr=2e-3, seed=env.seed_value, max_steps=3)
+    loss, accuracy = evaluate(pruned, env.splits.reward)
+    assert info["loss"] == pytest.approx(loss, rel=1e-6) and info["accuracy"] == pytest.approx(accuracy)
+    assert info["loss"] != pytest.approx(_make().evaluate_counts(counts)["loss"])  # not the soft-masked loss
+    assert env.evaluate_counts(counts)["loss"] == info["loss"]
+    assert all(torch.equal(before[k], v) for k, v in env.model.state_dict().items())
+    env.close()
+
+
 @pytest.mark.parametrize("kwargs", [{"importance": "l2"}, {"importance": "bn_scale"}, {"recalibration_batches": 0},
                                     {"min_keep": 1.0}])
 def test_other_valid_options_run(kwargs):
@@ -305,6 +324,10 @@ def test_one_action_level_raises():
         ({"model": "nonexistent_model"}, "model"),
         ({"dataset": "bogus:x"}, "dataset"),
         ({"recalibration_batches": -1}, "recalibration_batches"),
+        ({"finetune_steps": -1}, "finetune_steps"),
+        ({"finetune_steps": 1.5}, "finetune_steps"),
+        ({"finetune_lr": 0}, "finetune_lr"),
+        ({"finetune_lr": math.inf}, "finetune_lr"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):

@@ -196,7 +196,22 @@ def test_train_classifier_with_zero_epochs_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"epochs": -1}, "epochs"), ({"epochs": 1, "batch_size": 0}, "batch")])
+def test_train_classifier_max_steps_counts_batches_across_epochs():
+    """96 samples in batches of 16: 6 a epoch, so 8 steps run into a second epoch and stop there,
+    the schedule spanning exactly those 8; and a prefix of a longer run is not what they give."""
+    seen = []
+    model = train_classifier(_tiny(1), _separable(), epochs=0, batch_size=16, seed=5, max_steps=8,
+                             after_step=lambda step, total: seen.append((step, total)))
+    assert seen == [(step, 8) for step in range(1, 9)]
+    again = train_classifier(_tiny(1), _separable(), epochs=0, batch_size=16, seed=5, max_steps=8)
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+    before = {k: v.clone() for k, v in _tiny(1).state_dict().items()}
+    unchanged = train_classifier(_tiny(1), _separable(), epochs=3, max_steps=0)
+    assert all(torch.equal(before[k], v) for k, v in unchanged.state_dict().items())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"epochs": -1}, "epochs"), ({"epochs": 1, "batch_size": 0}, "batch"),
+                                               ({"epochs": 0, "max_steps": -1}, "max_steps")])
 def test_train_classifier_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         train_classifier(_tiny(), _separable(), **kwargs)

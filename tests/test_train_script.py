@@ -119,6 +119,7 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--flops-target", "2"], "flops[_-]target"), (["--density", "bogus"], "density"),
                           (["--model", "bogus"], "model"), (["--timesteps", "0"], "timesteps"),
                           (["--min-keep", "0"], "min_keep"), (["--finetune-lr", "-1"], "finetune_lr"),
+                          (["--reward-finetune-steps", "-1"], "reward_finetune_steps"),
                           (["--flops-target", "0.01"], "flops_target"), (["--dataset", "mnist:/nonexistent"],
                                                                           "nonexistent"),
                           (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus")])
@@ -274,3 +275,22 @@ def test_load_agent_of_a_stopped_run_uses_its_latest_checkpoint(run_dir, tmp_pat
     (target / "agent.zip").unlink()
     agent, _ = load_agent(target, device="cpu")
     assert agent.num_timesteps == 64
+
+
+def test_reward_finetune_steps_reach_the_env_and_its_reloaded_twin(prunegym_cache, tmp_path):
+    """--reward-finetune-steps becomes the env's finetune_steps; the env load_agent rebuilds prices
+    the best search episode's widths as the search did."""
+    target = tmp_path / "run"
+    ok(run_train("--run-dir", str(target), "--timesteps", "16", "--finetune-epochs", "1", "--base-epochs", "2",
+                 "--device", "cpu", "--reward-finetune-steps", "2"))
+    config = json.loads((target / "config.json").read_text())
+    assert config["config"]["reward_finetune_steps"] == 2
+    assert config["env_kwargs"]["finetune_steps"] == 2
+    report = json.loads((target / "report.json").read_text())
+    _, env_kwargs = load_agent(target, device="cpu")
+    env = gymnasium.make(LAYER_PRUNING_ID, **env_kwargs).unwrapped
+    assert env.finetune_steps == 2
+    counts = [round(r * n) for r, n in zip(report["results"]["rl"]["keep_ratios"], env.graph.num_channels,
+                                           strict=True)]
+    assert env.evaluate_counts(counts)["accuracy"] == report["search"]["reward_split_accuracy"]
+    env.close()
