@@ -195,7 +195,7 @@ class _Seed:
         are those of the fp32 ``source`` (FlopCounterMode does not see quantized kernels)."""
         loss, accuracy = evaluate(qmodel, self.splits.test, device=torch.device("cpu"))
         return {"test_accuracy": accuracy, "test_loss": loss, "flops": flops, "params": count_params(source),
-                "bytes": int8_bytes(qmodel), **static_latency(qmodel, self.splits.test.x, self.config.threads)}
+                "bytes": int8_bytes(qmodel), **static_latency([qmodel], self.splits.test.x, self.config.threads)[0]}
 
     def counts_result(self, counts: np.ndarray) -> dict[str, Any]:
         return {"keep_ratios": (np.asarray(counts) / self.graph.num_channels).round(4).tolist()}

@@ -31,7 +31,7 @@ from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
 from prunegym.compression.distillation import Distillation
 from prunegym.compression.fusion import inference_form
-from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes
+from prunegym.compression.metrics import count_flops, count_params, measure_latency_rounds, model_bytes
 from prunegym.compression.models import MODELS
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
@@ -41,13 +41,13 @@ from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
 __all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
-           "load_config", "resume_config", "format_report", "field_docs", "measure_model", "static_latency",
-           "batch_of_64", "distillation",
-           "RunDirError"]
+           "load_config", "resume_config", "format_report", "field_docs", "measure_model", "measure_models",
+           "static_latency", "batch_of_64", "distillation", "RunDirError"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
 DEFAULT_TIMESTEPS = {"layer": 6000, "input": 200_000}
+REPORT_ROUNDS = 3  # the report's models take turns this many times at each latency measurement
 INPUT_ALGORITHMS = ("ppo", "a2c", "dqn")
 
 
@@ -224,26 +224,33 @@ def batch_of_64(x: torch.Tensor) -> torch.Tensor:
     return x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
 
 
-def static_latency(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
-    """Batch-1 and batch-64 latency (median ms on the CPU) of a model whose cost does not depend on the input."""
-    return {"latency_b1_ms": 1e3 * measure_latency(model, x[:1], repeats=200, warmup=20, threads=threads),
-            "latency_b64_ms": 1e3 * measure_latency(model, batch_of_64(x), repeats=50, warmup=5, threads=threads)}
+def static_latency(models: list[torch.nn.Module], x: torch.Tensor, threads: int,
+                   rounds: int = 1) -> list[dict[str, float]]:
+    """Batch-1 and batch-64 latency (median ms on the CPU) of each model, whose cost does not depend
+    on the input; with several models and ``rounds`` > 1 timed in alternating rounds
+    (``measure_latency_rounds``), so that their ratios hold when the machine has a slow spell."""
+    b1 = measure_latency_rounds(models, x[:1], rounds=rounds, repeats=200, warmup=20, threads=threads)
+    b64 = measure_latency_rounds(models, batch_of_64(x), rounds=rounds, repeats=50, warmup=5, threads=threads)
+    return [{"latency_b1_ms": 1e3 * a, "latency_b64_ms": 1e3 * b} for a, b in zip(b1, b64, strict=True)]
+
+
+def measure_models(models: dict[str, torch.nn.Module], splits, threads: int, rounds: int = 1) -> dict[str, Any]:
+    """Test accuracy, FLOPs, parameters, bytes and batch-1/batch-64 latency of static models in their
+    inference form (CPU, eval mode, BN folded), the latencies timed together (``static_latency``)."""
+    forms = {name: inference_form(model) for name, model in models.items()}
+    latencies = static_latency([model for model, _ in forms.values()], splits.test.x, threads, rounds)
+    results = {}
+    for (name, (model, folding)), latency in zip(forms.items(), latencies, strict=True):
+        loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
+        results[name] = {"test_accuracy": accuracy, "test_loss": loss, "flops": count_flops(model, splits.test.x[:1]),
+                         "params": count_params(model), "bytes": model_bytes(model), **latency,
+                         "inference_form": folding}
+    return results
 
 
 def measure_model(model: torch.nn.Module, splits, threads: int) -> dict[str, Any]:
-    """Test accuracy, FLOPs, parameters, bytes and batch-1/batch-64 latency of a static model in its
-    inference form (CPU, eval mode, BN folded)."""
-    model, folding = inference_form(model)
-    loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))
-    return {
-        "test_accuracy": accuracy,
-        "test_loss": loss,
-        "flops": count_flops(model, splits.test.x[:1]),
-        "params": count_params(model),
-        "bytes": model_bytes(model),
-        **static_latency(model, splits.test.x, threads),
-        "inference_form": folding,
-    }
+    """``measure_models`` of one model."""
+    return measure_models({"model": model}, splits, threads)["model"]
 
 
 def _write_config(config: TrainConfig, run_dir: Path) -> None:
@@ -401,7 +408,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
         models[name] = pruned
 
     # 5. Report: test split only, latency on the CPU with fixed threads, all models in one process.
-    results = {name: measure_model(model, splits, config.threads) for name, model in models.items()}
+    results = measure_models(models, splits, config.threads, rounds=REPORT_ROUNDS)
     for name in ("rl", "uniform"):
         results[name]["keep_ratios"] = ((counts if name == "rl" else uniform) / env.graph.num_channels).tolist()
     for result in results.values():
@@ -421,8 +428,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
                    "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups]},
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
-                 f"{config.threads} thread(s); accuracy on the test split after {config.finetune_epochs} "
-                 "fine-tune epochs for both pruned models"
+                 f"{config.threads} thread(s), the models timed in {REPORT_ROUNDS} alternating rounds; accuracy "
+                 f"on the test split after {config.finetune_epochs} fine-tune epochs for both pruned models"
                  + (" (distilled from the dense model)." if config.distill else "."),
         "seconds": time.perf_counter() - started,
     }

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "saved_bytes", "measure_latency",
-           "measure_input_latency", "num_threads", "keep_freed_memory"]
+           "measure_latency_rounds", "measure_input_latency", "num_threads", "keep_freed_memory"]
 
 
 @torch.no_grad()
@@ -137,6 +137,25 @@ def measure_latency(
             times.append(time.perf_counter() - start)
     model.train(was_training)
     return statistics.median(times)
+
+
+def measure_latency_rounds(models: list[nn.Module], example_input: torch.Tensor, *, rounds: int = 3,
+                           repeats: int = 50, warmup: int = 10, threads: int | None = None) -> list[float]:
+    """Each model's latency for comparing them: ``measure_latency`` in ``rounds`` rounds over all the
+    models, the order reversed every other round, and the median of each model's round medians.
+
+    A slow spell of the machine then lands on every model's rounds alike instead of on whichever
+    model was being timed, so their ratios hold even when their absolute times drift.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    medians: list[list[float]] = [[] for _ in models]
+    order = list(range(len(models)))
+    for r in range(rounds):
+        for i in order if r % 2 == 0 else order[::-1]:
+            medians[i].append(measure_latency(models[i], example_input, repeats=repeats, warmup=warmup,
+                                              threads=threads))
+    return [statistics.median(m) for m in medians]
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ from prunegym.compression.metrics import (
     count_params,
     keep_freed_memory,
     measure_input_latency,
-    measure_latency,
+    measure_latency_rounds,
 )
 from prunegym.compression.models import MODELS, build_model
 
@@ -166,17 +166,6 @@ def uniform_counts(graph: ChannelGraph, flops_ratio: float, multiple: int = 1) -
     return float(ratios[best]), counts[best]
 
 
-def _timed_rounds(models: list[nn.Module], x: torch.Tensor, rounds: int, repeats: int, warmup: int,
-                  threads: int) -> list[float]:
-    """Each model's median latency over ``rounds`` rounds, the order reversed every other round."""
-    medians: list[list[float]] = [[] for _ in models]
-    order = list(range(len(models)))
-    for r in range(rounds):
-        for i in order if r % 2 == 0 else order[::-1]:
-            medians[i].append(measure_latency(models[i], x, repeats=repeats, warmup=warmup, threads=threads))
-    return [statistics.median(m) for m in medians]
-
-
 def bench_latency(model_name: str, targets: list[float], threads: int, repeats: int | None,
                   warmup: int | None, rounds: int, seed: int, fold_bn: bool = True,
                   channel_multiple: int = 1) -> dict[str, Any]:
@@ -204,7 +193,7 @@ def bench_latency(model_name: str, targets: list[float], threads: int, repeats: 
         x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed + batch))
         n = repeats if repeats is not None else DEFAULT_REPEATS[batch]
         passes = warmup if warmup is not None else DEFAULT_WARMUP[batch]
-        seconds = _timed_rounds(timed, x, rounds, n, passes, threads)
+        seconds = measure_latency_rounds(timed, x, rounds=rounds, repeats=n, warmup=passes, threads=threads)
         results["dense"][f"latency_b{batch}_ms"] = 1e3 * seconds[0]
         results[f"repeats_b{batch}"] = n
         results[f"warmup_b{batch}"] = passes

@@ -92,6 +92,24 @@ def test_measure_latency_returns_a_positive_float():
     assert model.training  # the flag comes back
 
 
+def test_measure_latency_rounds_times_every_model_in_every_round(monkeypatch):
+    """Rounds alternate the order (a, b, then b, a, ...) and each model gets the median of its rounds."""
+    import prunegym.compression.metrics as metrics
+
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    calls, fake = [], iter([1.0, 5.0, 6.0, 2.0, 3.0, 4.0])  # a: 1, 2, 3; b: 5, 6, 4
+
+    def timed(model, x, **kwargs):
+        calls.append("a" if model is a else "b")
+        return next(fake)
+
+    monkeypatch.setattr(metrics, "measure_latency", timed)
+    assert metrics.measure_latency_rounds([a, b], torch.randn(1, 2), rounds=3) == [2.0, 5.0]
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    with pytest.raises(ValueError, match="rounds"):
+        metrics.measure_latency_rounds([a], torch.randn(1, 2), rounds=0)
+
+
 @pytest.mark.parametrize(("repeats", "warmup"), [(0, 1), (-1, 0), (3, -1)])
 def test_measure_latency_rejects_bad_counts(repeats, warmup):
     with pytest.raises(ValueError, match=f"repeats={repeats}, warmup={warmup}"):
