@@ -27,6 +27,7 @@ from prunegym.envs.input_pruning import make_setup
 
 from .callbacks import InputPruningCallback
 from .gated import PolicyDecider
+from .run import batch_of_64, distillation, env_kwargs, search
 from .vec_env import BatchedInputPruningVecEnv
 
 __all__ = ["train_input", "format_input_report"]
@@ -35,8 +36,6 @@ LATENCY_INPUTS = 32  # test inputs the batch-1 latency is averaged over
 
 
 def _latency(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
-    from .run import batch_of_64
-
     return {"latency_b1_ms": 1e3 * measure_input_latency(model, x[:LATENCY_INPUTS], repeats=15, warmup=2,
                                                          threads=threads),
             "latency_b64_ms": 1e3 * measure_latency(model, batch_of_64(x), repeats=30, warmup=3, threads=threads)}
@@ -69,8 +68,6 @@ def _save_dynamic(path: Path, model: torch.nn.Module, net: DynamicNetwork, confi
 
 def train_input(config, *, resume: bool = False, progress_bar: bool = False, log: Any = print) -> dict[str, Any]:
     """Run the per-input job for a validated ``TrainConfig`` with ``env="input"``; return the report."""
-    from .run import distillation, env_kwargs, search
-
     device = resolve_device(config.device)
     started = time.perf_counter()
     config.run_dir = config.run_dir or config.default_run_dir()
