@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegym.compression.dynamic import DynamicSpec, Observation, standardise
+from prunegym.compression.dynamic import (
+    FEATURE_CLIP,
+    DynamicSpec,
+    FoldedDecider,
+    Observation,
+    PooledMLP,
+    single_cpu_input,
+    standardise,
+)
 
 __all__ = ["PolicyDecider", "actor_layers", "check_spec"]
 
@@ -48,7 +56,7 @@ def actor_layers(agent: Any) -> list[nn.Module]:
     return [copy.deepcopy(layer).cpu() for layer in layers]
 
 
-class PolicyDecider(nn.Module):
+class PolicyDecider(FoldedDecider):
     """A ``DynamicNetwork`` decider from a trained per-input policy's actor.
 
     ``mean`` and ``std`` (``[layers, F]``) are the env's observation statistics. The observation
@@ -94,23 +102,6 @@ class PolicyDecider(nn.Module):
     def from_agent(cls, agent: Any, stats: tuple[torch.Tensor, torch.Tensor]) -> PolicyDecider:
         return cls(actor_layers(agent), *stats).eval()
 
-    def _apply(self, fn, recurse=True):
-        self.refresh()  # parameters moved or cast: fold them again
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.refresh()
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> PolicyDecider:
-        self.refresh()
-        return super().train(mode)
-
-    def refresh(self) -> None:
-        """Fold the weights again on the next decision (done on ``to``, ``load_state_dict``, ``train``
-        and ``eval``; call it after editing a weight in place)."""
-        self.__dict__["_fast"] = {}
-
     def _fold(self, gate: int, channels: int) -> tuple[Any, ...]:
         """The actor's weights arranged for a decision in few operators (at batch 1 each costs a few
         microseconds of dispatch, more than its arithmetic), for a gated layer with ``channels``
@@ -128,27 +119,50 @@ class PolicyDecider(nn.Module):
                 if isinstance(layer, nn.Linear):
                     steps.append((layer.weight.detach().t().contiguous(), _bias(layer), None))
                 else:
-                    steps.append((None, None, _IN_PLACE.get(type(layer), layer)))
+                    steps.append((None, None, layer))
             return (mean, std, weight[:, :channels].t().contiguous(), bias + weight[:, channels:-1] @ rest[0],
                     weight[:, -1].contiguous(), steps)
+
+    def _fold_one(self, gate: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PooledMLP | None:
+        """The actor as a ``PooledMLP`` for one input's features of ``shape``, the density spent its
+        one extra: the first matrix carries the pooling, the standardisation, the constant rest of
+        the observation, the density's column and the bias, and the clip of the standardised
+        features becomes bounds on their sums. None (the torch path decides) unless the features
+        are one float32 input on the CPU and ``PooledMLP`` runs every activation of the actor."""
+        if not single_cpu_input(shape, dtype, device):
+            return None
+        mean, std, weight, bias, spent_column, steps = self._fold(gate, shape[1])
+        later = [layer if w is None else torch.cat([w, b[None]]) for w, b, layer in steps]
+        if not PooledMLP.supports(later):
+            return None
+        with torch.no_grad():
+            mean, std, weight = mean.double(), std.double(), weight.double()
+            scale = 1.0 / (std * (shape[2] * shape[3]))  # standardised = sums * scale - mean / std
+            infinite = torch.full((2,), torch.inf, dtype=torch.float64)
+            high = torch.cat([(mean / std + FEATURE_CLIP) / scale, infinite])
+            low = torch.cat([(mean / std - FEATURE_CLIP) / scale, -infinite])
+            first = torch.cat([weight * scale[:, None], spent_column.double()[None],
+                               (bias.double() - (mean / std) @ weight)[None]])
+        return PooledMLP(shape[1], first, later, low, high)
 
     def forward(self, gate: int, features: torch.Tensor, spent: Any = 0.0) -> Any:
         """The action at gated layer ``gate``: the actor's argmax on the observation the env would
         give. The observation is not built: its constant part lives in the first layer's bias
         (the same sums in another order, so equal up to float rounding)."""
-        key = (gate, features.shape[1])
-        fast = self.__dict__["_fast"]
-        folded = fast.get(key)
-        if folded is None:
-            folded = fast[key] = self._fold(*key)
-        mean, std, weight, bias, spent_column, steps = folded
+        if features.shape[0] == 1 and not isinstance(spent, torch.Tensor):
+            key = (gate, features.shape, features.dtype, features.device)
+            mlp = self.folded(key, lambda: self._fold_one(*key))
+            if mlp is not None:
+                return int(mlp(features, float(spent)).argmax())
+        mean, std, weight, bias, spent_column, steps = self.folded((gate, features.shape[1]),
+                                                                   lambda: self._fold(gate, features.shape[1]))
         if isinstance(spent, torch.Tensor):
             bias = torch.addcmul(bias, spent.to(bias.dtype).reshape(-1, 1), spent_column)
         else:
             bias = torch.add(bias, spent_column, alpha=float(spent))
         x = torch.addmm(bias, standardise(features, mean, std), weight)
-        for weight, bias, activation in steps:
-            x = torch.addmm(bias, x, weight) if weight is not None else activation(x)
+        for weight, bias, layer in steps:
+            x = torch.addmm(bias, x, weight) if weight is not None else _IN_PLACE.get(type(layer), layer)(x)
         if x.shape[0] == 1:
             return int(x.argmax())  # the flat index of a [1, G] row is the action
         return x.argmax(dim=1)

@@ -25,7 +25,15 @@ from torch import nn
 
 from .data import Split, Splits
 from .distillation import Distillation, kd_loss
-from .dynamic import DynamicNetwork, DynamicSpec, build_dynamic, evaluate_dynamic
+from .dynamic import (
+    DynamicNetwork,
+    DynamicSpec,
+    FoldedDecider,
+    PooledMLP,
+    build_dynamic,
+    evaluate_dynamic,
+    single_cpu_input,
+)
 from .fusion import fold_batchnorm
 
 __all__ = ["ChannelGate", "GateDecider", "train_dynamic", "train_gates", "dynamic_inference"]
@@ -52,7 +60,7 @@ class ChannelGate(nn.Module):
         return torch.sigmoid(self.logits(features))
 
 
-class GateDecider(nn.Module):
+class GateDecider(FoldedDecider):
     """One ``ChannelGate`` per gated layer of ``spec``, as a ``DynamicNetwork`` decider.
 
     In train mode it returns a ``[B, G]`` 0/1 keep mask over channel groups whose gradient is the
@@ -64,15 +72,34 @@ class GateDecider(nn.Module):
         super().__init__()
         self.hidden = hidden
         self.gates = nn.ModuleList(ChannelGate(layer.in_channels, len(layer.counts), hidden) for layer in spec.layers)
+        self.refresh()
 
     def config(self) -> dict[str, Any]:
         return {"kind": "gate", "hidden": self.hidden}
 
+    def _fold_one(self, gate: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PooledMLP | None:
+        """Gate ``gate`` as a ``PooledMLP`` for one input's features of ``shape`` (None unless one
+        float32 input on the CPU): channels an earlier gate dropped are zeros, so only the first
+        ``C`` columns of the first FC are read."""
+        if not single_cpu_input(shape, dtype, device):
+            return None
+        g = self.gates[gate]
+        with torch.no_grad():
+            first = torch.cat([g.fc1.weight[:, : shape[1]].t() / (shape[2] * shape[3]), g.fc1.bias[None]])
+            second = torch.cat([g.fc2.weight.t(), g.fc2.bias[None]])
+        return PooledMLP(shape[1], first, [nn.ReLU(), second])
+
     def forward(self, gate: int, features: torch.Tensor, spent: Any = None) -> Any:
-        logits = self.gates[gate].logits(features)
-        if not self.training:  # the number of leading open gates; no sigmoid: at batch 1 each operator counts
-            kept = (logits > 0).cumprod(dim=1).sum(dim=1)
+        if not self.training:  # the number of leading open gates (logit > 0); no sigmoid
+            if features.shape[0] == 1:
+                key = (gate, features.shape, features.dtype, features.device)
+                mlp = self.folded(key, lambda: self._fold_one(*key))
+                if mlp is not None:
+                    opened = mlp(features) > 0
+                    return int(opened.argmin()) if not opened.all() else len(opened)
+            kept = (self.gates[gate].logits(features) > 0).cumprod(dim=1).sum(dim=1)
             return int(kept) if kept.shape[0] == 1 else kept
+        logits = self.gates[gate].logits(features)
         probs = torch.sigmoid(logits)
         hard = (logits > 0).to(probs.dtype)
         straight = probs + (hard - probs).detach()  # exactly 0/1 forward, the sigmoid's gradient back

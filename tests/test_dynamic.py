@@ -17,6 +17,7 @@ from prunegym.compression.dynamic import (
     EXECUTION_MODES,
     DynamicNetwork,
     DynamicSpec,
+    PooledMLP,
     build_dynamic,
     dynamic_spec,
     gated_layers,
@@ -201,6 +202,65 @@ def test_a_replaced_submodule_is_the_one_that_runs():
     assert "conv2" not in block.__dict__
     assert block.conv2 is block._modules["conv2"]
     assert not torch.allclose(before, after)
+    with torch.no_grad():  # a single input runs the batch-1 program, which must see the new module too
+        single = net(x[:1], [spec.groups - 1] * len(spec.layers))
+    torch.testing.assert_close(single, after[:1], atol=1e-5, rtol=1e-5)
+
+
+class _Pointwise(nn.Module):
+    """ReLUs and adds in every spelling, some on tensors another operator reads as well: the batch-1
+    program writes into a tensor only where nothing else reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = self.act(self.conv1(x))
+        b = self.conv2(a)
+        c = F.relu(b) + b.relu()  # b is read twice: neither ReLU may write into it
+        d = torch.add(self.conv3(c), 1.0).relu()  # a scalar add
+        e = torch.relu(self.conv4(d)) + d  # d is read twice
+        return self.fc(e.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", [*sorted(ZOO), "pointwise"])
+def test_a_single_input_runs_like_the_general_path(name):
+    """At batch 1 the slice path runs as generated straight-line code; it must give what the general
+    path (mask mode) gives, decide the same, and leave the input and every tensor a decider saw as
+    they were."""
+    if name == "pointwise":
+        torch.manual_seed(0)
+        model, x = _Pointwise().eval(), torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    else:
+        model, x = _zoo_model(name), _inputs(name, 4, seed=21)
+    seen = []
+    rng = np.random.default_rng(0)
+
+    def decider(gate, features, spent):
+        seen.append((features, features.clone()))
+        return int(rng.integers(0, 4))
+
+    net, _, spec = build_dynamic(model, x[:1], decider=decider)
+    net.eval()
+    with torch.no_grad():
+        for i in range(len(x)):
+            single = x[i:i + 1].clone()
+            out = net(single)
+            actions, density = list(net.last_actions), float(net.last_density)
+            assert all(isinstance(a, int) for a in actions)
+            torch.testing.assert_close(single, x[i:i + 1], atol=0, rtol=0)
+            for features, copy in seen:
+                torch.testing.assert_close(features, copy, atol=0, rtol=0)
+            seen.clear()
+            expected = net(x[i:i + 1], actions, mode="mask")
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            assert density == pytest.approx(float(spec.density(np.array(actions))))
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "resnet20"])
@@ -578,3 +638,45 @@ def test_a_spec_for_another_model_raises(zoo):
     _, _, _, spec = zoo["vgg_small"]
     with pytest.raises(ValueError, match="features.14"):
         DynamicNetwork(fold_batchnorm(_zoo_model("digits_cnn")), spec)
+
+
+# ---- PooledMLP --------------------------------------------------------------------------------------
+def _pooled_mlp(seed: int = 0):
+    """A PooledMLP over 6 channels with one extra, clipped, and the torch MLP it stands for."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randn(6 + 1 + 1, 5, generator=gen)
+    second = torch.randn(5 + 1, 3, generator=gen)
+    low, high = torch.full((8,), -2.0), torch.full((8,), 2.0)
+    low[-2:], high[-2:] = -torch.inf, torch.inf
+
+    def reference(features: torch.Tensor, extra: float) -> torch.Tensor:
+        x = torch.cat([features.sum((2, 3))[0], torch.tensor([extra, 1.0])]).clamp(low, high)
+        h = torch.tanh(x @ first)
+        return torch.cat([h, torch.ones(1)]) @ second
+
+    return PooledMLP(6, first, [nn.Tanh(), second], low, high), reference
+
+
+def test_pooled_mlp_equals_the_torch_mlp_clip_included():
+    mlp, reference = _pooled_mlp()
+    gen = torch.Generator().manual_seed(1)
+    for i in range(20):
+        features = torch.randn(1, 6, 3, 3, generator=gen) * (0.1 if i % 2 else 1.0)  # some sums clipped
+        out = mlp(features, i / 20)
+        np.testing.assert_allclose(out, reference(features, i / 20).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_copied_pooled_mlp_has_vectors_of_its_own():
+    import copy
+
+    mlp, reference = _pooled_mlp()
+    features = torch.randn(1, 6, 3, 3)
+    mlp(features, 0.5)
+    twin = copy.deepcopy(mlp)
+    np.testing.assert_allclose(twin(2 * features, 0.1), reference(2 * features, 0.1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mlp(features, 0.5), reference(features, 0.5).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_mlp_refuses_an_activation_it_does_not_run():
+    with pytest.raises(ValueError, match="GELU"):
+        PooledMLP(6, torch.zeros(8, 5), [nn.GELU(), torch.zeros(6, 3)])

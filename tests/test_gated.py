@@ -62,3 +62,45 @@ def test_an_actor_that_does_not_begin_with_a_linear_layer_is_refused():
         PolicyDecider([nn.Tanh(), nn.Linear(WIDTH + LAYERS + 1, GROUPS)], *_stats())
     with pytest.raises(ValueError, match="no layer"):
         PolicyDecider([], *_stats())
+
+
+@torch.no_grad()
+def test_single_input_decisions_in_every_dtype_and_with_gradients():
+    """A single float32 input decides in NumPy, others in torch: all as the actor does."""
+    decider = PolicyDecider(_actor(), *_stats()).eval()
+    generator = torch.Generator().manual_seed(3)
+    for gate in range(LAYERS):
+        for _ in range(16):
+            features = 3 * torch.randn(1, CHANNELS[gate], 4, 4, generator=generator)
+            spent = float(torch.rand(1, generator=generator))
+            expected = int(_reference(decider, gate, features, spent)[0])
+            assert decider(gate, features, spent) == expected
+            with torch.enable_grad():
+                assert decider(gate, features.clone().requires_grad_(), spent) == expected
+    double = PolicyDecider(_actor(), *_stats()).double().eval()
+    features = torch.randn(1, CHANNELS[0], 4, 4, dtype=torch.float64)
+    assert double(0, features, 0.5) == int(_reference(double, 0, features, 0.5)[0])
+
+
+@torch.no_grad()
+def test_single_input_decisions_from_several_threads_agree_with_one_thread():
+    """A single-input decision writes into preallocated vectors: each thread has its own."""
+    import threading
+
+    decider = PolicyDecider(_actor(), *_stats()).eval()
+    generator = torch.Generator().manual_seed(4)
+    inputs = [(i % LAYERS, 3 * torch.randn(1, CHANNELS[i % LAYERS], 4, 4, generator=generator), (i % 7) / 7)
+              for i in range(60)]
+    expected = [decider(gate, features, spent) for gate, features, spent in inputs]
+    results: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            results[k] = [decider(gate, features, spent) for _ in range(20) for gate, features, spent in inputs]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(results[k] == expected * 20 for k in range(3))

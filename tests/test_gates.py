@@ -122,6 +122,23 @@ def test_eval_mode_gives_the_action_of_the_train_mode_mask(gated):
         assert type(single) is int
         assert single == actions[0].item()
         assert 0 <= actions.min() and actions.max() <= GROUPS - 1
+        # a single input decides through a PooledMLP: the same for every input, and every input's
+        # features are not the same width as the gate's input (the dropped channels are zeros)
+        with torch.no_grad():
+            assert [decider(g, features[i:i + 1], 0.0) for i in range(BATCH)] == actions.tolist()
+            narrow = features[:, : max(1, layer.in_channels // 2)]
+            assert [decider(g, narrow[i:i + 1], 0.0) for i in range(BATCH)] == decider(g, narrow, 0.0).tolist()
+
+
+def test_single_input_decisions_follow_weights_changed_in_training(gated):
+    _, _, spec, decider = gated
+    features = _features(spec.layers[0].in_channels, seed=3)[:1]
+    decider.eval()
+    with torch.no_grad():
+        decider(0, features, 0.0)
+        decider.gates[0].fc2.bias.fill_(-50.0)  # every gate shut
+        decider.train().eval()  # as train_dynamic leaves it
+        assert decider(0, features, 0.0) == 0
 
 
 def test_a_new_gate_keeps_every_group():
