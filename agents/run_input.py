@@ -21,13 +21,13 @@ from prunegym.compression.checkpoint import describe_architecture, save_checkpoi
 from prunegym.compression.dynamic import DynamicNetwork, evaluate_dynamic
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.gates import dynamic_inference, train_dynamic, train_gates
-from prunegym.compression.metrics import count_flops, count_params, measure_input_latency, measure_latency, model_bytes
+from prunegym.compression.metrics import count_flops, count_params, measure_latency_rounds, model_bytes
 from prunegym.compression.training import base_model, evaluate, resolve_device
 from prunegym.envs.input_pruning import make_setup
 
 from .callbacks import InputPruningCallback
 from .gated import PolicyDecider
-from .run import batch_of_64, distillation, env_kwargs, search
+from .run import REPORT_ROUNDS, batch_of_64, distillation, env_kwargs, search
 from .vec_env import BatchedInputPruningVecEnv
 
 __all__ = ["train_input", "format_input_report"]
@@ -35,13 +35,18 @@ __all__ = ["train_input", "format_input_report"]
 LATENCY_INPUTS = 32  # test inputs the batch-1 latency is averaged over
 
 
-def _latency(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict[str, float]:
-    return {"latency_b1_ms": 1e3 * measure_input_latency(model, x[:LATENCY_INPUTS], repeats=15, warmup=2,
-                                                         threads=threads),
-            "latency_b64_ms": 1e3 * measure_latency(model, batch_of_64(x), repeats=30, warmup=3, threads=threads)}
+def _latencies(models: dict[str, torch.nn.Module], x: torch.Tensor, threads: int) -> dict[str, dict[str, float]]:
+    """Batch-1 (averaged over the first ``LATENCY_INPUTS`` inputs) and batch-64 latency of each model,
+    the models timed in alternating rounds."""
+    b1 = measure_latency_rounds(list(models.values()), x[:LATENCY_INPUTS], rounds=REPORT_ROUNDS, repeats=15,
+                                warmup=2, threads=threads, per_input=True)
+    b64 = measure_latency_rounds(list(models.values()), batch_of_64(x), rounds=REPORT_ROUNDS, repeats=30,
+                                 warmup=3, threads=threads)
+    return {name: {"latency_b1_ms": 1e3 * t1, "latency_b64_ms": 1e3 * t64}
+            for name, t1, t64 in zip(models, b1, b64, strict=True)}
 
 
-def _dynamic_result(net: DynamicNetwork, splits, threads: int) -> dict[str, Any]:
+def _dynamic_result(net: DynamicNetwork, splits) -> dict[str, Any]:
     result = evaluate_dynamic(net, splits.test.x, splits.test.y)
     actions = result.pop("actions")
     densities = result.pop("densities")
@@ -51,9 +56,9 @@ def _dynamic_result(net: DynamicNetwork, splits, threads: int) -> dict[str, Any]
     return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
             "density_mean": result["density_mean"], "density_std": result["density_std"],
             "density_p10": float(np.percentile(densities, 10)), "density_p90": float(np.percentile(densities, 90)),
+            "density_latency_inputs": float(densities[:LATENCY_INPUTS].mean()),
             "flops_mean": result["density_mean"] * net.spec.dense_flops,
-            "keep_ratio_mean": keep.mean(axis=0).tolist(), "params": count_params(net),
-            **_latency(net, splits.test.x, threads)}
+            "keep_ratio_mean": keep.mean(axis=0).tolist(), "params": count_params(net)}
 
 
 def _save_dynamic(path: Path, model: torch.nn.Module, net: DynamicNetwork, config, splits, extra: dict) -> None:
@@ -119,16 +124,20 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
     dense, folding = inference_form(base)
     loss, accuracy = evaluate(dense, splits.test, device=torch.device("cpu"))
     results = {"dense": {"test_accuracy": accuracy, "test_loss": loss, "density_mean": 1.0, "density_std": 0.0,
-                         "flops_mean": float(count_flops(dense, splits.test.x[:1])), "params": count_params(dense),
-                         "bytes": model_bytes(dense), **_latency(dense, splits.test.x, config.threads)}}
-    results["rl"] = _dynamic_result(rl_net, splits, config.threads)
-    results["gate"] = _dynamic_result(gate_net, splits, config.threads)
+                         "density_latency_inputs": 1.0, "flops_mean": float(count_flops(dense, splits.test.x[:1])),
+                         "params": count_params(dense), "bytes": model_bytes(dense)}}
+    results["rl"] = _dynamic_result(rl_net, splits)
+    results["gate"] = _dynamic_result(gate_net, splits)
+    for name, latency in _latencies({"dense": dense, "rl": rl_net, "gate": gate_net}, splits.test.x,
+                                    config.threads).items():
+        results[name].update(latency)
     for name in ("rl", "gate"):
         r = results[name]
         for b in ("b1", "b64"):
             r[f"latency_ratio_{b}"] = r[f"latency_{b}_ms"] / results["dense"][f"latency_{b}_ms"]
-        r["latency_over_density_b1"] = r["latency_ratio_b1"] / r["density_mean"]
-    results["dense"].update(latency_ratio_b1=1.0, latency_ratio_b64=1.0)
+        # against the density of the inputs it was timed on
+        r["latency_over_density_b1"] = r["latency_ratio_b1"] / r["density_latency_inputs"]
+    results["dense"].update(latency_ratio_b1=1.0, latency_ratio_b64=1.0, latency_over_density_b1=1.0)
     _save_dynamic(run_dir / "model.pt", model.cpu(), rl_net, config, splits, {"run_dir": str(run_dir)})
     _save_dynamic(run_dir / "gate.pt", gate_model, gate_net, config, splits, {"target_density": target})
     for name in ("rl", "gate"):
@@ -144,7 +153,9 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
         "notes": f"Dense model in its inference form ({folding}); the gated models run BN-folded with only "
                  "the kept channels computed. density = FLOPs kept per input / dense FLOPs (2 per multiply-add), "
                  "mean ± std over the test split. Latency: median ms on the CPU, "
-                 f"{config.threads} thread(s); batch 1 averaged over {LATENCY_INPUTS} test inputs. Both gated "
+                 f"{config.threads} thread(s), the models timed in {REPORT_ROUNDS} alternating rounds; batch 1 "
+                 f"averaged over {LATENCY_INPUTS} test inputs, and b1/density is the b1 ratio over those inputs' "
+                 "mean density. Both gated "
                  f"models trained {max(1, config.finetune_epochs)} epochs after the base model (the network "
                  "fine-tuned with the policy deciding; gates and network jointly)"
                  + (", distilled from the dense model." if config.distill else "."),
@@ -159,11 +170,11 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
 def format_input_report(report: dict[str, Any]) -> str:
     """The per-input report as a table for the terminal."""
     header = (f"{'model':<8}{'test acc':>10}{'density':>9}{'± std':>8}{'b1 ms':>9}{'b1 ratio':>10}"
-              f"{'b64 ms':>9}{'b64 ratio':>11}")
+              f"{'b1/density':>12}{'b64 ms':>9}{'b64 ratio':>11}")
     lines = [header, "-" * len(header)]
     for name, r in report["results"].items():
         lines.append(f"{name:<8}{r['test_accuracy']:>10.4f}{r['density_mean']:>9.3f}{r['density_std']:>8.3f}"
-                     f"{r['latency_b1_ms']:>9.3f}{r['latency_ratio_b1']:>10.3f}{r['latency_b64_ms']:>9.3f}"
-                     f"{r['latency_ratio_b64']:>11.3f}")
+                     f"{r['latency_b1_ms']:>9.3f}{r['latency_ratio_b1']:>10.3f}{r['latency_over_density_b1']:>12.3f}"
+                     f"{r['latency_b64_ms']:>9.3f}{r['latency_ratio_b64']:>11.3f}")
     lines.append(report["notes"])
     return "\n".join(lines)

@@ -140,22 +140,25 @@ def measure_latency(
 
 
 def measure_latency_rounds(models: list[nn.Module], example_input: torch.Tensor, *, rounds: int = 3,
-                           repeats: int = 50, warmup: int = 10, threads: int | None = None) -> list[float]:
-    """Each model's latency for comparing them: ``measure_latency`` in ``rounds`` rounds over all the
-    models, the order reversed every other round, and the median of each model's round medians.
+                           repeats: int = 50, warmup: int = 10, threads: int | None = None,
+                           per_input: bool = False) -> list[float]:
+    """Each model's latency for comparing them: ``measure_latency`` (or, with ``per_input``,
+    ``measure_input_latency``: each input of ``example_input`` alone, as a batch of one) in
+    ``rounds`` rounds over all the models, the order reversed every other round, and the median of
+    each model's round results.
 
     A slow spell of the machine then lands on every model's rounds alike instead of on whichever
     model was being timed, so their ratios hold even when their absolute times drift.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    medians: list[list[float]] = [[] for _ in models]
+    measure = measure_input_latency if per_input else measure_latency
+    results: list[list[float]] = [[] for _ in models]
     order = list(range(len(models)))
     for r in range(rounds):
         for i in order if r % 2 == 0 else order[::-1]:
-            medians[i].append(measure_latency(models[i], example_input, repeats=repeats, warmup=warmup,
-                                              threads=threads))
-    return [statistics.median(m) for m in medians]
+            results[i].append(measure(models[i], example_input, repeats=repeats, warmup=warmup, threads=threads))
+    return [statistics.median(m) for m in results]
 
 
 @torch.no_grad()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,6 @@ from prunegym.compression.metrics import (
     count_flops,
     count_params,
     keep_freed_memory,
-    measure_input_latency,
     measure_latency_rounds,
 )
 from prunegym.compression.models import MODELS, build_model
@@ -297,12 +295,8 @@ def bench_dynamic(model_name: str, groups: int, threads: int, inputs: int, repea
         reference.eval()
         reference.tune(x[:1])
         models[0] = reference
-    per_round: list[list[float]] = [[] for _ in models]
-    for r in range(rounds):
-        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
-        for i in order:
-            per_round[i].append(measure_input_latency(models[i], x, repeats=repeats, warmup=2, threads=threads))
-    latency = [statistics.median(t) for t in per_round]
+    latency = measure_latency_rounds(models, x, rounds=rounds, repeats=repeats, warmup=2, threads=threads,
+                                     per_input=True)
     for row, ms in zip(rows, latency[1:], strict=True):
         row["latency_b1_ms"] = 1e3 * ms
         row["latency_ratio"] = ms / latency[0]

@@ -97,8 +97,11 @@ def test_report_json(report):
         assert results[name]["density_std"] >= 0
     assert results["dense"]["density_mean"] == 1.0
     for name in ("rl", "gate"):
-        assert 0 < results[name]["density_mean"] <= 1, name
-        assert len(results[name]["keep_ratio_mean"]) == LAYERS
+        r = results[name]
+        assert 0 < r["density_mean"] <= 1, name
+        assert len(r["keep_ratio_mean"]) == LAYERS
+        assert 0 < r["density_latency_inputs"] <= 1
+        assert r["latency_over_density_b1"] == pytest.approx(r["latency_ratio_b1"] / r["density_latency_inputs"])
     assert report["search"]["timesteps"] == TIMESTEPS
     assert report["search"]["episodes"] == TIMESTEPS // LAYERS
     assert report["search"]["layers"] == ["features.0", "features.3", "features.7", "features.10"]

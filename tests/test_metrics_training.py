@@ -108,6 +108,11 @@ def test_measure_latency_rounds_times_every_model_in_every_round(monkeypatch):
     assert calls == ["a", "b", "b", "a", "a", "b"]
     with pytest.raises(ValueError, match="rounds"):
         metrics.measure_latency_rounds([a], torch.randn(1, 2), rounds=0)
+    calls.clear()
+    fake = iter([7.0, 8.0])
+    monkeypatch.setattr(metrics, "measure_input_latency", timed)  # per input: each input alone
+    assert metrics.measure_latency_rounds([a, b], torch.randn(4, 2), rounds=1, per_input=True) == [7.0, 8.0]
+    assert calls == ["a", "b"]
 
 
 @pytest.mark.parametrize(("repeats", "warmup"), [(0, 1), (-1, 0), (3, -1)])
