@@ -14,7 +14,7 @@ is the fast way to evaluate a pruning decision, the hard prune the way to ship i
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -484,8 +484,10 @@ def _consumer_permutation(consumer: Consumer, order: torch.Tensor, width: int) -
 
 
 @torch.no_grad()
-def reorder_channels(model: nn.Module, graph: ChannelGraph, importance: Importance) -> nn.Module:
-    """A copy of ``model`` whose every group lists its channels in descending importance.
+def reorder_channels(model: nn.Module, graph: ChannelGraph, importance: Importance,
+                     only: Collection[str] | None = None) -> nn.Module:
+    """A copy of ``model`` whose every group (or each group named in ``only``) lists its channels in
+    descending importance.
 
     The function is unchanged (producers, batch norms and consumers are permuted together), and
     keeping the k most important channels of a group becomes keeping its first k: a prefix slice.
@@ -493,7 +495,15 @@ def reorder_channels(model: nn.Module, graph: ChannelGraph, importance: Importan
     reordered = copy.deepcopy(model)
     _remove_soft_mask_hooks(reordered)
     modules = dict(reordered.named_modules())
+    chosen = [g for g in graph.groups if only is None or g.name in only]
+    grouped = [(c.name, modules[c.name].groups) for g in chosen for c in g.consumers
+               if getattr(modules[c.name], "groups", 1) != 1]
+    if grouped:  # a grouped conv's input channels are tied to its output channels: one order for both
+        raise ValueError(f"reordering channels does not support grouped or depthwise convs; {grouped[0][0]!r} "
+                         f"has groups={grouped[0][1]}")
     for group, order in zip(graph.groups, graph.rankings(importance, model), strict=True):
+        if group not in chosen:
+            continue
         for name in group.producers:
             layer = modules[name]
             layer.weight.copy_(layer.weight[order])

@@ -693,7 +693,7 @@ def build_dynamic(model: nn.Module, example_input: torch.Tensor, groups: int = 4
 
     graph = ChannelGraph(model, example_input)
     spec = dynamic_spec(graph, groups)
-    reordered = reorder_channels(model, graph, importance or L1Importance())
+    reordered = reorder_channels(model, graph, importance or L1Importance(), only={layer.name for layer in spec.layers})
     was_training = model.training
     model.eval()
     reordered.eval()

@@ -623,6 +623,32 @@ class _Branchy(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1))
 
 
+def test_a_depthwise_conv_leaves_its_group_ungated_and_is_refused_by_name_in_reordering():
+    from prunegym.compression.channels import L1Importance, reorder_channels
+
+    class _Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(torch.relu(self.dw(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = _Depthwise().eval(), torch.randn(3, 3, 6, 6)
+    net, _, spec = build_dynamic(model, x[:1])
+    assert [layer.name for layer in spec.layers] == ["conv1"]  # conv2's channels are read by the depthwise conv
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x, [spec.groups - 1]), model(x), atol=1e-5, rtol=1e-5)
+        assert net(x[:1], [0]).shape == (1, 3)
+    with pytest.raises(ValueError, match="'dw' has groups=8"):
+        reorder_channels(model, ChannelGraph(model, x[:1]), L1Importance())
+
+
 def test_a_model_fx_cannot_trace_raises():
     model = _Branchy().eval()
     x = torch.randn(1, 1, 8, 8)
