@@ -22,7 +22,6 @@ from prunegym.compression.dynamic import (
     FoldedDecider,
     Observation,
     PooledMLP,
-    single_cpu_input,
     standardise,
 )
 
@@ -123,14 +122,12 @@ class PolicyDecider(FoldedDecider):
             return (mean, std, weight[:, :channels].t().contiguous(), bias + weight[:, channels:-1] @ rest[0],
                     weight[:, -1].contiguous(), steps)
 
-    def _fold_one(self, gate: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PooledMLP | None:
+    def _pooled_mlp(self, gate: int, shape: torch.Size) -> PooledMLP | None:
         """The actor as a ``PooledMLP`` for one input's features of ``shape``, the density spent its
         one extra: the first matrix carries the pooling, the standardisation, the constant rest of
         the observation, the density's column and the bias, and the clip of the standardised
-        features becomes bounds on their sums. None (the torch path decides) unless the features
-        are one float32 input on the CPU and ``PooledMLP`` runs every activation of the actor."""
-        if not single_cpu_input(shape, dtype, device):
-            return None
+        features becomes bounds on their sums. None (the torch path decides) unless ``PooledMLP``
+        runs every activation of the actor."""
         mean, std, weight, bias, spent_column, steps = self._fold(gate, shape[1])
         later = [layer if w is None else torch.cat([w, b[None]]) for w, b, layer in steps]
         if not PooledMLP.supports(later):
@@ -149,11 +146,9 @@ class PolicyDecider(FoldedDecider):
         """The action at gated layer ``gate``: the actor's argmax on the observation the env would
         give. The observation is not built: its constant part lives in the first layer's bias
         (the same sums in another order, so equal up to float rounding)."""
-        if features.shape[0] == 1 and not isinstance(spent, torch.Tensor):
-            key = (gate, features.shape, features.dtype, features.device)
-            mlp = self.folded(key, lambda: self._fold_one(*key))
-            if mlp is not None:
-                return int(mlp(features, float(spent)).argmax())
+        mlp = None if isinstance(spent, torch.Tensor) else self.pooled(gate, features)
+        if mlp is not None:
+            return int(mlp(features, float(spent)).argmax())
         mean, std, weight, bias, spent_column, steps = self.folded((gate, features.shape[1]),
                                                                    lambda: self._fold(gate, features.shape[1]))
         if isinstance(spent, torch.Tensor):

@@ -54,7 +54,6 @@ __all__ = [
     "FEATURE_CLIP",
     "FoldedDecider",
     "PooledMLP",
-    "single_cpu_input",
 ]
 
 EXECUTION_MODES = ("slice", "loop", "mask")
@@ -819,9 +818,8 @@ class PooledMLP:
                              f"got {[type(layer).__name__ for layer in layers]}")
         self.channels = channels
         self.extras = first.shape[0] - channels - 1
-        self.steps = [(first, None)] + [(layer, None) if isinstance(layer, torch.Tensor)
-                                        else (None, _NUMPY_ACTIVATIONS[type(layer)]) for layer in layers]
-        self.steps = [(None if m is None else m.detach().float().numpy().copy(), a) for m, a in self.steps]
+        self.steps = [(layer.detach().float().numpy().copy(), None) if isinstance(layer, torch.Tensor)
+                      else (None, _NUMPY_ACTIVATIONS[type(layer)]) for layer in (first, *layers)]
         self.bounds = None if low is None else (low.float().numpy().copy(), high.float().numpy().copy())
         self._vectors: dict[int, tuple[Any, ...]] = {}
 
@@ -868,10 +866,11 @@ class PooledMLP:
 
 
 class FoldedDecider(nn.Module):
-    """A decider that keeps its weights rearranged for fast decisions (``fold``), cut again on the
-    next decision after anything that may change them: ``to``, ``load_state_dict``, ``train`` and
+    """A decider that keeps its weights rearranged for fast decisions, cut again on the next
+    decision after anything that may change them: ``to``, ``load_state_dict``, ``train`` and
     ``eval``. Call ``refresh()`` after editing a weight in place. ``folded(key, build)`` is what
-    ``build()`` returns, built once per ``key`` until then."""
+    ``build()`` returns, built once per ``key`` until then; ``pooled(gate, features)`` is the
+    subclass's ``_pooled_mlp`` for one input's features, or None where the torch path decides."""
 
     def refresh(self) -> None:
         self.__dict__["_folded"] = {}
@@ -881,6 +880,25 @@ class FoldedDecider(nn.Module):
         if key not in cache:
             cache[key] = build()
         return cache[key]
+
+    def pooled(self, gate: int, features: torch.Tensor) -> PooledMLP | None:
+        """The ``PooledMLP`` deciding at gated layer ``gate`` for ``features``, built once per shape,
+        dtype and device: None unless they are one float32 ``[1, C, H, W]`` input on the CPU and
+        ``_pooled_mlp`` gives one."""
+        if features.shape[0] != 1:
+            return None
+        key = (gate, features.shape, features.dtype, features.device)
+        cache = self.__dict__.setdefault("_folded", {})
+        mlp = cache.get(key, False)  # at batch 1 this runs at every gated layer: one lookup
+        if mlp is False:
+            _, shape, dtype, device = key
+            single = len(shape) == 4 and dtype == torch.float32 and device.type == "cpu"
+            mlp = cache[key] = self._pooled_mlp(gate, shape) if single else None
+        return mlp
+
+    def _pooled_mlp(self, gate: int, shape: torch.Size) -> PooledMLP | None:
+        """The decision at ``gate`` as a ``PooledMLP`` for one input's features of ``shape``, or None."""
+        return None
 
     def _apply(self, fn, recurse=True):
         self.refresh()
@@ -899,8 +917,3 @@ class FoldedDecider(nn.Module):
         state["_folded"] = {}
         return state
 
-
-def single_cpu_input(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether features of this shape, dtype and device are one float32 ``[1, C, H, W]`` input on the
-    CPU: what ``PooledMLP`` runs."""
-    return len(shape) == 4 and shape[0] == 1 and dtype == torch.float32 and device.type == "cpu"

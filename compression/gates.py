@@ -32,7 +32,6 @@ from .dynamic import (
     PooledMLP,
     build_dynamic,
     evaluate_dynamic,
-    single_cpu_input,
 )
 from .fusion import fold_batchnorm
 
@@ -77,12 +76,9 @@ class GateDecider(FoldedDecider):
     def config(self) -> dict[str, Any]:
         return {"kind": "gate", "hidden": self.hidden}
 
-    def _fold_one(self, gate: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PooledMLP | None:
-        """Gate ``gate`` as a ``PooledMLP`` for one input's features of ``shape`` (None unless one
-        float32 input on the CPU): channels an earlier gate dropped are zeros, so only the first
-        ``C`` columns of the first FC are read."""
-        if not single_cpu_input(shape, dtype, device):
-            return None
+    def _pooled_mlp(self, gate: int, shape: torch.Size) -> PooledMLP:
+        """Gate ``gate`` as a ``PooledMLP`` for one input's features of ``shape``: channels an earlier
+        gate dropped are zeros, so only the first ``C`` columns of the first FC are read."""
         g = self.gates[gate]
         with torch.no_grad():
             first = torch.cat([g.fc1.weight[:, : shape[1]].t() / (shape[2] * shape[3]), g.fc1.bias[None]])
@@ -91,12 +87,10 @@ class GateDecider(FoldedDecider):
 
     def forward(self, gate: int, features: torch.Tensor, spent: Any = None) -> Any:
         if not self.training:  # the number of leading open gates (logit > 0); no sigmoid
-            if features.shape[0] == 1:
-                key = (gate, features.shape, features.dtype, features.device)
-                mlp = self.folded(key, lambda: self._fold_one(*key))
-                if mlp is not None:
-                    opened = mlp(features) > 0
-                    return int(opened.argmin()) if not opened.all() else len(opened)
+            mlp = self.pooled(gate, features)
+            if mlp is not None:
+                opened = mlp(features) > 0
+                return int(opened.argmin()) if not opened.all() else len(opened)
             kept = (self.gates[gate].logits(features) > 0).cumprod(dim=1).sum(dim=1)
             return int(kept) if kept.shape[0] == 1 else kept
         logits = self.gates[gate].logits(features)
