@@ -378,8 +378,8 @@ class SoftMask:
             return
         if len(kept) != len(self.graph.groups):
             raise ValueError(f"need kept channels for {len(self.graph.groups)} groups, got {len(kept)}")
-        for mask in self._masks.values():
-            mask.fill_(1.0)
+        # New tensors, not writes into the old: a training step may still hold the old ones for backward.
+        self._masks = {name: torch.ones_like(mask) for name, mask in self._masks.items()}
         for group, idx in zip(self.graph.groups, kept, strict=True):
             channel_mask = torch.zeros(group.num_channels)
             channel_mask[idx] = 1.0
@@ -416,9 +416,11 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Re-estimate batch-norm statistics from scratch on ``batches`` (a cumulative average).
 
     Pruning shifts the distributions each BN sees; a few train batches put its statistics right.
+    With no batches the statistics stay as they are.
     """
+    batches = list(batches)
     norms = [m for m in model.modules() if isinstance(m, _NORM_LAYERS)]
-    if not norms:
+    if not norms or not batches:
         return
     was_training = model.training
     momenta = [m.momentum for m in norms]

@@ -6,6 +6,7 @@ Structured (whole channels, physically removed through the channel core, ``prune
 - ``global_keep_counts``: one threshold across all layers on per-layer-normalised scores (L1, L2),
   or on raw BN scales after ``slimming_penalty`` training (network slimming, Liu et al. 2017).
 - ``random_kept``: random channels at given per-group counts, the sanity floor.
+- ``random_keep_counts``: random per-group counts at a FLOPs budget (EagleEye's candidate sampler).
 - ``torch_pruning_magnitude``: torch-pruning's own magnitude pruner, as an outside check.
 
 Unstructured (single weights, ``MagnitudePruner``): global magnitude pruning on the gradual
@@ -31,6 +32,7 @@ __all__ = [
     "uniform_keep_counts",
     "global_keep_counts",
     "random_kept",
+    "random_keep_counts",
     "slimming_penalty",
     "agp_sparsity",
     "MagnitudePruner",
@@ -103,6 +105,48 @@ def random_kept(graph: ChannelGraph, keep_counts: Sequence[int] | np.ndarray, se
             raise ValueError(f"group {group.name!r} has {group.num_channels} channels, cannot keep {k}")
         kept.append(torch.sort(torch.randperm(group.num_channels, generator=generator)[: int(k)]).values)
     return kept
+
+
+def random_keep_counts(graph: ChannelGraph, flops_ratio: float, choices: Sequence[np.ndarray],
+                       rng: np.random.Generator, tolerance: float = 0.03, max_tries: int = 1000) -> np.ndarray:
+    """Random keep counts whose FLOPs lie within ``tolerance`` below ``flops_ratio`` of the dense
+    model's, as EagleEye samples candidates: random per-group proportions, scaled to the budget.
+
+    ``choices[g]`` are the counts group g may keep, ascending. A draw takes a random weight per group
+    and keeps, at a common scale t, each group's ``min(1, t·weight)`` point between its fewest and
+    most counts, t as large as the budget allows; a draw that cannot come within ``tolerance`` of the
+    budget (its counts are too coarse there) is drawn again.
+    """
+    _check_ratio("flops_ratio", flops_ratio)
+    if len(choices) != len(graph.groups):
+        raise ValueError(f"need count choices for {len(graph.groups)} groups, got {len(choices)}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be in (0, 1), got {tolerance}")
+    budget = flops_ratio * graph.dense_flops
+    last = np.array([len(c) - 1 for c in choices])
+    fewest = np.array([c[0] for c in choices])
+    if graph.flops(fewest) > budget * (1 + 1e-9):
+        raise ValueError(f"flops_ratio={flops_ratio} is below the FLOPs ratio of the fewest counts allowed, "
+                         f"{graph.flops(fewest) / graph.dense_flops:.4f}")
+
+    def counts_at(t: float, weight: np.ndarray) -> np.ndarray:
+        index = np.rint(np.minimum(1.0, t * weight) * last).astype(np.int64)
+        return np.array([c[i] for c, i in zip(choices, index, strict=True)], dtype=np.int64)
+
+    for _ in range(max_tries):
+        weight = rng.uniform(0.0, 1.0, len(choices))
+        lo, hi = 0.0, 1.0 / max(weight.min(), 1e-6)  # every group at its fewest counts, and at its most
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if graph.flops(counts_at(mid, weight)) <= budget * (1 + 1e-9):
+                lo = mid
+            else:
+                hi = mid
+        counts = counts_at(lo, weight)
+        if graph.flops(counts) >= budget * (1 - tolerance):
+            return counts
+    raise ValueError(f"no random keep counts came within {tolerance} of flops_ratio={flops_ratio} in "
+                     f"{max_tries} draws; the counts allowed are too coarse for it")
 
 
 def slimming_penalty(strength: float) -> Callable[[nn.Module], torch.Tensor]:

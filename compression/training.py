@@ -17,7 +17,7 @@ from .data import Split, Splits, dataset_key
 from .distillation import Distillation, kd_loss
 from .models import build_model
 
-__all__ = ["resolve_device", "evaluate", "train_classifier", "base_model", "cache_dir", "BASE_EPOCHS"]
+__all__ = ["resolve_device", "evaluate", "train_classifier", "base_model", "cache_dir", "cache_key", "BASE_EPOCHS"]
 
 # Enough for every zoo model to converge on the digits default within seconds on a CPU.
 BASE_EPOCHS = 30
@@ -75,7 +75,9 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
                      distill: Distillation | None = None,
                      penalty: Callable[[nn.Module], torch.Tensor] | None = None,
                      after_step: Callable[[int, int], None] | None = None,
-                     max_steps: int | None = None) -> nn.Module:
+                     max_steps: int | None = None,
+                     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                     ) -> nn.Module:
     """Train (or fine-tune) ``model`` in place with AdamW and a cosine schedule; returns it in eval mode.
 
     ``max_steps``: stop after this many batches, the cosine schedule spanning them, however many
@@ -85,7 +87,8 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
     ``distill``: learn from a teacher's soft targets as well as the labels (``kd_loss``; the teacher
     runs in eval mode). ``penalty(model)`` is added to the loss (network slimming's L1 on BN scales).
     ``after_step(step, total_steps)`` runs after every optimiser step (gradual magnitude pruning
-    re-applies its masks there).
+    re-applies its masks there). ``loss_fn(model, x, y)`` replaces the loss of a batch (the supernet's
+    sandwich rule runs several widths of the model on each batch); it excludes ``distill``.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -93,6 +96,8 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_steps is not None and max_steps < 0:
         raise ValueError(f"max_steps must be None or >= 0, got {max_steps}")
+    if loss_fn is not None and distill is not None:
+        raise ValueError("loss_fn replaces the batch loss; it cannot be combined with distill")
     device = device or _device_of(model)
     model.to(device)
     steps_per_epoch = -(-len(split) // batch_size)
@@ -121,13 +126,14 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
             if len(idx) < 2:
                 continue  # a batch of one breaks batch norm
             x, y = split.x[idx].to(device), split.y[idx].to(device)
-            logits = model(x)
-            if teacher is not None:
+            if loss_fn is not None:
+                loss = loss_fn(model, x, y)
+            elif teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
-                loss = kd_loss(logits, teacher_logits, y, distill.temperature, distill.alpha)
+                loss = kd_loss(model(x), teacher_logits, y, distill.temperature, distill.alpha)
             else:
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(model(x), y)
             if penalty is not None:
                 loss = loss + penalty(model)
             optimizer.zero_grad(set_to_none=True)
@@ -146,20 +152,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
 
 
-def _cache_name(model_name: str, splits: Splits, seed: int, epochs: int) -> str:
+def cache_key(model_name: str, splits: Splits, seed: int, epochs: int) -> str:
+    """The name a trained base model is cached under (models derived from it extend the name)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
     if safe != model_name:  # import paths: keep names short and unique
         safe = f"{safe[:40]}_{hashlib.sha1(model_name.encode()).hexdigest()[:8]}"
     # The split itself is part of the key: a model must never have trained on another split's
     # reward or test images.
     split = hashlib.sha1(splits.train.y.numpy().tobytes() + splits.reward.y.numpy().tobytes()).hexdigest()[:8]
-    return f"{safe}__{dataset_key(splits.name)}_{split}__seed{seed}__ep{epochs}.pt"
+    return f"{safe}__{dataset_key(splits.name)}_{split}__seed{seed}__ep{epochs}"
 
 
 def base_model(model_name: str, splits: Splits, seed: int = 0, *, epochs: int = BASE_EPOCHS,
                device: torch.device | None = None, use_cache: bool = True) -> nn.Module:
     """The trained dense model for (model, dataset, seed), trained once and then read from the cache."""
-    path = cache_dir() / "base" / _cache_name(model_name, splits, seed, epochs)
+    path = cache_dir() / "base" / f"{cache_key(model_name, splits, seed, epochs)}.pt"
     if use_cache and path.is_file():
         model, _, _ = load_checkpoint(path, trust_factory=True)  # our own cache, for the model asked for
         return model.to(device or "cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -12,19 +13,12 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from prunegym.compression.channels import (
-    ChannelGraph,
-    SoftMask,
-    bn_state,
-    load_bn_state,
-    make_importance,
-    nearest_count,
-    prune_channels,
-    recalibrate_bn,
-)
+from prunegym.compression.channels import ChannelGraph, make_importance, nearest_count
 from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.latency import LatencyTable
-from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device, train_classifier
+from prunegym.compression.proxy import ProxyEvaluator
+from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model
+from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
 __all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
 
@@ -110,6 +104,12 @@ class LayerPruningEnv(gym.Env):
       the loss before fine-tuning does not rank models as fine-tuning would (deep residual
       networks pruned by half or more are near chance before it, whatever their widths).
     - ``finetune_lr``: the short-term fine-tune's learning rate, > 0.
+    - ``supernet_epochs``: 0, or first train the base model this many epochs as a weight-sharing
+      supernet of its widths (``compression.supernet``: channels in importance order, the sandwich
+      rule with in-place distillation, widths from ``min_keep`` up). Each candidate is then the
+      supernet's prefix sub-network, and what it scores before fine-tuning ranks it as fine-tuning
+      would; the model a search exports is pruned from the supernet (``model``), the trained dense
+      one stays as ``dense``. Trained once per setting and cached, for a zoo model or import path.
     """
 
     metadata = {"render_modes": []}
@@ -134,6 +134,7 @@ class LayerPruningEnv(gym.Env):
         latency_threads: int = 1,
         finetune_steps: int = 0,
         finetune_lr: float = 1e-3,
+        supernet_epochs: int = 0,
     ):
         if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -159,6 +160,8 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
         if not isinstance(finetune_lr, int | float) or not math.isfinite(finetune_lr) or finetune_lr <= 0:
             raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}")
+        if not isinstance(supernet_epochs, int | np.integer) or supernet_epochs < 0:
+            raise ValueError(f"supernet_epochs must be an int >= 0, got {supernet_epochs!r}")
         self.device = resolve_device(device)
         self.importance = make_importance(importance)
 
@@ -172,6 +175,20 @@ class LayerPruningEnv(gym.Env):
         else:
             raise ValueError(f"model must be a zoo name, an import path or an nn.Module, got {model!r}")
         self.model.eval()
+        self.dense = self.model  # the trained dense model; what is pruned differs with a supernet
+        self.supernet_epochs = int(supernet_epochs)
+        self.supernet_seconds = 0.0  # what training the supernet took (when it was trained, if cached)
+        if self.supernet_epochs:
+            if isinstance(model, str):
+                self.model, self.supernet_seconds = supernet_model(
+                    model, self.dense, self.splits, seed, base_epochs=base_epochs, epochs=self.supernet_epochs,
+                    min_keep=min_keep, importance=self.importance, device=self.device)
+            else:
+                started = time.perf_counter()
+                self.model = make_supernet(self.dense, self.splits.train.x[:1].to(self.device), self.splits.train,
+                                           self.importance, epochs=self.supernet_epochs, min_keep=min_keep,
+                                           seed=seed, device=self.device)
+                self.supernet_seconds = time.perf_counter() - started
 
         self.lam = float(lam)
         self.density_kind = density
@@ -187,7 +204,9 @@ class LayerPruningEnv(gym.Env):
         example = self.splits.train.x[:1].to(self.device)
         self.graph = ChannelGraph(self.model, example)
         self.num_groups = len(self.graph.groups)
-        self.ranking = self.graph.rankings(self.importance)
+        # A supernet's channels are in importance order already, and its widths are its prefixes.
+        self.ranking = (prefix_kept(self.graph.num_channels) if self.supernet_epochs
+                        else self.graph.rankings(self.importance))
         self.channel_multiple = int(channel_multiple)
         floors = np.maximum(1, np.ceil(self.min_keep * self.graph.num_channels - 1e-9)).astype(np.int64)
         self.allowed = [self.graph.allowed_counts(g, self.channel_multiple, int(floors[g]))
@@ -211,13 +230,9 @@ class LayerPruningEnv(gym.Env):
                     f"latency_target={self.latency_target} is below the smallest reachable latency ratio "
                     f"{min_latency:.4f} (every group at min_keep={self.min_keep}, as the latency table predicts)"
                 )
-        self._mask = SoftMask(self.model, self.graph)
-        self._bn_state = bn_state(self.model)
-        generator = torch.Generator().manual_seed(self.seed_value)
-        order = torch.randperm(len(self.splits.train), generator=generator)
-        self._recal_batches = [
-            self.splits.train.x[order[i * 128:(i + 1) * 128]].to(self.device) for i in range(recalibration_batches)
-        ]
+        self.proxy = ProxyEvaluator(self.model, self.graph, self.ranking, self.splits.train,
+                                    recalibration_batches=recalibration_batches, finetune_steps=self.finetune_steps,
+                                    finetune_lr=self.finetune_lr, seed=self.seed_value, device=self.device)
 
         groups = self.graph.groups
         group_flops = np.zeros(self.num_groups)
@@ -310,29 +325,16 @@ class LayerPruningEnv(gym.Env):
         """The channels each group keeps: its ``counts[g]`` most important, ascending."""
         return self.graph.kept_channels(self.ranking, counts)
 
-    @torch.no_grad()
     def evaluate_counts(self, counts: np.ndarray, split: str = "reward") -> dict[str, Any]:
-        """Loss, accuracy and costs of the model for these keep counts: soft-masked and
-        BN-recalibrated, or with ``finetune_steps`` pruned and briefly fine-tuned."""
+        """Loss, accuracy and costs of the model for these keep counts, as the reward sees them
+        (``self.proxy``: soft-masked and BN-recalibrated, or with ``finetune_steps`` pruned and
+        briefly fine-tuned)."""
         counts = np.asarray(counts, dtype=np.int64)
-        if self.finetune_steps:
-            pruned = prune_channels(self.model, self.graph, self.kept_channels(counts))
-            with torch.enable_grad():
-                train_classifier(pruned, self.splits.train, epochs=0, lr=self.finetune_lr, seed=self.seed_value,
-                                 device=self.device, max_steps=self.finetune_steps)
-            loss, accuracy = evaluate(pruned, getattr(self.splits, split), device=self.device)
-        else:
-            self._mask.set(self.kept_channels(counts))
-            try:
-                recalibrate_bn(self.model, self._recal_batches)
-                loss, accuracy = evaluate(self.model, getattr(self.splits, split), device=self.device)
-            finally:
-                self._mask.set(None)
-                load_bn_state(self.model, self._bn_state)
+        scores = self.proxy(counts, getattr(self.splits, split))
         flops = float(self.graph.flops(counts))
         return {
-            "loss": loss,
-            "accuracy": accuracy,
+            "loss": scores["loss"],
+            "accuracy": scores["accuracy"],
             "density": self.density_of(counts),
             "flops": flops,
             "flops_ratio": flops / self.dense_flops,
@@ -376,4 +378,4 @@ class LayerPruningEnv(gym.Env):
         return obs, float(reward), True, False, info
 
     def close(self):
-        self._mask.remove()
+        self.proxy.close()

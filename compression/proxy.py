@@ -1,0 +1,112 @@
+"""The proxy a pruning search ranks candidates by: what a candidate scores before the real fine-tune.
+
+A candidate is one keep count per channel group; its channels are the group's ``ranking`` prefix.
+``ProxyEvaluator`` scores it on a split (the reward split, in a search) in one of two ways:
+
+- soft-masked (``finetune_steps=0``): the model with the candidate's channels masked, its batch-norm
+  statistics re-estimated on ``recalibration_batches`` train batches. The soft-masked model computes
+  exactly what the hard-pruned one does, so with many batches this is EagleEye's "adaptive BN".
+- short-term fine-tuned (NetAdapt): the candidate pruned for real and trained ``finetune_steps``
+  batches of 64 on the train split, the same batches for every candidate.
+
+Either way it reports the cross-entropy (``loss``), the ``accuracy``, and the ``distillation`` loss:
+the KL divergence from the full model's predictions on the same images (T = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .channels import ChannelGraph, SoftMask, bn_state, load_bn_state, prune_channels, recalibrate_bn
+from .data import Split
+from .training import train_classifier
+
+__all__ = ["ProxyEvaluator", "RECALIBRATION_BATCH"]
+
+RECALIBRATION_BATCH = 128
+
+
+class ProxyEvaluator:
+    """Scores keep counts of ``model`` (whose channel graph is ``graph``) on a split.
+
+    ``ranking[g]`` lists group g's channels, most important first; a candidate keeps its prefix.
+    ``model`` is left as it was after every call (masks off, batch-norm statistics restored).
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, ranking: Sequence[torch.Tensor], train: Split, *,
+                 recalibration_batches: int = 2, finetune_steps: int = 0, finetune_lr: float = 1e-3, seed: int = 0,
+                 device: torch.device | None = None):
+        if not isinstance(recalibration_batches, int | np.integer) or recalibration_batches < 0:
+            raise ValueError(f"recalibration_batches must be an int >= 0, got {recalibration_batches!r}")
+        if not isinstance(finetune_steps, int | np.integer) or finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
+        if not finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be > 0, got {finetune_lr!r}")
+        self.model, self.graph, self.ranking, self.train = model, graph, list(ranking), train
+        self.recalibration_batches = int(recalibration_batches)
+        self.finetune_steps = int(finetune_steps)
+        self.finetune_lr = float(finetune_lr)
+        self.seed = int(seed)
+        self.device = device or next(model.parameters()).device
+        self._mask = SoftMask(model, graph)
+        self._bn_state = bn_state(model)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
+        b = RECALIBRATION_BATCH
+        self._recalibration = [train.x[order[i * b:(i + 1) * b]].to(self.device)
+                               for i in range(self.recalibration_batches) if i * b < len(train)]
+        self._teacher: dict[Split, torch.Tensor] = {}  # the full model's log-probabilities, per split
+
+    def kept_channels(self, keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+        """The channels each group keeps: its ``keep_counts[g]`` first in the ranking, ascending."""
+        return self.graph.kept_channels(self.ranking, keep_counts)
+
+    @torch.no_grad()
+    def _log_probs(self, model: nn.Module, split: Split) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        out = torch.cat([F.log_softmax(model(split.x[i:i + 1024].to(self.device)), dim=1)
+                         for i in range(0, len(split), 1024)])
+        model.train(was_training)
+        return out
+
+    def _teacher_log_probs(self, split: Split) -> torch.Tensor:
+        if split not in self._teacher:  # first asked for while no mask is set (``__call__``)
+            self._teacher[split] = self._log_probs(self.model, split)
+        return self._teacher[split]
+
+    def _scores(self, model: nn.Module, split: Split) -> dict[str, float]:
+        log_probs = self._log_probs(model, split)
+        teacher = self._teacher_log_probs(split)
+        y = split.y.to(self.device)
+        return {"loss": F.nll_loss(log_probs, y).item(),
+                "accuracy": (log_probs.argmax(1) == y).float().mean().item(),
+                "distillation": F.kl_div(log_probs, teacher, reduction="batchmean", log_target=True).item()}
+
+    @torch.no_grad()
+    def __call__(self, keep_counts: Sequence[int] | np.ndarray, split: Split) -> dict[str, Any]:
+        """``loss``, ``accuracy`` and ``distillation`` of the candidate on ``split``."""
+        kept = self.kept_channels(keep_counts)
+        self._teacher_log_probs(split)  # computed with no mask, before any candidate's
+        if self.finetune_steps:
+            pruned = prune_channels(self.model, self.graph, kept)
+            with torch.enable_grad():
+                train_classifier(pruned, self.train, epochs=0, lr=self.finetune_lr, seed=self.seed,
+                                 device=self.device, max_steps=self.finetune_steps)
+            return self._scores(pruned, split)
+        self._mask.set(kept)
+        try:
+            recalibrate_bn(self.model, self._recalibration)
+            return self._scores(self.model, split)
+        finally:
+            self._mask.set(None)
+            load_bn_state(self.model, self._bn_state)
+
+    def close(self) -> None:
+        """Detach the soft-mask hooks from the model."""
+        self._mask.remove()

@@ -1,0 +1,137 @@
+"""A weight-sharing supernet over channel widths (slimmable networks, AutoSlim, once-for-all).
+
+Pruned hard, a network's accuracy before fine-tuning says little about its accuracy after it: every
+candidate is near chance, whatever its widths. A supernet fixes that by training the widths
+themselves. The base model's channels are put in importance order (``reorder_channels``), so that a
+candidate keeping k channels of a group keeps its first k, and every candidate is a prefix
+sub-network sharing the supernet's weights. Each batch trains by the sandwich rule (Yu & Huang
+2019): the full width on the labels, then the narrowest width and ``candidates`` random widths on
+the full width's soft targets (in-place distillation). Afterwards any candidate, evaluated with its
+batch-norm statistics re-estimated (``recalibrate_bn``), scores close to what it is worth, and the
+pruned model is the candidate's prefix of the supernet's weights, fine-tuned.
+
+The widths are sampled through the channel core's soft masks, so any model the channel graph
+understands trains as a supernet, at the dense model's cost per width.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .channels import ChannelGraph, Importance, SoftMask, recalibrate_bn, reorder_channels
+from .checkpoint import describe_architecture, load_checkpoint, save_checkpoint
+from .data import Split, Splits
+from .distillation import kd_loss
+from .proxy import RECALIBRATION_BATCH
+from .training import cache_dir, cache_key, train_classifier
+
+__all__ = ["SUPERNET_LR", "SUPERNET_CANDIDATES", "prefix_kept", "width_choices", "sample_keep_counts",
+           "train_supernet", "make_supernet", "supernet_model"]
+
+SUPERNET_LR = 1e-3
+SUPERNET_CANDIDATES = 2  # random widths per batch, besides the full and the narrowest (AutoSlim's n = 4 in all)
+_RECALIBRATION_BATCHES = 20
+
+
+def prefix_kept(keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
+    """The first ``keep_counts[g]`` channels of each group g: the candidate's channels in a supernet."""
+    return [torch.arange(int(k)) for k in keep_counts]
+
+
+def width_choices(graph: ChannelGraph, min_keep: float) -> list[np.ndarray]:
+    """Each group's channel counts a supernet trains: every count from ``min_keep`` of its channels
+    (at least one) up to all of them."""
+    if not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:
+        raise ValueError(f"min_keep must be in (0, 1], got {min_keep!r}")
+    floors = np.maximum(1, np.ceil(min_keep * graph.num_channels - 1e-9)).astype(np.int64)
+    return [graph.allowed_counts(g, 1, int(floors[g])) for g in range(len(graph.groups))]
+
+
+def sample_keep_counts(choices: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One random candidate: a count drawn uniformly from each group's choices."""
+    return np.array([c[rng.integers(len(c))] for c in choices], dtype=np.int64)
+
+
+def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epochs: int, min_keep: float,
+                   candidates: int = SUPERNET_CANDIDATES, lr: float = SUPERNET_LR, seed: int = 0,
+                   device: torch.device | None = None) -> nn.Module:
+    """Train ``model`` in place as a supernet of its prefix widths (the sandwich rule, in-place
+    distillation), then re-estimate its batch-norm statistics at full width; returns it in eval mode.
+
+    ``model``'s channels must already be in importance order (``make_supernet`` puts them so), and
+    ``graph`` must be its channel graph.
+    """
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if not isinstance(candidates, int) or candidates < 0:
+        raise ValueError(f"candidates must be an int >= 0, got {candidates!r}")
+    choices = width_choices(graph, min_keep)
+    narrowest = prefix_kept([c[0] for c in choices])
+    rng = np.random.default_rng(seed)
+    mask = SoftMask(model, graph)
+
+    def sandwich(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mask.set(None)
+        logits = net(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        target = logits.detach()
+        for kept in [narrowest] + [prefix_kept(sample_keep_counts(choices, rng)) for _ in range(candidates)]:
+            mask.set(kept)
+            loss = loss + kd_loss(net(x), target, y, temperature=1.0, alpha=1.0)
+        mask.set(None)
+        return loss
+
+    try:
+        train_classifier(model, split, epochs=epochs, lr=lr, seed=seed, device=device, loss_fn=sandwich)
+    finally:
+        mask.remove()
+    if epochs == 0:
+        return model.eval()
+    # Training mixed every width into the running statistics; the full width gets its own back.
+    device = next(model.parameters()).device
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    size = RECALIBRATION_BATCH
+    batches = [split.x[order[i:i + size]].to(device) for i in range(0, min(len(split), size * _RECALIBRATION_BATCHES),
+                                                                        size)]
+    recalibrate_bn(model, batches)
+    return model.eval()
+
+
+def make_supernet(model: nn.Module, example_input: torch.Tensor, split: Split, importance: Importance, *,
+                  epochs: int, min_keep: float, candidates: int = SUPERNET_CANDIDATES, lr: float = SUPERNET_LR,
+                  seed: int = 0, device: torch.device | None = None) -> nn.Module:
+    """A supernet trained from ``model`` (left unchanged): its channels put in ``importance`` order,
+    then ``train_supernet``."""
+    graph = ChannelGraph(model, example_input)
+    supernet = reorder_channels(model, graph, importance)
+    graph = ChannelGraph(supernet, example_input)
+    return train_supernet(supernet, graph, split, epochs=epochs, min_keep=min_keep, candidates=candidates, lr=lr,
+                          seed=seed, device=device)
+
+
+def supernet_model(model_name: str, base: nn.Module, splits: Splits, seed: int, *, base_epochs: int, epochs: int,
+                   min_keep: float, importance: Importance, candidates: int = SUPERNET_CANDIDATES,
+                   lr: float = SUPERNET_LR, device: torch.device | None = None,
+                   use_cache: bool = True) -> tuple[nn.Module, float]:
+    """The supernet of the base model ``base`` (zoo name or import path ``model_name``, trained
+    ``base_epochs`` on ``splits`` with ``seed``), trained once per setting and then read from the
+    cache; and the seconds its training took (when it was trained, on that machine)."""
+    settings = f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"
+    path = cache_dir() / "supernet" / f"{cache_key(model_name, splits, seed, base_epochs)}__{settings}.pt"
+    if use_cache and path.is_file():
+        model, _, metadata = load_checkpoint(path, trust_factory=True)  # our own cache, for the model asked for
+        return model.to(device or "cpu").eval(), float(metadata.get("seconds", float("nan")))
+    started = time.perf_counter()
+    supernet = make_supernet(base, splits.train.x[:1].to(device or "cpu"), splits.train, importance,
+                             epochs=epochs, min_keep=min_keep, candidates=candidates, lr=lr, seed=seed, device=device)
+    seconds = time.perf_counter() - started
+    if use_cache:
+        arch = describe_architecture(supernet, model_name, splits.in_channels, splits.num_classes, splits.image_size)
+        save_checkpoint(path, supernet, arch, {"dataset": splits.name, "seed": seed, "base_epochs": base_epochs,
+                                               "supernet": settings, "seconds": seconds})
+    return supernet, seconds

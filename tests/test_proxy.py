@@ -1,0 +1,99 @@
+"""Tests for prunegym.compression.proxy (the candidate evaluations a search ranks by) and the
+candidate sampler it is measured with (``sparsity.random_keep_counts``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import trained_digits_cnn
+
+from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels, recalibrate_bn
+from prunegym.compression.data import load_dataset
+from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator
+from prunegym.compression.sparsity import random_keep_counts
+from prunegym.compression.supernet import width_choices
+from prunegym.compression.training import evaluate
+
+
+@pytest.fixture(scope="module")
+def setup():
+    splits = load_dataset("digits", 0)
+    model = trained_digits_cnn(splits.train)
+    graph = ChannelGraph(model, splits.train.x[:1])
+    return splits, model, graph, graph.rankings(L1Importance())
+
+
+def _outputs(model, splits):
+    with torch.no_grad():
+        return model.eval()(splits.test.x[:32]).clone()
+
+
+def test_soft_masked_score_is_the_hard_pruned_model_recalibrated(setup):
+    splits, model, graph, ranking = setup
+    proxy = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=3)
+    counts = np.array([5, 9, 12, 20])
+    before = _outputs(model, splits)
+    scores = proxy(counts, splits.reward)
+    torch.testing.assert_close(_outputs(model, splits), before)  # masks off, BN statistics restored
+    pruned = prune_channels(model, graph, graph.kept_channels(ranking, counts))
+    order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))
+    b = RECALIBRATION_BATCH
+    recalibrate_bn(pruned, [splits.train.x[order[i * b:(i + 1) * b]] for i in range(3)])
+    loss, accuracy = evaluate(pruned, splits.reward)
+    assert scores["loss"] == pytest.approx(loss, rel=1e-4) and scores["accuracy"] == pytest.approx(accuracy)
+    proxy.close()
+
+
+def test_distillation_is_zero_for_the_full_model_and_grows_as_it_narrows(setup):
+    splits, model, graph, ranking = setup
+    unchanged = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=0)
+    assert unchanged(graph.num_channels, splits.reward)["distillation"] == pytest.approx(0.0, abs=1e-6)
+    unchanged.close()
+    proxy = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=4)
+    half = proxy(np.maximum(1, graph.num_channels // 2), splits.reward)
+    quarter = proxy(np.maximum(1, graph.num_channels // 4), splits.reward)
+    assert 0 < half["distillation"] < quarter["distillation"]
+    proxy.close()
+
+
+def test_short_finetune_trains_a_copy_and_helps_a_narrow_candidate(setup):
+    splits, model, graph, ranking = setup
+    counts = np.maximum(1, graph.num_channels // 4)
+    before = _outputs(model, splits)
+    plain = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=0)(counts, splits.reward)
+    tuned = ProxyEvaluator(model, graph, ranking, splits.train, finetune_steps=30)(counts, splits.reward)
+    torch.testing.assert_close(_outputs(model, splits), before)
+    assert tuned["loss"] < plain["loss"]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"recalibration_batches": -1}, "recalibration_batches"),
+                                               ({"finetune_steps": 1.5}, "finetune_steps"),
+                                               ({"finetune_lr": 0.0}, "finetune_lr")])
+def test_bad_settings_are_refused_by_name(setup, kwargs, match):
+    splits, model, graph, ranking = setup
+    with pytest.raises(ValueError, match=match):
+        ProxyEvaluator(model, graph, ranking, splits.train, **kwargs)
+
+
+def test_random_keep_counts_meet_the_budget_within_tolerance(setup):
+    _, _, graph, _ = setup
+    choices = width_choices(graph, 0.25)
+    rng = np.random.default_rng(0)
+    draws = [random_keep_counts(graph, 0.3, choices, rng, tolerance=0.03) for _ in range(20)]
+    for counts in draws:
+        ratio = graph.flops(counts) / graph.dense_flops
+        assert 0.3 * 0.97 <= ratio <= 0.3 + 1e-9
+        assert all(c[0] <= k <= c[-1] for c, k in zip(choices, counts, strict=True))
+    assert len({tuple(c) for c in draws}) > 10  # random shapes, not one allocation
+    again = [random_keep_counts(graph, 0.3, choices, np.random.default_rng(0), tolerance=0.03)]
+    assert np.array_equal(again[0], draws[0])
+
+
+def test_random_keep_counts_refuse_an_unreachable_budget(setup):
+    _, _, graph, _ = setup
+    choices = width_choices(graph, 0.5)
+    with pytest.raises(ValueError, match="flops_ratio=0.05"):
+        random_keep_counts(graph, 0.05, choices, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="groups"):
+        random_keep_counts(graph, 0.5, choices[:2], np.random.default_rng(0))

@@ -1,0 +1,123 @@
+"""Tests for prunegym.compression.supernet: width choices, sampling, the sandwich-rule training,
+the cache, and LayerPruning-v0 searching a supernet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import trained_digits_cnn
+
+from prunegym.compression.channels import ChannelGraph, L1Importance, SoftMask, recalibrate_bn
+from prunegym.compression.data import load_dataset
+from prunegym.compression.supernet import (
+    make_supernet,
+    prefix_kept,
+    sample_keep_counts,
+    supernet_model,
+    width_choices,
+)
+from prunegym.compression.training import evaluate
+
+
+@pytest.fixture(scope="module")
+def digits():
+    splits = load_dataset("digits", 0)
+    return splits, trained_digits_cnn(splits.train)
+
+
+def _narrow_accuracy(model, splits, keep=0.25) -> float:
+    """Reward-split accuracy of the model's first ``keep`` of every group, BN recalibrated."""
+    graph = ChannelGraph(model, splits.train.x[:1])
+    counts = np.maximum(1, np.ceil(keep * graph.num_channels)).astype(int)
+    mask = SoftMask(model, graph)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        mask.set(prefix_kept(counts))
+        recalibrate_bn(model, [splits.train.x[i:i + 128] for i in range(0, 512, 128)])
+        return evaluate(model, splits.reward)[1]
+    finally:
+        mask.remove()
+        model.load_state_dict(state)
+
+
+def test_width_choices_run_from_min_keep_to_every_channel(digits):
+    splits, model = digits
+    graph = ChannelGraph(model, splits.train.x[:1])
+    choices = width_choices(graph, 0.25)
+    for c, n in zip(choices, graph.num_channels, strict=True):
+        assert c[0] == int(np.ceil(0.25 * n)) and c[-1] == n and np.all(np.diff(c) == 1)
+    rng = np.random.default_rng(0)
+    draws = np.stack([sample_keep_counts(choices, rng) for _ in range(200)])
+    for g, c in enumerate(choices):
+        assert set(draws[:, g]) <= set(c.tolist()) and len(set(draws[:, g])) > len(c) // 2
+    with pytest.raises(ValueError, match="min_keep"):
+        width_choices(graph, 0.0)
+
+
+def test_prefix_kept_keeps_the_first_channels():
+    kept = prefix_kept([3, 1])
+    assert [k.tolist() for k in kept] == [[0, 1, 2], [0]]
+
+
+def test_zero_epochs_only_reorders_the_channels(digits):
+    splits, model = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    supernet = make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), epochs=0, min_keep=0.25)
+    x = splits.test.x[:64]
+    torch.testing.assert_close(supernet(x), model(x), rtol=1e-4, atol=1e-4)
+    for key, value in model.state_dict().items():  # the model given is left as it was
+        assert torch.equal(value, before[key]), key
+    # In L1 order: the first filter of each conv has the largest L1 norm.
+    norms = supernet.features[0].weight.abs().flatten(1).sum(1)
+    assert torch.all(norms[:-1] >= norms[1:] - 1e-6)
+
+
+def test_supernet_training_makes_narrow_subnetworks_accurate_without_finetuning(digits):
+    splits, model = digits
+    supernet = make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), epochs=3, min_keep=0.25)
+    reordered = make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), epochs=0, min_keep=0.25)
+    narrow_before, narrow_after = _narrow_accuracy(reordered, splits), _narrow_accuracy(supernet, splits)
+    assert narrow_after > narrow_before + 0.2, (narrow_before, narrow_after)
+    assert narrow_after > 0.5
+    assert evaluate(supernet, splits.reward)[1] > 0.9  # the full width stays accurate
+    assert not supernet.training
+
+
+def test_supernet_model_is_cached(digits, prunegym_cache):
+    splits, model = digits
+    kwargs = dict(base_epochs=5, epochs=1, min_keep=0.5, importance=L1Importance())
+    first, seconds = supernet_model("digits_cnn", model, splits, 0, **kwargs)
+    files = list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.5_l1*.pt"))
+    assert len(files) == 1
+    second, cached_seconds = supernet_model("digits_cnn", model, splits, 0, **kwargs)
+    assert seconds > 0 and cached_seconds == seconds
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"epochs": -1}, "epochs"), ({"epochs": 1, "candidates": -1},
+                                                                           "candidates")])
+def test_bad_settings_are_refused_by_name(digits, kwargs, match):
+    splits, model = digits
+    with pytest.raises(ValueError, match=match):
+        make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), min_keep=0.25, **kwargs)
+
+
+def test_layer_env_searches_the_supernet(digits):
+    from prunegym.envs import LayerPruningEnv
+
+    splits, model = digits
+    plain = LayerPruningEnv(model=model, dataset=splits, flops_target=0.2)
+    env = LayerPruningEnv(model=model, dataset=splits, flops_target=0.2, supernet_epochs=3)
+    assert env.dense is not env.model and plain.dense is plain.model
+    assert [r.tolist() for r in env.ranking] == [list(range(n)) for n in env.graph.num_channels]
+    counts = env.min_counts
+    assert env.evaluate_counts(counts)["accuracy"] > plain.evaluate_counts(counts)["accuracy"] + 0.2
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, reward, done, _, info = env.step(env.action_space.sample())
+    assert info["flops_ratio"] <= 0.2 + 1e-9 and reward == -info["loss"]
+    with pytest.raises(ValueError, match="supernet_epochs"):
+        LayerPruningEnv(model=model, dataset=splits, supernet_epochs=-1)
