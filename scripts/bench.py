@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunegym.agents.run import TrainConfig
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
 from prunegym.compression.checkpoint import write_json
 from prunegym.compression.dynamic import build_dynamic
@@ -50,8 +51,11 @@ from prunegym.compression.metrics import (
     measure_latency_rounds,
 )
 from prunegym.compression.models import MODELS, build_model
+from prunegym.compression.training import BASE_EPOCHS
 
 ENV_ID = "prunegym/LayerPruning-v0"
+FINETUNE_EPOCHS, FINETUNE_LR = TrainConfig.finetune_epochs, TrainConfig.finetune_lr  # the report's fine-tune
+SUPERNET_EPOCHS = TrainConfig.supernet_epochs or 20
 IMAGE_SIZE = 32
 BATCH_SIZES = (1, 64)
 DEFAULT_REPEATS = {1: 200, 64: 50}
@@ -320,6 +324,200 @@ def format_dynamic(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---- proxy fidelity: how well each candidate evaluation ranks candidates ------------------------
+PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
+
+
+def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
+                   min_keep: float, device: torch.device) -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
+    """The splits, and each model candidates are pruned from: its channel graph and ranking."""
+    from prunegym.compression.data import load_dataset
+    from prunegym.compression.supernet import prefix_kept, supernet_model
+    from prunegym.compression.training import base_model
+
+    splits = load_dataset(dataset, seed)
+    example = splits.train.x[:1].to(device)
+    dense = base_model(model_name, splits, seed, epochs=base_epochs, device=device).eval()
+    graph = ChannelGraph(dense, example)
+    sources = {"dense": (dense, graph, graph.rankings(L1Importance()))}
+    if supernet_epochs:
+        supernet, _ = supernet_model(model_name, dense, splits, seed, base_epochs=base_epochs, epochs=supernet_epochs,
+                                  min_keep=min_keep, importance=L1Importance(), device=device)
+        supernet_graph = ChannelGraph(supernet, example)
+        sources["supernet"] = (supernet, supernet_graph, prefix_kept(supernet_graph.num_channels))
+    return splits, sources
+
+
+def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
+                finetune_lr: float, supernet_epochs: int, finetune_steps: list[int], min_keep: float,
+                base_epochs: int, device: str, finetune_seeds: list[int], log: Any = print) -> dict[str, Any]:
+    """Sample ``candidates`` random allocations at ``budget`` (EagleEye's sampler), fine-tune each
+    with the report's recipe once per fine-tune seed (pruned from the dense model, and from the
+    supernet), and score each with every candidate evaluation a search can use; returns every score
+    and the fine-tuned accuracies."""
+    import math
+
+    from prunegym.compression.channels import prune_channels as prune
+    from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator
+    from prunegym.compression.sparsity import random_keep_counts
+    from prunegym.compression.supernet import width_choices
+    from prunegym.compression.training import evaluate, resolve_device, train_classifier
+
+    device = resolve_device(device)
+    splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device)
+    _, graph, _ = sources["dense"]
+    rng = np.random.default_rng([seed, round(budget * 1e6)])
+    choices = width_choices(graph, min_keep)
+    allocations = [random_keep_counts(graph, budget, choices, rng) for _ in range(candidates)]
+    all_batches = math.ceil(len(splits.train) / RECALIBRATION_BATCH)
+    proxies = []
+    for source in sources:
+        prefix = "" if source == "dense" else "supernet, "
+        proxies += [(f"{prefix}BN 2 batches", source, {"recalibration_batches": 2}),
+                    (f"{prefix}BN {all_batches} batches (adaptive BN)", source,
+                     {"recalibration_batches": all_batches})]
+        if source == "dense":
+            proxies += [(f"fine-tune {n} steps", source, {"recalibration_batches": 0, "finetune_steps": n})
+                        for n in finetune_steps]
+    truth: dict[str, list[list[float]]] = {}  # source -> per candidate, the accuracy after each fine-tune seed
+    truth_seconds: dict[str, float] = {}
+    for source, (model, source_graph, ranking) in sources.items():
+        accuracies, started = [], time.perf_counter()
+        for i, counts in enumerate(allocations):
+            kept = source_graph.kept_channels(ranking, counts)
+            accuracies.append([])
+            for s in finetune_seeds:
+                pruned = train_classifier(prune(model, source_graph, kept), splits.train, epochs=finetune_epochs,
+                                          lr=finetune_lr, seed=s, device=device)
+                accuracies[-1].append(evaluate(pruned, splits.test, device=device)[1])
+            log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
+                f"{np.round(accuracies[-1], 4).tolist()}")
+        truth[source] = accuracies
+        truth_seconds[source] = (time.perf_counter() - started) / (candidates * len(finetune_seeds))
+    rows = []
+    for name, source, kwargs in proxies:
+        model, source_graph, ranking = sources[source]
+        evaluator = ProxyEvaluator(model, source_graph, ranking, splits.train, finetune_lr=1e-3, seed=seed,
+                                   device=device, **kwargs)
+        scores, started = [], time.perf_counter()
+        for counts in allocations:
+            scores.append(evaluator(counts, splits.reward))
+        seconds = (time.perf_counter() - started) / candidates
+        evaluator.close()
+        log(f"  {name}: {seconds:.3f} s per candidate")
+        rows.append({"proxy": name, "source": source, "seconds": seconds, "scores": scores})
+    return {"model": model_name, "dataset": dataset, "budget": budget, "candidates": candidates, "seed": seed,
+            "min_keep": min_keep, "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr,
+            "supernet_epochs": supernet_epochs, "finetune_seeds": finetune_seeds,
+            "keep_counts": [c.tolist() for c in allocations],
+            "flops_ratios": [float(graph.flops(c)) / graph.dense_flops for c in allocations],
+            "finetuned_accuracy": truth, "finetune_seconds": truth_seconds, "proxies": rows}
+
+
+def _mean_truth(r: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each source's fine-tuned accuracy per candidate, averaged over the fine-tune seeds."""
+    return {source: np.asarray(acc).mean(axis=1) for source, acc in r["finetuned_accuracy"].items()}
+
+
+def proxy_reliability(r: dict[str, Any]) -> dict[str, float]:
+    """Per source, Spearman between the candidates' accuracies after two fine-tune seeds (the first
+    two): how well the fine-tuned accuracy ranks candidates itself, the ceiling for any proxy."""
+    from prunegym.compression.statistics import spearman
+
+    return {source: spearman(np.asarray(acc)[:, 0], np.asarray(acc)[:, 1])
+            for source, acc in r["finetuned_accuracy"].items() if np.asarray(acc).shape[1] > 1}
+
+
+def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per proxy and metric: Spearman with each source's fine-tuned accuracy (the mean over the
+    fine-tune seeds), and the fine-tuned accuracy of the candidate it ranks first."""
+    from prunegym.compression.statistics import spearman
+
+    truth = _mean_truth(r)
+    table = []
+    for row in r["proxies"]:
+        for metric, sign in PROXY_METRICS:
+            score = [sign * s[metric] for s in row["scores"]]
+            entry = {"proxy": row["proxy"], "metric": metric, "source": row["source"], "seconds": row["seconds"]}
+            for source, accuracy in truth.items():
+                entry[f"spearman_{source}"] = spearman(score, accuracy)
+            entry["top1_accuracy"] = float(truth[row["source"]][int(np.argmax(score))])
+            table.append(entry)
+    return table
+
+
+def format_proxy(r: dict[str, Any]) -> str:
+    sources = list(r["finetuned_accuracy"])
+    truth, reliability = _mean_truth(r), proxy_reliability(r)
+    lines = [f"proxy fidelity: {r['model']} on {r['dataset']}, {r['candidates']} random allocations at FLOPs "
+             f"{r['budget']:g} (ratios {min(r['flops_ratios']):.3f}-{max(r['flops_ratios']):.3f}), seed {r['seed']}, "
+             f"min_keep {r['min_keep']:g}; each fine-tuned {r['finetune_epochs']} epochs at lr {r['finetune_lr']:g} "
+             f"with fine-tune seeds {r['finetune_seeds']}"
+             + (f"; supernet trained {r['supernet_epochs']} epochs" if r["supernet_epochs"] else "")]
+    for source in sources:
+        acc = 100 * truth[source]
+        spread = 100 * np.asarray(r["finetuned_accuracy"][source]).std(axis=1, ddof=1).mean() \
+            if len(r["finetune_seeds"]) > 1 else float("nan")
+        lines.append(f"fine-tuned from {source}: test accuracy over candidates {acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
+                     f" (min {acc.min():.2f}, max {acc.max():.2f}); over fine-tune seeds ± {spread:.2f}; "
+                     f"ρ between two fine-tune seeds {reliability.get(source, float('nan')):.2f}; "
+                     f"{r['finetune_seconds'][source]:.1f} s per fine-tune")
+    header = f"{'candidate evaluation':<40}{'score':>14}" + "".join(f"{'ρ ' + s:>12}" for s in sources) + \
+        f"{'top-1 acc':>11}{'s/eval':>9}"
+    lines += [header, "-" * len(header)]
+    for e in proxy_table(r):
+        score = ("-" if e["metric"] != "accuracy" else "") + e["metric"]
+        lines.append(f"{e['proxy']:<40}{score:>14}" + "".join(f"{e['spearman_' + s]:>12.2f}" for s in sources)
+                     + f"{100 * e['top1_accuracy']:>11.2f}{e['seconds']:>9.3f}")
+    lines.append("ρ: Spearman rank correlation of the score with the test accuracy after the fine-tune, for candidates "
+                 "pruned from that model; top-1 acc: the fine-tuned accuracy of the candidate the score ranks first "
+                 "(from the model the evaluation prunes); scores on the reward split.")
+    return "\n".join(lines)
+
+
+# ---- fine-tune length: where test accuracy stops moving ------------------------------------------
+def bench_finetune(model_name: str, dataset: str, budget: float, epochs: list[int], finetune_seeds: list[int],
+                   seed: int, finetune_lr: float, base_epochs: int, device: str, log: Any = print) -> dict[str, Any]:
+    """Test accuracy of one allocation (uniform L1 at ``budget``) after fine-tunes of each length in
+    ``epochs``, for each fine-tune seed (the order of the batches; base model and split fixed by ``seed``)."""
+    from prunegym.compression.channels import prune_channels as prune
+    from prunegym.compression.data import load_dataset
+    from prunegym.compression.sparsity import uniform_keep_counts
+    from prunegym.compression.training import base_model, evaluate, resolve_device, train_classifier
+
+    device = resolve_device(device)
+    splits = load_dataset(dataset, seed)
+    dense = base_model(model_name, splits, seed, epochs=base_epochs, device=device).eval()
+    graph = ChannelGraph(dense, splits.train.x[:1].to(device))
+    counts = uniform_keep_counts(graph, budget)
+    kept = graph.kept_channels(L1Importance(), counts)
+    rows = []
+    for n in epochs:
+        accuracies, started = [], time.perf_counter()
+        for s in finetune_seeds:
+            pruned = train_classifier(prune(dense, graph, kept), splits.train, epochs=n, lr=finetune_lr, seed=s,
+                                      device=device)
+            accuracies.append(evaluate(pruned, splits.test, device=device)[1])
+        rows.append({"epochs": n, "accuracies": accuracies,
+                     "seconds": (time.perf_counter() - started) / len(finetune_seeds)})
+        log(f"  {n} epochs: {np.round(100 * np.asarray(accuracies), 2).tolist()}")
+    return {"model": model_name, "dataset": dataset, "budget": budget, "seed": seed, "finetune_lr": finetune_lr,
+            "finetune_seeds": finetune_seeds, "keep_counts": counts.tolist(),
+            "flops_ratio": float(graph.flops(counts)) / graph.dense_flops, "rows": rows}
+
+
+def format_finetune(r: dict[str, Any]) -> str:
+    lines = [f"fine-tune length: {r['model']} on {r['dataset']} (seed {r['seed']}), uniform L1 at FLOPs "
+             f"{r['flops_ratio']:.3f}, lr {r['finetune_lr']:g}, fine-tune seeds {r['finetune_seeds']}",
+             f"{'epochs':>7}{'test acc %':>16}{'min':>8}{'max':>8}{'s/fine-tune':>13}"]
+    for row in r["rows"]:
+        acc = 100 * np.asarray(row["accuracies"])
+        std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        lines.append(f"{row['epochs']:>7}{f'{acc.mean():.2f} ± {std:.2f}':>16}{acc.min():>8.2f}{acc.max():>8.2f}"
+                     f"{row['seconds']:>13.1f}")
+    return "\n".join(lines)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -340,10 +538,21 @@ def _ratios(text: str) -> list[float]:
     return values
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all"], default="all",
-                        help="what to run (default: all)")
+    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all", "proxy", "finetune"], default="all",
+                        help="what to run (default: all: env, latency and dynamic; proxy and finetune train "
+                             "models for minutes and run only when named)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the actions, weights and inputs (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
     env = parser.add_argument_group("env")
@@ -377,6 +586,31 @@ def build_parser() -> argparse.ArgumentParser:
     dynamic.add_argument("--tune-kernels", action="store_true",
                          help="pick each conv slice's fastest batch-1 kernel (ATen, NNPACK, oneDNN) for the gated "
                               "models and a dense reference run through the same path")
+    proxy = parser.add_argument_group("proxy and finetune (also use --model, --seed, --base-epochs)")
+    proxy.add_argument("--dataset", default="digits", help="dataset spec (default: digits)")
+    proxy.add_argument("--budgets", type=_ratios, default=[0.25, 0.5],
+                       help="proxy: FLOPs budgets the candidates are sampled at; finetune: the first is the "
+                            "uniform allocation's budget (default: 0.25,0.5)")
+    proxy.add_argument("--candidates", type=_positive_int, default=24,
+                       help="proxy: random allocations per budget (default: 24)")
+    proxy.add_argument("--finetune-epochs", type=int, default=FINETUNE_EPOCHS,
+                       help=f"proxy: the fine-tune each candidate gets, as the report's (default: {FINETUNE_EPOCHS})")
+    proxy.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
+                       help=f"learning rate of every fine-tune (default: {FINETUNE_LR})")
+    proxy.add_argument("--supernet-epochs", type=int, default=SUPERNET_EPOCHS,
+                       help=f"proxy: epochs of the supernet the supernet evaluations prune from; 0: none "
+                            f"(default: {SUPERNET_EPOCHS})")
+    proxy.add_argument("--finetune-steps", type=_counts, default=[20, 60],
+                       help="proxy: lengths of the short-term fine-tune evaluation, in batches of 64 "
+                            "(default: 20,60)")
+    proxy.add_argument("--min-keep", type=float, default=0.25,
+                       help="proxy: the smallest keep ratio of a group in a sampled allocation (default: 0.25)")
+    proxy.add_argument("--epochs-list", type=_counts, default=[5, 10, 20, 40, 80],
+                       help="finetune: the fine-tune lengths to measure, in epochs (default: 5,10,20,40,80)")
+    proxy.add_argument("--finetune-seeds", type=_counts, default=None,
+                       help="the fine-tune seeds (batch orders): proxy: each candidate's fine-tuned accuracy is the "
+                            "mean over them (default: 0,1); finetune: at each length (default: 0,1,2)")
+    proxy.add_argument("--device", default="auto", help="where training runs (default: auto)")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="alternating rounds: dense and pruned models, or wrapped and bare env, take turns "
                              "this many times (default: 3)")
@@ -413,6 +647,23 @@ def main(argv: list[str] | None = None) -> int:
                                                args.rounds, args.seed, args.tune_kernels)
             print()
             print(format_dynamic(figures["dynamic"]))
+        if args.what == "proxy":
+            base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs
+            figures["proxy"] = []
+            for budget in args.budgets:
+                print(f"\nproxy fidelity at FLOPs {budget:g}:")
+                figures["proxy"].append(bench_proxy(
+                    args.model, args.dataset, budget, args.candidates, args.seed, args.finetune_epochs,
+                    args.finetune_lr, args.supernet_epochs, args.finetune_steps, args.min_keep, base_epochs,
+                    args.device, args.finetune_seeds or [0, 1]))
+                print(format_proxy(figures["proxy"][-1]))
+        if args.what == "finetune":
+            base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs
+            print("\nfine-tune length:")
+            figures["finetune"] = bench_finetune(args.model, args.dataset, args.budgets[0], args.epochs_list,
+                                                 args.finetune_seeds or [0, 1, 2], args.seed, args.finetune_lr,
+                                                 base_epochs, args.device)
+            print(format_finetune(figures["finetune"]))
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

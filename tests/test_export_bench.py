@@ -124,3 +124,42 @@ def test_bench_env_runs(tmp_path: Path, cache: Path, run_dir: Path):
 def test_help(script: str, tmp_path: Path, cache: Path):
     done = _run(script, "--help", cache=cache, cwd=tmp_path)
     assert done.returncode == 0 and "usage:" in done.stdout
+
+
+def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path, cache: Path):
+    out = tmp_path / "proxy.json"
+    done = _run("bench.py", "--what", "proxy", "--model", "digits_cnn", "--budgets", "0.3", "--candidates", "4",
+                "--finetune-epochs", "1", "--finetune-seeds", "0,1", "--supernet-epochs", "1", "--finetune-steps", "3",
+                "--base-epochs", "2", "--device", "cpu", "--json", out, cache=cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (r,) = json.loads(out.read_text())["proxy"]
+    assert len(r["keep_counts"]) == 4 and all(0.3 * 0.97 <= f <= 0.3 + 1e-9 for f in r["flops_ratios"])
+    assert set(r["finetuned_accuracy"]) == {"dense", "supernet"}
+    assert all(len(per_seed) == 2 for per_seed in r["finetuned_accuracy"]["dense"])
+    names = [p["proxy"] for p in r["proxies"]]
+    assert names[:3] == ["BN 2 batches", "BN 10 batches (adaptive BN)", "fine-tune 3 steps"]
+    assert "supernet, BN 2 batches" in names
+    for proxy in r["proxies"]:
+        assert len(proxy["scores"]) == 4 and proxy["seconds"] > 0
+        assert {"loss", "accuracy", "distillation"} <= set(proxy["scores"][0])
+    assert "ρ dense" in done.stdout and "ρ supernet" in done.stdout and "top-1 acc" in done.stdout
+
+
+def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Path):
+    out = tmp_path / "finetune.json"
+    done = _run("bench.py", "--what", "finetune", "--model", "digits_cnn", "--budgets", "0.3", "--epochs-list", "0,1",
+                "--finetune-seeds", "0,1", "--base-epochs", "2", "--device", "cpu", "--json", out,
+                cache=cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(out.read_text())["finetune"]
+    assert [row["epochs"] for row in r["rows"]] == [0, 1]
+    assert all(len(row["accuracies"]) == 2 for row in r["rows"])
+    assert r["rows"][0]["accuracies"][0] == r["rows"][0]["accuracies"][1]  # no fine-tune: no seed to differ by
+    assert r["flops_ratio"] <= 0.3
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--budgets", "1.5"], "FLOPs ratios"),
+                                               (["--finetune-steps", "x"], "integers")])
+def test_bench_proxy_bad_flags_are_named(tmp_path: Path, cache: Path, args: list[str], message: str):
+    done = _run("bench.py", "--what", "proxy", *args, cache=cache, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr
