@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_inference_model": "loading",
     "load_dynamic": "loading",
     "PolicyDecider": "gated",
+    "random_search": "random_search",
     "BatchedInputPruningVecEnv": "vec_env",
     "RunDirError": "run",
     "TrainConfig": "run",

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunegym.compression.channels import BNScaleImportance, ChannelGraph, L1Importance, L2Importance, prune_channels
+from prunegym.compression.channels import (
+    BNScaleImportance,
+    ChannelGraph,
+    L1Importance,
+    L2Importance,
+    make_importance,
+    prune_channels,
+)
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.data import load_dataset
 from prunegym.compression.distillation import Distillation, student_model
@@ -48,39 +55,17 @@ from prunegym.compression.sparsity import (
     uniform_keep_counts,
     weight_sparsity,
 )
+from prunegym.compression.statistics import paired_difference
+from prunegym.compression.supernet import prefix_kept, supernet_model
 from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device, train_classifier
+from prunegym.envs import LayerPruningEnv
 
 from .callbacks import latest_checkpoint
 from .loading import load_inference_model
-from .run import DEFAULT_TIMESTEPS, TrainConfig, distillation, measure_model, static_latency, train
+from .random_search import random_search
+from .run import DEFAULT_TIMESTEPS, TrainConfig, distillation, env_kwargs, measure_model, static_latency, train
 
 __all__ = ["CompareConfig", "METHODS", "compare", "summarize", "format_table", "markdown_table", "pareto_plot"]
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    per_budget: bool
-    note: str
-
-
-METHODS: dict[str, Method] = {
-    "dense": Method("dense", False, "the base model"),
-    "int8": Method("int8 (PTQ)", False, "per-channel symmetric weights, calibrated activations; int8 kernels"),
-    "int8_mean_centred": Method("int8 mean-centred", False, "weights q·α+μ per channel, weight-only; fp32 kernels"),
-    "rl_input": Method("RL per-input", False, "mean per-input density; λ sets it"),
-    "gate": Method("gate", False, "mean per-input density, trained to RL per-input's"),
-    "rl_layer": Method("RL per-layer", True, "budget mode"),
-    "rl_layer_int8": Method("RL per-layer + int8", True, "the RL model quantized; int8 kernels"),
-    "uniform_l1": Method("uniform L1", True, "Li et al. 2017"),
-    "global_l1": Method("global L1", True, "scores normalised per layer"),
-    "global_l2": Method("global L2", True, "scores normalised per layer"),
-    "slimming": Method("network slimming", True, "L1 on BN scales, then global BN-scale ranking"),
-    "random": Method("random channels", True, "RL per-layer's channel counts, random channels"),
-    "torch_pruning": Method("torch-pruning L1", True, "torch-pruning's MagnitudePruner, one ratio per layer"),
-    "magnitude_agp": Method("unstructured AGP", True, "sparsity 1 - budget; dense kernels run every FLOP"),
-    "kd_student": Method("KD student", True, "reduced width at the budget, trained from scratch with KD"),
-}
 
 
 @dataclass
@@ -93,9 +78,9 @@ class CompareConfig:
     """``digits``, ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])
     """FLOPs budgets, as fractions of the dense model's FLOPs"""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     """seeds of the data split, base model, agents and fine-tunes; the table gives mean ± std over them"""
-    finetune_epochs: int = 10
+    finetune_epochs: int = 40
     """fine-tune epochs after pruning, the same for every method (the KD student trains from scratch
     for the base model's epochs; slimming's sparsity training comes on top)"""
     finetune_lr: float = 5e-4
@@ -110,6 +95,9 @@ class CompareConfig:
     """timesteps of each RL per-layer search (default: the main job's, 6000)"""
     input_timesteps: int | None = None
     """timesteps of each RL per-input search (default: the per-input job's, 200000)"""
+    supernet_epochs: int = 0
+    """RL per-layer and random search: epochs of the weight-sharing supernet they search and prune from
+    (``train.py --supernet-epochs``); 0: the dense model"""
     input_lam: float = 2.0
     """λ of the per-input search: its density is the agent's choice, not a budget"""
     distill: bool = False
@@ -139,7 +127,9 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
-        for name in ("finetune_epochs", "base_epochs"):
+        if "uniform_supernet" in self.methods and not self.supernet_epochs:
+            raise ValueError("method uniform_supernet prunes RL's supernet; it needs supernet_epochs > 0")
+        for name in ("finetune_epochs", "base_epochs", "supernet_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("layer_timesteps", "input_timesteps"):
@@ -171,6 +161,7 @@ class _Seed:
         self.graph = ChannelGraph(self.dense, self.splits.train.x[:1].to(device))
         self.calibration = [self.splits.train.x[i:i + 64] for i in range(0, min(512, len(self.splits.train)), 64)]
         self.teacher = distillation(config, self.dense)  # None unless config.distill
+        self._supernet: nn.Module | None = None
 
     def _train_config(self, **overrides: Any):
         c = self.config
@@ -178,10 +169,23 @@ class _Seed:
                            finetune_lr=c.finetune_lr, distill=c.distill, base_epochs=c.base_epochs, device=c.device,
                            threads=c.threads, **overrides)
 
-    def finetune(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        return train_classifier(model, self.splits.train, epochs=self.config.finetune_epochs,
-                                lr=self.config.finetune_lr, seed=self.seed, device=self.device,
-                                distill=self.teacher, **kwargs)
+    def finetune(self, model: nn.Module, *, from_supernet: bool = False, **kwargs: Any) -> nn.Module:
+        """Fine-tune a pruned model. One pruned from the dense model trains ``supernet_epochs`` more
+        than one pruned from the supernet, so that every pruned model has trained as many epochs
+        since the base model (the supernet's, then the fine-tune's)."""
+        epochs = self.config.finetune_epochs + (0 if from_supernet else self.config.supernet_epochs)
+        return train_classifier(model, self.splits.train, epochs=epochs, lr=self.config.finetune_lr, seed=self.seed,
+                                device=self.device, distill=self.teacher, **kwargs)
+
+    def supernet(self) -> nn.Module:
+        """The supernet RL per-layer searches (``supernet_epochs``; the same cached one its env trains)."""
+        if self._supernet is None:
+            defaults = TrainConfig()
+            self._supernet, _ = supernet_model(self.config.model, self.dense, self.splits, self.seed,
+                                               base_epochs=self.config.base_epochs,
+                                               epochs=self.config.supernet_epochs, min_keep=defaults.min_keep,
+                                               importance=make_importance(defaults.importance), device=self.device)
+        return self._supernet
 
     def pruned(self, kept: list[torch.Tensor], source: nn.Module | None = None) -> nn.Module:
         return self.finetune(prune_channels(self.dense if source is None else source, self.graph, kept))
@@ -208,7 +212,8 @@ def _rl_run(state: _Seed, out: Path, env: str, budget: float | None) -> tuple[di
     if env == "layer":
         run_dir = out / "runs" / f"layer__b{budget:g}__s{state.seed}"
         config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
-                                     timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"], run_dir=str(run_dir))
+                                     timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
+                                     supernet_epochs=c.supernet_epochs, run_dir=str(run_dir))
     else:
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
@@ -332,13 +337,73 @@ def _dynamic(name: str) -> Callable:
     return run
 
 
-RUNNERS: dict[str, Callable] = {
-    "dense": _dense, "int8": _int8, "int8_mean_centred": _int8_mean_centred,
-    "rl_input": _dynamic("rl"), "gate": _dynamic("gate"),
-    "rl_layer": _rl_layer, "rl_layer_int8": _rl_layer_int8,
-    "uniform_l1": _static(lambda state, budget: uniform_keep_counts(state.graph, budget), L1Importance()),
-    "global_l1": _global(L1Importance()), "global_l2": _global(L2Importance()), "slimming": _slimming,
-    "random": _random, "torch_pruning": _torch_pruning, "magnitude_agp": _magnitude_agp, "kd_student": _kd_student,
+def _random_search(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
+    """Random search in RL per-layer's env (same reward, budget and number of episodes as its
+    search), the best episode pruned and fine-tuned as the agent's is."""
+    c = state.config
+    config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
+                                 timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
+                                 supernet_epochs=c.supernet_epochs)
+    env = LayerPruningEnv(**env_kwargs(config), device=str(state.device))
+    try:
+        if "rl_layer" in c.methods:  # exactly as many reward evaluations as the agent's search made
+            episodes = int(_rl_run(state, out, "layer", budget)[0]["search"]["episodes"])
+        else:
+            episodes = -(-config.timesteps // env.num_groups)
+        search = random_search(env, episodes, seed=state.seed)
+        counts = np.asarray(search["best"]["keep_counts"], dtype=np.int64)
+        model = state.finetune(prune_channels(env.model, env.graph, env.kept_channels(counts)),
+                               from_supernet=bool(c.supernet_epochs))
+    finally:
+        env.close()
+    return {**state.measure(model), **state.counts_result(counts), "search_episodes": episodes,
+            "search_seconds": search["seconds"], "best_reward": search["best"]["reward"]}
+
+
+def _uniform_supernet(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
+    """Uniform L1's keep counts, taken from the supernet RL per-layer searches (its channels are in
+    L1 order, so a prefix): the same weights as RL's, another allocation."""
+    counts = uniform_keep_counts(state.graph, budget)
+    model = state.finetune(prune_channels(state.supernet(), state.graph, prefix_kept(counts)), from_supernet=True)
+    return {**state.measure(model), **state.counts_result(counts)}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: its label, whether it runs per FLOPs budget, a note, its runner."""
+
+    label: str
+    per_budget: bool
+    note: str
+    run: Callable[[_Seed, Path, float | None], dict[str, Any]]
+
+
+METHODS: dict[str, Method] = {
+    "dense": Method("dense", False, "the base model", _dense),
+    "int8": Method("int8 (PTQ)", False, "per-channel symmetric weights, calibrated activations; int8 kernels",
+                   _int8),
+    "int8_mean_centred": Method("int8 mean-centred", False, "weights q·α+μ per channel, weight-only; fp32 kernels",
+                                _int8_mean_centred),
+    "rl_input": Method("RL per-input", False, "mean per-input density; λ sets it", _dynamic("rl")),
+    "gate": Method("gate", False, "mean per-input density, trained to RL per-input's", _dynamic("gate")),
+    "rl_layer": Method("RL per-layer", True, "budget mode", _rl_layer),
+    "rl_layer_int8": Method("RL per-layer + int8", True, "the RL model quantized; int8 kernels", _rl_layer_int8),
+    "random_search": Method("random search", True, "best of as many random episodes as RL's search, same env",
+                            _random_search),
+    "uniform_l1": Method("uniform L1", True, "Li et al. 2017",
+                         _static(lambda state, budget: uniform_keep_counts(state.graph, budget), L1Importance())),
+    "uniform_supernet": Method("uniform, supernet", True, "uniform L1's counts from RL's supernet: its weights, "
+                               "another allocation", _uniform_supernet),
+    "global_l1": Method("global L1", True, "scores normalised per layer", _global(L1Importance())),
+    "global_l2": Method("global L2", True, "scores normalised per layer", _global(L2Importance())),
+    "slimming": Method("network slimming", True, "L1 on BN scales, then global BN-scale ranking", _slimming),
+    "random": Method("random channels", True, "RL per-layer's channel counts, random channels", _random),
+    "torch_pruning": Method("torch-pruning L1", True, "torch-pruning's MagnitudePruner, one ratio per layer",
+                            _torch_pruning),
+    "magnitude_agp": Method("unstructured AGP", True, "sparsity 1 - budget; dense kernels run every FLOP",
+                            _magnitude_agp),
+    "kd_student": Method("KD student", True, "reduced width at the budget, trained from scratch with KD",
+                         _kd_student),
 }
 
 
@@ -398,7 +463,7 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
         if seed not in states:
             states = {seed: _Seed(config, seed, device)}  # one seed at a time: the others' models can go
         t0 = time.perf_counter()
-        result = RUNNERS[method](states[seed], out, budget)
+        result = METHODS[method].run(states[seed], out, budget)
         row = {"method": method, "budget": budget, "seed": seed, **result,
                "seconds": time.perf_counter() - t0}
         write_json(path, row)
@@ -429,9 +494,17 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
 
 
 def _notes(config: CompareConfig) -> str:
-    return (f"Test split; mean ± std over seeds {config.seeds}; every pruned model fine-tuned "
-            f"{config.finetune_epochs} epochs (lr {config.finetune_lr}"
+    if config.supernet_epochs:
+        training = (f"RL per-layer, random search and uniform-from-supernet are pruned from a supernet trained "
+                    f"{config.supernet_epochs} epochs from the base model and fine-tuned {config.finetune_epochs} "
+                    f"epochs; every other pruned model is fine-tuned {config.finetune_epochs + config.supernet_epochs}"
+                    f" epochs, as many since the base model (lr {config.finetune_lr}")
+    else:
+        training = f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}"
+    return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
+            "RL - this: RL per-layer's test accuracy minus the method's, in points, paired over the seeds (same "
+            "base model and split), with its 95% confidence interval (Student's t) and the seeds RL won. "
             "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "
             f"Latency: median ms on the CPU, {config.threads} thread(s), models in their inference form "
             "(BN folded). Bytes: the state dict as torch.save writes it (int8: int8 weights; unstructured: "
@@ -439,8 +512,22 @@ def _notes(config: CompareConfig) -> str:
             "dense model's; the plot places it at its nonzero FLOPs, hollow.")
 
 
+def _versus_rl(rows: list[dict[str, Any]], method: str, budget: float | None) -> dict[str, Any] | None:
+    """RL per-layer's test accuracy minus ``method``'s at ``budget``, in points, paired over the seeds
+    both have (same base model and split per seed): mean, 95% interval, seeds won and lost by RL."""
+    if budget is None or method == "rl_layer":
+        return None
+    rl = {r["seed"]: r["test_accuracy"] for r in rows if r["method"] == "rl_layer" and r["budget"] == budget}
+    other = {r["seed"]: r["test_accuracy"] for r in rows if r["method"] == method and r["budget"] == budget}
+    seeds = sorted(rl.keys() & other.keys())
+    if not seeds:
+        return None
+    return paired_difference([100 * rl[s] for s in seeds], [100 * other[s] for s in seeds]).as_dict()
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, budget): mean ± std of accuracy over seeds, means of the costs."""
+    """One row per (method, budget): mean ± std of accuracy over seeds, means of the costs, and for
+    every per-budget method RL per-layer's paired advantage over it (``rl_minus_this``)."""
     table = []
     keys = []
     for r in rows:
@@ -456,8 +543,20 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "latency_ratio_b1", "latency_ratio_b64", "sparsity", "nonzero_flops_ratio"):
             if all(key in r for r in group):
                 entry[key] = float(np.mean([r[key] for r in group]))
+        versus = _versus_rl(rows, method, budget)
+        if versus is not None:
+            entry["rl_minus_this"] = versus
         table.append(entry)
     return table
+
+
+def _versus_text(entry: dict[str, Any]) -> str:
+    """RL per-layer's paired advantage as ``+1.23 [-0.40, 2.86] 4/5`` (mean, 95% interval, seeds RL won)."""
+    v = entry.get("rl_minus_this")
+    if v is None:
+        return "-"
+    interval = "" if v["low"] is None else f" [{v['low']:+.2f}, {v['high']:+.2f}]"
+    return f"{v['mean']:+.2f}{interval} {v['won']}/{v['n']}"
 
 
 def _budget(entry: dict[str, Any]) -> str:
@@ -467,26 +566,27 @@ def _budget(entry: dict[str, Any]) -> str:
 def format_table(table: list[dict[str, Any]]) -> str:
     """The table for the terminal."""
     header = (f"{'method':<22}{'budget':>7}{'test acc %':>16}{'FLOPs':>7}{'params':>10}{'bytes':>10}"
-              f"{'b1 ms':>8}{'b64 ms':>8}")
+              f"{'b1 ms':>8}{'b64 ms':>8}  {'RL - this [95% CI] RL won':<28}")
     lines = [header, "-" * len(header)]
     for e in table:
         acc = f"{e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f}"
         lines.append(f"{e['label']:<22}{_budget(e):>7}{acc:>16}{e['flops_ratio']:>7.3f}{e['params']:>10,.0f}"
-                     f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}")
+                     f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}  {_versus_text(e)}")
     return "\n".join(lines)
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
     """The table in Markdown."""
-    lines = ["| method | budget | test accuracy % | FLOPs ratio | params | bytes | b1 ms | b64 ms | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | budget | test accuracy % | RL per-layer − this, points [95% CI], seeds RL won | FLOPs ratio "
+             "| params | bytes | b1 ms | b64 ms | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for e in table:
         note = e["note"]
         if "sparsity" in e:
             note += f"; sparsity {e['sparsity']:.2f}"
         lines.append(f"| {e['label']} | {_budget(e)} | {e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f} | "
-                     f"{e['flops_ratio']:.3f} | {e['params']:,.0f} | {e['bytes']:,.0f} | {e['latency_b1_ms']:.3f} | "
-                     f"{e['latency_b64_ms']:.3f} | {note} |")
+                     f"{_versus_text(e)} | {e['flops_ratio']:.3f} | {e['params']:,.0f} | {e['bytes']:,.0f} | "
+                     f"{e['latency_b1_ms']:.3f} | {e['latency_b64_ms']:.3f} | {note} |")
     return "\n".join(lines)
 
 

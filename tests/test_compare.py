@@ -4,12 +4,14 @@ helpers, and ``scripts/compare.py`` as a user runs it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prunegym.agents.compare import METHODS, CompareConfig, compare, format_table, markdown_table, summarize
@@ -20,7 +22,7 @@ SCRIPT = ROOT / "scripts" / "compare.py"
 
 def tiny(out: Path, **overrides) -> CompareConfig:
     settings = dict(budgets=[0.5], seeds=[0], finetune_epochs=1, base_epochs=2, layer_timesteps=64,
-                    input_timesteps=512, device="cpu", out=str(out))
+                    input_timesteps=512, supernet_epochs=1, device="cpu", out=str(out))
     return CompareConfig(**{**settings, **overrides})
 
 
@@ -61,6 +63,29 @@ def test_the_rl_runs_are_complete_run_directories(run):
         assert (out / "runs" / name / "report.json").is_file()
 
 
+def test_random_search_makes_as_many_reward_evaluations_as_the_agent(run):
+    out, results, _ = run
+    rows = {r["method"]: r for r in results["rows"]}
+    report = json.loads((out / "runs" / "layer__b0.5__s0" / "report.json").read_text())
+    assert rows["random_search"]["search_episodes"] == report["search"]["episodes"] > 0
+    assert rows["random_search"]["flops_ratio"] <= 0.5 + 1e-6
+    # Both search the same supernet: uniform counts from it are what the uniform row measures.
+    assert rows["uniform_supernet"]["flops"] == rows["uniform_l1"]["flops"]
+
+
+def test_every_per_budget_method_is_paired_with_rl(run):
+    _, results, text = run
+    for entry in results["table"]:
+        if entry["budget"] is None or entry["method"] == "rl_layer":
+            assert "rl_minus_this" not in entry
+            continue
+        versus = entry["rl_minus_this"]
+        rl = next(e for e in results["table"] if e["method"] == "rl_layer")
+        assert versus["mean"] == pytest.approx(rl["accuracy_mean"] - entry["accuracy_mean"])
+        assert versus["n"] == 1 and versus["low"] is None  # one seed: no interval
+    assert "RL - this" in text
+
+
 def test_budgets_are_met_and_costs_make_sense(run):
     _, results, _ = run
     rows = {r["method"]: r for r in results["rows"]}
@@ -94,7 +119,8 @@ def test_a_rerun_reuses_the_cells(run, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a finished cell ran again")
 
-    monkeypatch.setattr(module, "RUNNERS", {name: fail for name in module.RUNNERS})
+    monkeypatch.setattr(module, "METHODS", {name: dataclasses.replace(method, run=fail)
+                                            for name, method in module.METHODS.items()})
     again = compare(tiny(out), log=lambda text: None)
     assert again["table"] == results["table"]
 
@@ -146,6 +172,30 @@ def test_bad_settings_name_the_value(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         compare(tiny(tmp_path / "out", **overrides), log=lambda text: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_summarize_pairs_rl_with_each_method_over_the_same_seeds():
+    def row(method, seed, accuracy):
+        return {"method": method, "budget": 0.25, "seed": seed, "test_accuracy": accuracy, "flops_ratio": 0.25,
+                "params": 10, "bytes": 100, "latency_b1_ms": 1.0, "latency_b64_ms": 2.0}
+
+    rl = [0.95, 0.96, 0.97, 0.98]
+    other = [0.94, 0.94, 0.96, 0.99]  # RL - other: +1, +2, +1, -1 points
+    rows = [row("rl_layer", s, a) for s, a in enumerate(rl)] + [row("uniform_l1", s, a) for s, a in enumerate(other)]
+    rows.append(row("uniform_l1", 9, 0.10))  # a seed RL did not run is not paired
+    entry = next(e for e in summarize(rows) if e["method"] == "uniform_l1")
+    versus = entry["rl_minus_this"]
+    diffs = np.array([1.0, 2.0, 1.0, -1.0])
+    half = 3.182446305284263 * diffs.std(ddof=1) / 2  # t(0.975, 3) * s / sqrt(4)
+    assert versus["mean"] == pytest.approx(0.75) and versus["n"] == 4
+    assert (versus["won"], versus["lost"]) == (3, 1)
+    assert versus["low"] == pytest.approx(0.75 - half) and versus["high"] == pytest.approx(0.75 + half)
+    assert f"+0.75 [{0.75 - half:+.2f}, {0.75 + half:+.2f}] 3/4" in markdown_table([entry])
+
+
+def test_uniform_supernet_needs_a_supernet(tmp_path):
+    with pytest.raises(ValueError, match="supernet_epochs"):
+        compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
 
 
 def test_summarize_gives_mean_and_std_over_seeds():

@@ -1,0 +1,34 @@
+"""Random search in the per-layer env: the ablation that says what the agent adds.
+
+The same env, reward and budget as the agent's search, and as many reward evaluations (episodes);
+every action is drawn uniformly from the action space (and clamped to the budget by the env, as
+the agent's are). The best episode by reward is the search's answer, as it is the agent's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prunegym.envs import LayerPruningEnv
+
+__all__ = ["random_search"]
+
+
+def random_search(env: LayerPruningEnv, episodes: int, seed: int = 0) -> dict[str, Any]:
+    """Play ``episodes`` episodes of uniformly random actions; return the best episode's final
+    ``info`` with its ``reward``, and the search's ``episodes`` and ``seconds``."""
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an int >= 1, got {episodes!r}")
+    started = time.perf_counter()
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    best: dict[str, Any] | None = None
+    for _ in range(episodes):
+        env.reset()
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(env.action_space.sample())
+        if best is None or reward > best["reward"]:
+            best = {"reward": float(reward), **info}
+    return {"best": best, "episodes": episodes, "seconds": time.perf_counter() - started}

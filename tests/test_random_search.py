@@ -1,0 +1,49 @@
+"""Tests for prunegym.agents.random_search: the best of random episodes in the layer env."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import trained_digits_cnn
+
+from prunegym.agents.random_search import random_search
+from prunegym.compression.data import load_dataset
+from prunegym.envs import LayerPruningEnv
+
+
+@pytest.fixture(scope="module")
+def env():
+    splits = load_dataset("digits", 0)
+    env = LayerPruningEnv(model=trained_digits_cnn(splits.train), dataset=splits, flops_target=0.3)
+    yield env
+    env.close()
+
+
+def test_the_best_episode_is_the_one_with_the_highest_reward(env):
+    result = random_search(env, 12, seed=3)
+    best = result["best"]
+    assert result["episodes"] == 12 and result["seconds"] > 0
+    assert best["flops_ratio"] <= 0.3 + 1e-9 and best["reward"] == pytest.approx(-best["loss"])
+    # Replaying the same random actions finds no episode better than the one reported.
+    env.action_space.seed(3)
+    env.reset(seed=3)
+    rewards = []
+    for _ in range(12):
+        env.reset()
+        done = False
+        while not done:
+            _, reward, done, _, _ = env.step(env.action_space.sample())
+        rewards.append(reward)
+    assert max(rewards) == pytest.approx(best["reward"])
+
+
+def test_a_seed_reproduces_the_search_and_another_differs(env):
+    a, b, c = (random_search(env, 6, seed=s)["best"] for s in (1, 1, 2))
+    assert a["keep_counts"] == b["keep_counts"]
+    assert not np.array_equal(a["keep_counts"], c["keep_counts"]) or a["reward"] != c["reward"]
+
+
+@pytest.mark.parametrize("episodes", [0, -3, 2.5])
+def test_bad_episode_counts_are_refused_by_name(env, episodes):
+    with pytest.raises(ValueError, match="episodes"):
+        random_search(env, episodes)
