@@ -43,13 +43,14 @@ def prefix_kept(keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
     return [torch.arange(int(k)) for k in keep_counts]
 
 
-def width_choices(graph: ChannelGraph, min_keep: float) -> list[np.ndarray]:
-    """Each group's channel counts a supernet trains: every count from ``min_keep`` of its channels
-    (at least one) up to all of them."""
+def width_choices(graph: ChannelGraph, min_keep: float, multiple: int = 1) -> list[np.ndarray]:
+    """Each group's channel counts from ``min_keep`` of its channels (at least one) up to all of them,
+    at multiples of ``multiple`` (``ChannelGraph.allowed_counts``): what a supernet trains (every
+    count) and what a search chooses from."""
     if not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:
         raise ValueError(f"min_keep must be in (0, 1], got {min_keep!r}")
     floors = np.maximum(1, np.ceil(min_keep * graph.num_channels - 1e-9)).astype(np.int64)
-    return [graph.allowed_counts(g, 1, int(floors[g])) for g in range(len(graph.groups))]
+    return [graph.allowed_counts(g, multiple, int(floors[g])) for g in range(len(graph.groups))]
 
 
 def sample_keep_counts(choices: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:

@@ -17,7 +17,7 @@ from prunegym.compression.channels import ChannelGraph, make_importance, nearest
 from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.latency import LatencyTable
 from prunegym.compression.proxy import ProxyEvaluator
-from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model
+from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model, width_choices
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
 __all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
@@ -208,9 +208,7 @@ class LayerPruningEnv(gym.Env):
         self.ranking = (prefix_kept(self.graph.num_channels) if self.supernet_epochs
                         else self.graph.rankings(self.importance))
         self.channel_multiple = int(channel_multiple)
-        floors = np.maximum(1, np.ceil(self.min_keep * self.graph.num_channels - 1e-9)).astype(np.int64)
-        self.allowed = [self.graph.allowed_counts(g, self.channel_multiple, int(floors[g]))
-                        for g in range(self.num_groups)]
+        self.allowed = width_choices(self.graph, self.min_keep, self.channel_multiple)
         self.min_counts = np.array([a[0] for a in self.allowed], dtype=np.int64)
         self.dense_flops = float(self.graph.dense_flops)
         min_density = float(self.graph.flops(self.min_counts)) / self.dense_flops
@@ -323,7 +321,7 @@ class LayerPruningEnv(gym.Env):
 
     def kept_channels(self, counts: np.ndarray) -> list[torch.Tensor]:
         """The channels each group keeps: its ``counts[g]`` most important, ascending."""
-        return self.graph.kept_channels(self.ranking, counts)
+        return self.proxy.kept_channels(counts)
 
     def evaluate_counts(self, counts: np.ndarray, split: str = "reward") -> dict[str, Any]:
         """Loss, accuracy and costs of the model for these keep counts, as the reward sees them
