@@ -95,9 +95,10 @@ class CompareConfig:
     """timesteps of each RL per-layer search (default: the main job's, 6000)"""
     input_timesteps: int | None = None
     """timesteps of each RL per-input search (default: the per-input job's, 200000)"""
-    supernet_epochs: int = 0
-    """RL per-layer and random search: epochs of the weight-sharing supernet they search and prune from
-    (``train.py --supernet-epochs``); 0: the dense model"""
+    supernet_epochs: int = 20
+    """RL per-layer, random search and uniform-from-supernet: epochs of the weight-sharing supernet they
+    search and prune from (``train.py --supernet-epochs``); 0: the dense model (and no
+    uniform_supernet row)"""
     input_lam: float = 2.0
     """λ of the per-input search: its density is the agent's choice, not a budget"""
     distill: bool = False
@@ -128,7 +129,8 @@ class CompareConfig:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
         if "uniform_supernet" in self.methods and not self.supernet_epochs:
-            raise ValueError("method uniform_supernet prunes RL's supernet; it needs supernet_epochs > 0")
+            raise ValueError("method uniform_supernet prunes RL's supernet; it needs supernet_epochs > 0 "
+                             "(or leave uniform_supernet out of the methods)")
         for name in ("finetune_epochs", "base_epochs", "supernet_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

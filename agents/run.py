@@ -86,11 +86,11 @@ class TrainConfig:
     the reward model is only soft-masked and BN-recalibrated); about 0.06 s a batch for ResNet-20 at
     32x32 on two cores. Worth it where pruning by half or more leaves every candidate near chance
     before fine-tuning (ResNet-20): then only a fine-tuned loss tells good widths from bad"""
-    supernet_epochs: int = 0
+    supernet_epochs: int = 20
     """layer env: first train the base model this many epochs as a weight-sharing supernet of its widths
-    (the sandwich rule with in-place distillation; cached), so that what a candidate scores before
-    fine-tuning ranks it as the fine-tune would; the RL and the uniform model are then pruned from the
-    supernet's weights. 0: search and prune the dense model as it is"""
+    (the sandwich rule with in-place distillation; cached per model, dataset and seed), so that every
+    candidate the search scores is already trained at its widths; the RL and the uniform model are then
+    pruned from the supernet's weights. 0: search and prune the dense model as it is"""
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""

@@ -55,7 +55,7 @@ from prunegym.compression.training import BASE_EPOCHS
 
 ENV_ID = "prunegym/LayerPruning-v0"
 FINETUNE_EPOCHS, FINETUNE_LR = TrainConfig.finetune_epochs, TrainConfig.finetune_lr  # the report's fine-tune
-SUPERNET_EPOCHS = TrainConfig.supernet_epochs or 20
+SUPERNET_EPOCHS = TrainConfig.supernet_epochs
 IMAGE_SIZE = 32
 BATCH_SIZES = (1, 64)
 DEFAULT_REPEATS = {1: 200, 64: 50}

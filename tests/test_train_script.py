@@ -82,6 +82,24 @@ def test_report_json(report):
     assert results["uniform"]["flops"] <= results["dense"]["flops"]
     assert results["dense"]["flops_ratio"] == 1.0
     assert report["search"]["timesteps"] == 64
+    assert report["search"]["seconds"] > 0
+
+
+def test_the_default_search_prunes_a_supernet(run_dir, report):
+    """By default the job trains a supernet (once per base model, cached), searches it, and the env
+    load_agent rebuilds scores the best widths as the search did."""
+    from prunegym.agents.run import TrainConfig
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env_kwargs"]["supernet_epochs"] == TrainConfig().supernet_epochs > 0
+    assert report["search"]["supernet_seconds"] > 0
+    env = gymnasium.make(LAYER_PRUNING_ID, **config["env_kwargs"]).unwrapped
+    assert env.model is not env.dense
+    assert [r.tolist() for r in env.ranking] == [list(range(n)) for n in env.graph.num_channels]
+    counts = [round(r * n) for r, n in zip(report["results"]["rl"]["keep_ratios"], env.graph.num_channels,
+                                           strict=True)]
+    assert env.evaluate_counts(counts)["accuracy"] == report["search"]["reward_split_accuracy"]
+    env.close()
 
 
 def test_tensorboard_has_pruning_scalars(run_dir):
