@@ -379,7 +379,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     env = LayerPruningEnv(**env_kwargs(config), device=str(device))
     splits = env.splits
     dense = env.evaluate_counts(env.graph.num_channels)
-    log(f"base model {config.model}: reward-split accuracy {dense['accuracy']:.4f}, "
+    log(f"{'supernet' if config.supernet_epochs else 'base model'} {config.model} at full width: reward-split "
+        f"accuracy {dense['accuracy']:.4f}, "
         f"{len(env.graph.groups)} channel groups, {env.dense_flops / 1e6:.2f} MFLOPs"
         + (f"; supernet of {config.supernet_epochs} epochs ({env.supernet_seconds:.0f} s to train)"
            if config.supernet_epochs else ""))
@@ -409,8 +410,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     # 4. Hard prune and fine-tune the RL choice and the uniform L1 baseline at the same FLOPs.
     uniform = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
                                   env.channel_multiple)
-    models = {"dense": env.model}
-    teacher = distillation(config, env.model)
+    models = {"dense": env.dense}  # the trained base model (env.model is the supernet, when there is one)
+    teacher = distillation(config, env.dense)
     for name, keep in (("rl", counts), ("uniform", uniform)):
         pruned = prune_channels(env.model, env.graph, env.kept_channels(keep))
         train_classifier(pruned, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,

@@ -95,6 +95,12 @@ def test_the_default_search_prunes_a_supernet(run_dir, report):
     assert report["search"]["supernet_seconds"] > 0
     env = gymnasium.make(LAYER_PRUNING_ID, **config["env_kwargs"]).unwrapped
     assert env.model is not env.dense
+    # The report's dense model is the trained base model, not the supernet at full width.
+    from prunegym.compression.training import evaluate
+
+    assert report["results"]["dense"]["test_accuracy"] == pytest.approx(evaluate(env.dense, env.splits.test)[1],
+                                                                         abs=1.5 / len(env.splits.test))
+    assert not torch.equal(env.model.features[0].weight, env.dense.features[0].weight)
     assert [r.tolist() for r in env.ranking] == [list(range(n)) for n in env.graph.num_channels]
     counts = [round(r * n) for r, n in zip(report["results"]["rl"]["keep_ratios"], env.graph.num_channels,
                                            strict=True)]
