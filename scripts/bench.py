@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from torch import nn
 
 from prunegym.agents.run import TrainConfig
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
-from prunegym.compression.checkpoint import write_json
+from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.dynamic import build_dynamic
 from prunegym.compression.fusion import fold_batchnorm
 from prunegym.compression.gates import GateDecider
@@ -348,13 +349,35 @@ def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, s
     return splits, sources
 
 
+def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -> tuple[float, float]:
+    """``compute()`` and the seconds it took, or what was saved for the same ``settings`` in ``cells``
+    (then saved there): an interrupted benchmark continues where it stopped. A cell saved with other
+    settings is refused."""
+    started = time.perf_counter()
+    if cells is None:
+        return float(compute()), time.perf_counter() - started
+    name = "__".join(f"{k}{v}" for k, v in settings.items() if k in ("source", "budget", "candidate", "finetune_seed"))
+    path = cells / f"{name}.json"
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("settings") != settings:
+            raise ValueError(f"{path} was measured with other settings ({saved.get('settings')}, not {settings}); "
+                             "pass another --cells folder")
+        return float(saved["accuracy"]), float(saved["seconds"])
+    accuracy, seconds = float(compute()), time.perf_counter() - started
+    write_json(path, {"settings": settings, "accuracy": accuracy, "seconds": seconds})
+    return accuracy, seconds
+
+
 def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
                 finetune_lr: float, supernet_epochs: int, finetune_steps: list[int], min_keep: float,
-                base_epochs: int, device: str, finetune_seeds: list[int], log: Any = print) -> dict[str, Any]:
+                base_epochs: int, device: str, finetune_seeds: list[int], cells: Path | None = None,
+                log: Any = print) -> dict[str, Any]:
     """Sample ``candidates`` random allocations at ``budget`` (EagleEye's sampler), fine-tune each
     with the report's recipe once per fine-tune seed (pruned from the dense model, and from the
     supernet), and score each with every candidate evaluation a search can use; returns every score
-    and the fine-tuned accuracies."""
+    and the fine-tuned accuracies. With ``cells``, each fine-tuned accuracy is saved there as it is
+    measured and read back by a rerun with the same settings."""
     import math
 
     from prunegym.compression.channels import prune_channels as prune
@@ -379,21 +402,30 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         if source == "dense":
             proxies += [(f"fine-tune {n} steps", source, {"recalibration_batches": 0, "finetune_steps": n})
                         for n in finetune_steps]
+    def finetuned(model: nn.Module, graph: ChannelGraph, kept: list[torch.Tensor], finetune_seed: int) -> float:
+        pruned = train_classifier(prune(model, graph, kept), splits.train, epochs=finetune_epochs, lr=finetune_lr,
+                                  seed=finetune_seed, device=device)
+        return evaluate(pruned, splits.test, device=device)[1]
+
     truth: dict[str, list[list[float]]] = {}  # source -> per candidate, the accuracy after each fine-tune seed
     truth_seconds: dict[str, float] = {}
     for source, (model, source_graph, ranking) in sources.items():
-        accuracies, started = [], time.perf_counter()
+        accuracies, spent = [], []
         for i, counts in enumerate(allocations):
             kept = source_graph.kept_channels(ranking, counts)
             accuracies.append([])
             for s in finetune_seeds:
-                pruned = train_classifier(prune(model, source_graph, kept), splits.train, epochs=finetune_epochs,
-                                          lr=finetune_lr, seed=s, device=device)
-                accuracies[-1].append(evaluate(pruned, splits.test, device=device)[1])
+                settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
+                            "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
+                            "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
+                            "budget": budget, "candidate": i, "finetune_seed": s, "keep_counts": counts.tolist()}
+                accuracy, seconds = _finetune_cell(cells, settings, partial(finetuned, model, source_graph, kept, s))
+                accuracies[-1].append(accuracy)
+                spent.append(seconds)
             log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
                 f"{np.round(accuracies[-1], 4).tolist()}")
         truth[source] = accuracies
-        truth_seconds[source] = (time.perf_counter() - started) / (candidates * len(finetune_seeds))
+        truth_seconds[source] = float(np.mean(spent))  # as measured, also for the cells read back
     rows = []
     for name, source, kwargs in proxies:
         model, source_graph, ranking = sources[source]
@@ -611,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the fine-tune seeds (batch orders): proxy: each candidate's fine-tuned accuracy is the "
                             "mean over them (default: 0,1); finetune: at each length (default: 0,1,2)")
     proxy.add_argument("--device", default="auto", help="where training runs (default: auto)")
+    proxy.add_argument("--cells", type=Path, default=None,
+                       help="proxy: save each fine-tuned accuracy in this folder as it is measured; a rerun with the "
+                            "same folder and settings continues from them")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="alternating rounds: dense and pruned models, or wrapped and bare env, take turns "
                              "this many times (default: 3)")
@@ -655,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures["proxy"].append(bench_proxy(
                     args.model, args.dataset, budget, args.candidates, args.seed, args.finetune_epochs,
                     args.finetune_lr, args.supernet_epochs, args.finetune_steps, args.min_keep, base_epochs,
-                    args.device, args.finetune_seeds or [0, 1]))
+                    args.device, args.finetune_seeds or [0, 1], args.cells))
                 print(format_proxy(figures["proxy"][-1]))
         if args.what == "finetune":
             base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs

@@ -127,11 +127,13 @@ def test_help(script: str, tmp_path: Path, cache: Path):
 
 
 def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path, cache: Path):
-    out = tmp_path / "proxy.json"
-    done = _run("bench.py", "--what", "proxy", "--model", "digits_cnn", "--budgets", "0.3", "--candidates", "4",
-                "--finetune-epochs", "1", "--finetune-seeds", "0,1", "--supernet-epochs", "1", "--finetune-steps", "3",
-                "--base-epochs", "2", "--device", "cpu", "--json", out, cache=cache, cwd=tmp_path)
+    out, cells = tmp_path / "proxy.json", tmp_path / "cells"
+    flags = ["--what", "proxy", "--model", "digits_cnn", "--budgets", "0.3", "--candidates", "4", "--finetune-seeds",
+             "0,1", "--supernet-epochs", "1", "--finetune-steps", "3", "--base-epochs", "2", "--device", "cpu",
+             "--cells", cells]
+    done = _run("bench.py", *flags, "--finetune-epochs", "1", "--json", out, cache=cache, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert len(list(cells.glob("*.json"))) == 2 * 4 * 2  # (dense, supernet) x candidates x fine-tune seeds
     (r,) = json.loads(out.read_text())["proxy"]
     assert len(r["keep_counts"]) == 4 and all(0.3 * 0.97 <= f <= 0.3 + 1e-9 for f in r["flops_ratios"])
     assert set(r["finetuned_accuracy"]) == {"dense", "supernet"}
@@ -143,6 +145,18 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
         assert len(proxy["scores"]) == 4 and proxy["seconds"] > 0
         assert {"loss", "accuracy", "distillation"} <= set(proxy["scores"][0])
     assert "ρ dense" in done.stdout and "ρ supernet" in done.stdout and "top-1 acc" in done.stdout
+
+    # A rerun continues from the saved fine-tunes (each cell's seconds come back as measured) ...
+    first = {c.name: c.read_text() for c in cells.glob("*.json")}
+    again = _run("bench.py", *flags, "--finetune-epochs", "1", "--json", tmp_path / "again.json", cache=cache,
+                 cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    (r2,) = json.loads((tmp_path / "again.json").read_text())["proxy"]
+    assert r2["finetuned_accuracy"] == r["finetuned_accuracy"] and r2["finetune_seconds"] == r["finetune_seconds"]
+    assert {c.name: c.read_text() for c in cells.glob("*.json")} == first
+    # ... and refuses cells measured with other settings, naming the cell.
+    other = _run("bench.py", *flags, "--finetune-epochs", "2", cache=cache, cwd=tmp_path)
+    assert other.returncode == 2 and "other settings" in other.stderr and str(cells) in other.stderr
 
 
 def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Path):
