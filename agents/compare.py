@@ -99,6 +99,9 @@ class CompareConfig:
     """RL per-layer, random search and uniform-from-supernet: epochs of the weight-sharing supernet they
     search and prune from (``train.py --supernet-epochs``); 0: the dense model (and no
     uniform_supernet row)"""
+    reward_model: str = "supernet"
+    """RL per-layer and random search: the model their reward scores candidates on, ``supernet`` or
+    ``dense`` (``train.py --reward-model``)"""
     input_lam: float = 2.0
     """λ of the per-input search: its density is the agent's choice, not a budget"""
     distill: bool = False
@@ -215,7 +218,8 @@ def _rl_run(state: _Seed, out: Path, env: str, budget: float | None) -> tuple[di
         run_dir = out / "runs" / f"layer__b{budget:g}__s{state.seed}"
         config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                      timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
-                                     supernet_epochs=c.supernet_epochs, run_dir=str(run_dir))
+                                     supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
+                                     run_dir=str(run_dir))
     else:
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
@@ -345,7 +349,7 @@ def _random_search(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
     c = state.config
     config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                  timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
-                                 supernet_epochs=c.supernet_epochs)
+                                 supernet_epochs=c.supernet_epochs, reward_model=c.reward_model)
     env = LayerPruningEnv(**env_kwargs(config), device=str(state.device))
     try:
         if "rl_layer" in c.methods:  # exactly as many reward evaluations as the agent's search made

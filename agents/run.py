@@ -35,7 +35,7 @@ from prunegym.compression.metrics import count_flops, count_params, measure_late
 from prunegym.compression.models import MODELS
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
-from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, LayerPruningEnv
+from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, LayerPruningEnv
 
 from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
@@ -91,6 +91,10 @@ class TrainConfig:
     (the sandwich rule with in-place distillation; cached per model, dataset and seed), so that every
     candidate the search scores is already trained at its widths; the RL and the uniform model are then
     pruned from the supernet's weights. 0: search and prune the dense model as it is"""
+    reward_model: str = "supernet"
+    """layer env with a supernet: which model the search's reward scores a candidate on, ``supernet`` (the
+    sub-network it will be cut from) or ``dense`` (the trained dense model, soft-masked; the winner is
+    still cut from the supernet)"""
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
@@ -141,7 +145,7 @@ class TrainConfig:
         if self.env == "input":
             defaults = TrainConfig()
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
-                                            "channel_multiple", "supernet_epochs")
+                                            "channel_multiple", "supernet_epochs", "reward_model")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -164,6 +168,11 @@ class TrainConfig:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
         if not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
             raise ValueError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr}")
+        if self.reward_model not in REWARD_MODELS:
+            raise ValueError(f"reward_model {self.reward_model!r} is unknown; expected one of {REWARD_MODELS}")
+        if self.reward_model == "dense" and self.env == "layer" and not self.supernet_epochs:
+            raise ValueError("reward_model 'dense' scores candidates on the dense model instead of the supernet; "
+                             "it needs supernet_epochs > 0")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance {self.importance!r} is unknown; expected one of {sorted(IMPORTANCES)}")
         resolve_device(self.device)
@@ -209,7 +218,8 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             "importance": config.importance, "channel_multiple": config.channel_multiple,
             "base_epochs": config.base_epochs, **_latency_kwargs(config),
             **({"finetune_steps": config.reward_finetune_steps} if config.reward_finetune_steps else {}),
-            **({"supernet_epochs": config.supernet_epochs} if config.supernet_epochs else {})}
+            **({"supernet_epochs": config.supernet_epochs} if config.supernet_epochs else {}),
+            **({"reward_model": config.reward_model} if config.reward_model != "supernet" else {})}
 
 
 def _latency_kwargs(config: TrainConfig) -> dict[str, Any]:

@@ -10,10 +10,11 @@ from .input_pruning import (
     make_setup,
     observation_size,
 )
-from .layer_pruning import DENSITY_KINDS, OBSERVATION_FEATURES, LayerPruningEnv
+from .layer_pruning import DENSITY_KINDS, OBSERVATION_FEATURES, REWARD_MODELS, LayerPruningEnv
 
 __all__ = ["LayerPruningEnv", "InputPruningEnv", "InputPruningEngine", "InputPruningSetup", "make_setup",
-           "observation_size", "DENSITY_KINDS", "INPUT_DENSITY_KINDS", "OBSERVATION_FEATURES", "LAYER_PRUNING_ID",
+           "observation_size", "DENSITY_KINDS", "INPUT_DENSITY_KINDS", "OBSERVATION_FEATURES", "REWARD_MODELS",
+           "LAYER_PRUNING_ID",
            "INPUT_PRUNING_ID"]
 
 LAYER_PRUNING_ID = "prunegym/LayerPruning-v0"

@@ -20,9 +20,10 @@ from prunegym.compression.proxy import ProxyEvaluator
 from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model, width_choices
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
-__all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES"]
+__all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES", "REWARD_MODELS"]
 
 DENSITY_KINDS = ("flops", "params", "channels", "latency")
+REWARD_MODELS = ("supernet", "dense")
 
 OBSERVATION_FEATURES = (
     "position",  # step index / (number of groups - 1)
@@ -110,6 +111,10 @@ class LayerPruningEnv(gym.Env):
       supernet's prefix sub-network, and what it scores before fine-tuning ranks it as fine-tuning
       would; the model a search exports is pruned from the supernet (``model``), the trained dense
       one stays as ``dense``. Trained once per setting and cached, for a zoo model or import path.
+    - ``reward_model``: with a supernet, which model scores a candidate: ``supernet`` (its prefix
+      sub-network, the model the winner is cut from) or ``dense`` (the trained dense model
+      soft-masked at its importance order, AMC's reward; the winner is still cut from the
+      supernet, whose channels are in that order). ``dense`` needs ``supernet_epochs`` > 0.
     """
 
     metadata = {"render_modes": []}
@@ -135,6 +140,7 @@ class LayerPruningEnv(gym.Env):
         finetune_steps: int = 0,
         finetune_lr: float = 1e-3,
         supernet_epochs: int = 0,
+        reward_model: str = "supernet",
     ):
         if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -162,6 +168,11 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}")
         if not isinstance(supernet_epochs, int | np.integer) or supernet_epochs < 0:
             raise ValueError(f"supernet_epochs must be an int >= 0, got {supernet_epochs!r}")
+        if reward_model not in REWARD_MODELS:
+            raise ValueError(f"reward_model must be one of {REWARD_MODELS}, got {reward_model!r}")
+        if reward_model == "dense" and not supernet_epochs:
+            raise ValueError("reward_model='dense' scores candidates on the dense model instead of the supernet; "
+                             f"it needs supernet_epochs > 0, got {supernet_epochs!r}")
         self.device = resolve_device(device)
         self.importance = make_importance(importance)
 
@@ -228,7 +239,13 @@ class LayerPruningEnv(gym.Env):
                     f"latency_target={self.latency_target} is below the smallest reachable latency ratio "
                     f"{min_latency:.4f} (every group at min_keep={self.min_keep}, as the latency table predicts)"
                 )
-        self.proxy = ProxyEvaluator(self.model, self.graph, self.ranking, self.splits.train,
+        self.reward_model = reward_model
+        if reward_model == "dense":  # the same channels: the supernet's prefixes are the dense model's ranking
+            dense_graph = ChannelGraph(self.dense, example)
+            scored = (self.dense, dense_graph, dense_graph.rankings(self.importance))
+        else:
+            scored = (self.model, self.graph, self.ranking)
+        self.proxy = ProxyEvaluator(*scored, self.splits.train,
                                     recalibration_batches=recalibration_batches, finetune_steps=self.finetune_steps,
                                     finetune_lr=self.finetune_lr, seed=self.seed_value, device=self.device)
 
@@ -320,8 +337,8 @@ class LayerPruningEnv(gym.Env):
             self.latency.load_state_dict(state["latency_table"])
 
     def kept_channels(self, counts: np.ndarray) -> list[torch.Tensor]:
-        """The channels each group keeps: its ``counts[g]`` most important, ascending."""
-        return self.proxy.kept_channels(counts)
+        """The channels of ``model`` each group keeps: its ``counts[g]`` most important, ascending."""
+        return self.graph.kept_channels(self.ranking, counts)
 
     def evaluate_counts(self, counts: np.ndarray, split: str = "reward") -> dict[str, Any]:
         """Loss, accuracy and costs of the model for these keep counts, as the reward sees them

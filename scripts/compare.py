@@ -17,6 +17,7 @@ from prunegym.agents.cli import optional_int
 from prunegym.agents.compare import METHODS, CompareConfig, compare
 from prunegym.agents.factory import ALGORITHMS
 from prunegym.agents.run import RunDirError, field_docs
+from prunegym.envs import REWARD_MODELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = optional_int if f.name.endswith("_timesteps") else type(default)
             parser.add_argument(flag, type=kind, default=default, help=help_text,
-                                choices=sorted(ALGORITHMS) if f.name == "algo" else None)
+                                choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS)}.get(f.name))
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show a progress bar over the cells (default: when the terminal is interactive)")
     return parser

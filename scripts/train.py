@@ -16,7 +16,7 @@ from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
 from prunegym.agents.cli import json_dict, optional_float, optional_int
 from prunegym.agents.run import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
-from prunegym.envs import DENSITY_KINDS
+from prunegym.envs import DENSITY_KINDS, REWARD_MODELS
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
     docs = field_docs(TrainConfig)
     choices = {"env": list(ENVS), "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
-               "importance": sorted(IMPORTANCES)}
+               "importance": sorted(IMPORTANCES), "reward_model": list(REWARD_MODELS)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = f"--{f.name.replace('_', '-')}"

@@ -121,3 +121,24 @@ def test_layer_env_searches_the_supernet(digits):
     assert info["flops_ratio"] <= 0.2 + 1e-9 and reward == -info["loss"]
     with pytest.raises(ValueError, match="supernet_epochs"):
         LayerPruningEnv(model=model, dataset=splits, supernet_epochs=-1)
+
+
+def test_layer_env_can_score_supernet_candidates_on_the_dense_model(digits):
+    from prunegym.compression.channels import prune_channels
+    from prunegym.envs import LayerPruningEnv
+
+    splits, model = digits
+    plain = LayerPruningEnv(model=model, dataset=splits, flops_target=0.3)
+    env = LayerPruningEnv(model=model, dataset=splits, flops_target=0.3, supernet_epochs=1, reward_model="dense")
+    counts = np.array([a[len(a) // 2] for a in env.allowed])
+    # The reward is the dense model's, soft-masked (AMC's), exactly as without a supernet ...
+    assert env.evaluate_counts(counts)["loss"] == pytest.approx(plain.evaluate_counts(counts)["loss"], abs=1e-6)
+    # ... and the winner is cut from the supernet: its prefixes, the same channels as the dense model's ranking.
+    assert [k.tolist() for k in env.kept_channels(counts)] == [list(range(int(c))) for c in counts]
+    pruned = prune_channels(env.model, env.graph, env.kept_channels(counts))
+    assert [int(c) for c in ChannelGraph(pruned, splits.train.x[:1]).num_channels] == counts.tolist()
+    plain.close(), env.close()
+    with pytest.raises(ValueError, match="reward_model"):
+        LayerPruningEnv(model=model, dataset=splits, supernet_epochs=1, reward_model="teacher")
+    with pytest.raises(ValueError, match="supernet_epochs > 0"):
+        LayerPruningEnv(model=model, dataset=splits, reward_model="dense")

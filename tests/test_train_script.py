@@ -144,6 +144,8 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--model", "bogus"], "model"), (["--timesteps", "0"], "timesteps"),
                           (["--min-keep", "0"], "min_keep"), (["--finetune-lr", "-1"], "finetune_lr"),
                           (["--reward-finetune-steps", "-1"], "reward_finetune_steps"),
+                          (["--reward-model", "teacher"], "reward-model"),
+                          (["--reward-model", "dense", "--supernet-epochs", "0"], "supernet_epochs > 0"),
                           (["--flops-target", "0.01"], "flops_target"), (["--dataset", "mnist:/nonexistent"],
                                                                           "nonexistent"),
                           (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus")])
