@@ -406,25 +406,25 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
                                   seed=finetune_seed, device=device)
         return evaluate(pruned, splits.test, device=device)[1]
 
-    truth: dict[str, list[list[float]]] = {}  # source -> per candidate, the accuracy after each fine-tune seed
-    truth_seconds: dict[str, float] = {}
-    for source, (model, source_graph, ranking) in sources.items():
-        accuracies, spent = [], []
-        for i, counts in enumerate(allocations):
+    # source -> per candidate, the accuracy after each fine-tune seed; candidate by candidate, every
+    # source in turn, so that an interrupted run (--cells) leaves the same candidates for each source
+    truth: dict[str, list[list[float]]] = {source: [] for source in sources}
+    spent: dict[str, list[float]] = {source: [] for source in sources}
+    for i, counts in enumerate(allocations):
+        for source, (model, source_graph, ranking) in sources.items():
             kept = source_graph.kept_channels(ranking, counts)
-            accuracies.append([])
+            truth[source].append([])
             for s in finetune_seeds:
                 settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
                             "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
                             "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
                             "budget": budget, "candidate": i, "finetune_seed": s, "keep_counts": counts.tolist()}
                 accuracy, seconds = _finetune_cell(cells, settings, partial(finetuned, model, source_graph, kept, s))
-                accuracies[-1].append(accuracy)
-                spent.append(seconds)
+                truth[source][-1].append(accuracy)
+                spent[source].append(seconds)
             log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
-                f"{np.round(accuracies[-1], 4).tolist()}")
-        truth[source] = accuracies
-        truth_seconds[source] = float(np.mean(spent))  # as measured, also for the cells read back
+                f"{np.round(truth[source][-1], 4).tolist()}")
+    truth_seconds = {source: float(np.mean(seconds)) for source, seconds in spent.items()}  # as measured
     rows = []
     for name, source, kwargs in proxies:
         model, source_graph, ranking = sources[source]
