@@ -401,6 +401,7 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
                      {"recalibration_batches": all_batches})]
         proxies += [(f"{prefix}fine-tune {n} steps", source, {"recalibration_batches": 0, "finetune_steps": n})
                     for n in finetune_steps]
+
     def finetuned(model: nn.Module, graph: ChannelGraph, kept: list[torch.Tensor], finetune_seed: int) -> float:
         pruned = train_classifier(prune(model, graph, kept), splits.train, epochs=finetune_epochs, lr=finetune_lr,
                                   seed=finetune_seed, device=device)

@@ -2,9 +2,9 @@
 data, FLOPs budgets and fine-tune, over seeds: one table (terminal, JSON, Markdown), one Pareto plot.
 
 With no arguments: the digits CNN on scikit-learn's bundled digits, budgets 0.25 and 0.5 of the
-dense FLOPs, seeds 0-4, 40 fine-tune epochs. Results land in runs/compare__<model>__<dataset>/ (or --out); run it again
-with the same --out to continue an interrupted comparison. `tensorboard --logdir <out>` shows the
-table as hparams and each RL run's rewards.
+dense FLOPs, seeds 0-4, 40 fine-tune epochs. Results land in runs/compare__<model>__<dataset>/
+(or --out); run it again with the same --out to continue an interrupted comparison.
+`tensorboard --logdir <out>` shows the table as hparams and each RL run's rewards.
 """
 
 from __future__ import annotations
