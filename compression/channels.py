@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -339,37 +340,52 @@ def make_importance(name: str) -> Importance:
 
 
 # ---- soft masks ---------------------------------------------------------------------------------
+class _MaskHook:
+    """The forward pre-hook ``SoftMask`` puts on each consumer: an object, not a closure, so that a
+    model carrying it can be deep-copied (the copy gets its own mask) and pickled."""
+
+    prunegym_soft_mask = True  # how ``_remove_soft_mask_hooks`` knows it
+
+    def __init__(self, owner: SoftMask, name: str):
+        self.owner, self.name = owner, name
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]):
+        if not self.owner.active:
+            return None
+        x = args[0]
+        mask = self.owner._masks[self.name].to(x.device, x.dtype)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x * mask.view(shape),) + args[1:]
+
+
 class SoftMask:
     """Zeroes the inputs that a group's consumers read from its pruned channels (forward pre-hooks).
 
     Attach once, then call ``set`` with new keep indices as often as needed; ``remove`` detaches.
+    A deep copy of the model (or of an object holding the model and its mask, such as an env)
+    carries a copy of the mask that masks the copy alike.
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph):
         self.graph = graph
         self._modules = dict(model.named_modules())
         self._masks: dict[str, torch.Tensor] = {}
-        self._handles = []
         for group in graph.groups:
             for consumer in group.consumers:
                 if consumer.name not in self._masks:
                     module = self._modules[consumer.name]
                     self._masks[consumer.name] = torch.ones(_in_channels(module))
-                    self._handles.append(module.register_forward_pre_hook(self._hook(consumer.name)))
+                    module.register_forward_pre_hook(_MaskHook(self, consumer.name))
         self.active = False
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]):
-            # A deep copy of the model carries this hook too; it must not mask the copy.
-            if not self.active or module is not self._modules[name]:
-                return None
-            x = args[0]
-            mask = self._masks[name].to(x.device, x.dtype)
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return (x * mask.view(shape),) + args[1:]
-
-        hook.prunegym_soft_mask = True
-        return hook
+    def __deepcopy__(self, memo: dict[int, Any]) -> SoftMask:
+        new = SoftMask.__new__(SoftMask)
+        memo[id(self)] = new
+        new.graph = self.graph  # only its names and channel indices are used: the copy's are the same
+        new._modules = copy.deepcopy(self._modules, memo)  # the copied model's modules, via the memo
+        new._masks = {name: mask.clone() for name, mask in self._masks.items()}
+        new.active = self.active
+        return new
 
     def set(self, kept: Sequence[torch.Tensor] | None) -> None:
         """Keep only ``kept[g]`` channels of each group g; ``None`` turns masking off."""
@@ -388,9 +404,10 @@ class SoftMask:
         self.active = True
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for module in self._modules.values():
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, _MaskHook) and hook.owner is self:
+                    del module._forward_pre_hooks[key]
         self.active = False
 
 

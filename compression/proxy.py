@@ -61,6 +61,7 @@ class ProxyEvaluator:
         self._recalibration = [train.x[order[i * b:(i + 1) * b]].to(self.device)
                                for i in range(self.recalibration_batches) if i * b < len(train)]
         self._teacher: dict[Split, torch.Tensor] = {}  # the full model's log-probabilities, per split
+        self.closed = False
 
     def kept_channels(self, keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
         """The channels each group keeps: its ``keep_counts[g]`` first in the ranking, ascending."""
@@ -91,6 +92,8 @@ class ProxyEvaluator:
     @torch.no_grad()
     def __call__(self, keep_counts: Sequence[int] | np.ndarray, split: Split) -> dict[str, Any]:
         """``loss``, ``accuracy`` and ``distillation`` of the candidate on ``split``."""
+        if self.closed:
+            raise RuntimeError("this ProxyEvaluator was closed: its masks are off the model")
         kept = self.kept_channels(keep_counts)
         self._teacher_log_probs(split)  # computed with no mask, before any candidate's
         if self.finetune_steps:
@@ -108,5 +111,6 @@ class ProxyEvaluator:
             load_bn_state(self.model, self._bn_state)
 
     def close(self) -> None:
-        """Detach the soft-mask hooks from the model."""
+        """Detach the soft-mask hooks from the model; the evaluator scores nothing after."""
         self._mask.remove()
+        self.closed = True

@@ -368,6 +368,8 @@ class LayerPruningEnv(gym.Env):
         return self._get_obs(), {"step": 0}
 
     def step(self, action):
+        if self.proxy.closed:
+            raise RuntimeError("the env is closed; make a new one to step")
         if self._step is None:
             raise RuntimeError("call reset() before step()")
         if self._step >= self.num_groups:

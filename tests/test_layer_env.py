@@ -411,3 +411,28 @@ def test_channel_multiple_keeps_counts_at_multiples_or_whole_groups():
         assert info["flops_ratio"] <= 0.5 + 1e-9
     with pytest.raises(ValueError, match="channel_multiple"):
         LayerPruningEnv(base_epochs=2, channel_multiple=0)
+
+
+# ---- copies, pickles and closed envs ------------------------------------------------------------
+def test_a_deep_copy_and_an_unpickled_env_price_as_the_original(small_env):
+    """Their soft masks act on their own models: a copy must not price the dense model."""
+    import copy
+    import pickle
+
+    reference = _episode(small_env, _box(-0.5))
+    for other in (copy.deepcopy(small_env), pickle.loads(pickle.dumps(small_env))):
+        trajectory = _episode(other, _box(-0.5))
+        assert trajectory["rewards"][-1] == pytest.approx(reference["rewards"][-1], abs=1e-6)
+        assert trajectory["infos"][-1]["accuracy"] == pytest.approx(reference["infos"][-1]["accuracy"])
+        other.close()
+    dense = small_env.evaluate_counts(small_env.graph.num_channels)
+    assert reference["infos"][-1]["loss"] > dense["loss"]  # the masks bite: a quarter kept is not the dense model
+    assert _episode(small_env, _box(-0.5))["rewards"][-1] == pytest.approx(reference["rewards"][-1], abs=1e-6)
+
+
+def test_a_closed_env_refuses_to_step():
+    env = _make()
+    env.reset(seed=0)
+    env.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        env.step(_box(0.0))
