@@ -42,6 +42,7 @@ from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.data import load_dataset
 from prunegym.compression.distillation import Distillation, student_model
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
 from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, saved_bytes
 from prunegym.compression.models import MODELS
 from prunegym.compression.quantization import int8_bytes, mean_centred_int8, quantize_int8
@@ -57,13 +58,29 @@ from prunegym.compression.sparsity import (
 )
 from prunegym.compression.statistics import paired_difference
 from prunegym.compression.supernet import prefix_kept, supernet_model
-from prunegym.compression.training import BASE_EPOCHS, base_model, evaluate, resolve_device, train_classifier
+from prunegym.compression.training import (
+    BASE_EPOCHS,
+    base_model,
+    check_seed,
+    evaluate,
+    resolve_device,
+    train_classifier,
+)
 from prunegym.envs import LayerPruningEnv
 
 from .callbacks import latest_checkpoint
 from .loading import load_inference_model
 from .random_search import random_search
-from .run import DEFAULT_TIMESTEPS, TrainConfig, distillation, env_kwargs, measure_model, static_latency, train
+from .run import (
+    DEFAULT_TIMESTEPS,
+    TrainConfig,
+    distillation,
+    env_kwargs,
+    load_config,
+    measure_model,
+    static_latency,
+    train,
+)
 
 __all__ = ["CompareConfig", "METHODS", "compare", "summarize", "format_table", "markdown_table", "pareto_plot"]
 
@@ -128,6 +145,8 @@ class CompareConfig:
             raise ValueError(f"budgets {self.budgets} repeat a value")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be one or more distinct integers, got {self.seeds}")
+        for seed in self.seeds:
+            check_seed(seed, "seed")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
@@ -225,7 +244,17 @@ def _rl_run(state: _Seed, out: Path, env: str, budget: float | None) -> tuple[di
         config = state._train_config(env="input", lam=c.input_lam,
                                      timesteps=c.input_timesteps or DEFAULT_TIMESTEPS["input"], run_dir=str(run_dir))
     if (run_dir / "report.json").is_file():
-        return read_json(run_dir / "report.json"), run_dir
+        saved = load_config(run_dir)
+        changed = [f.name for f in dataclasses.fields(config)
+                   if f.name not in ("run_dir", "device") and getattr(saved, f.name) != getattr(config, f.name)]
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with other settings than this comparison's ({changed}); "
+                             "remove it to run it again")
+        report = read_json(run_dir / "report.json")
+        if env == "layer":  # its RL row becomes a cell as it is
+            _check_row(report.get("results", {}).get("rl") if isinstance(report, dict) else None,
+                       f"{run_dir / 'report.json'} (results.rl)")
+        return report, run_dir
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
@@ -241,7 +270,7 @@ def _rl_layer(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
 
 def _rl_layer_int8(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
     report, run_dir = _rl_run(state, out, "layer", budget)
-    model = load_inference_model(run_dir, fold_bn=False, trust_factory=True)
+    model = load_inference_model(run_dir, fold_bn=False, trust_factory=state.config.model)
     q = quantize_int8(model, state.calibration)
     return {**state.measure_int8(q, model, report["results"]["rl"]["flops"]), "run_dir": str(run_dir)}
 
@@ -430,32 +459,84 @@ def _cell_path(out: Path, method: str, budget: float | None, seed: int) -> Path:
     return out / "cells" / f"{method}__{'-' if budget is None else f'b{budget:g}'}__s{seed}.json"
 
 
-def _prepare_out(config: CompareConfig) -> Path:
+_ROW_MEASURES = {"test_accuracy": (0.0, 1.0), "flops": (0.0, math.inf), "params": (0.0, math.inf),
+                 "bytes": (0.0, math.inf), "latency_b1_ms": (0.0, math.inf), "latency_b64_ms": (0.0, math.inf)}
+
+
+def _check_row(row: Any, where: str) -> None:
+    """A result read back from disk has every measure the table needs, each a number in its range."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} is not a result (expected a JSON object)")
+    for key, (low, high) in _ROW_MEASURES.items():
+        value = row.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high \
+                or (key != "test_accuracy" and value == 0):
+            raise ValueError(f"{where}: {key} is {value!r}, not a number in "
+                             f"{'[0, 1]' if key == 'test_accuracy' else '(0, inf)'}")
+
+
+def _read_cell(path: Path, method: str, budget: float | None, seed: int) -> dict[str, Any]:
+    """A finished cell, checked: it must be this cell's result, with every measure in range."""
+    row = read_json(path)
+    hint = "; delete the file to compute the cell again"
+    if not isinstance(row, dict):
+        raise ValueError(f"{path} is not a cell (expected a JSON object){hint}")
+    for key, expected in (("method", method), ("budget", budget), ("seed", seed)):
+        if row.get(key) != expected:
+            raise ValueError(f"{path} holds {key}={row.get(key)!r}, not this cell's {expected!r}{hint}")
+    try:
+        _check_row(row, str(path))
+    except ValueError as err:
+        raise ValueError(f"{err}{hint}") from err
+    return row
+
+
+def _prepare_out(config: CompareConfig) -> DirectoryLock:
+    """Claim the output folder (one comparison at a time writes it), check that it holds this
+    comparison or nothing, and write ``config.json``; the claim is returned, held."""
     out = Path(config.out)
-    saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "device")}
-    if (out / "config.json").is_file():
-        before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in ("out", "device")}
-        changed = sorted(k for k in saved if before.get(k) != saved[k])
-        if changed:
-            raise ValueError(f"{out} holds a comparison with other settings ({changed}); choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the comparison")
+    if out.exists() and not (out / "config.json").is_file() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(f"{out} exists and is not a comparison folder (no config.json); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", "results.md", "pareto.png"):
-        (out / name).unlink(missing_ok=True)  # incomplete until they are written again
-    write_json(out / "config.json", {"config": dataclasses.asdict(config), "torch": torch.__version__})
-    return out
+    lock = DirectoryLock(out)
+    try:
+        lock.acquire()
+    except DirectoryLocked as err:
+        raise ValueError(f"{out} is in use by another comparison; wait for it, or choose another --out") from err
+    try:
+        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "device")}
+        if (out / "config.json").is_file():
+            before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in ("out", "device")}
+            changed = sorted(k for k in saved if before.get(k) != saved[k])
+            if changed:
+                raise ValueError(f"{out} holds a comparison with other settings ({changed}); choose another --out")
+        for name in ("results.json", "results.md", "pareto.png"):
+            (out / name).unlink(missing_ok=True)  # incomplete until they are written again
+        write_json(out / "config.json", {"config": dataclasses.asdict(config), "torch": torch.__version__})
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method of ``config`` (reusing cells already in ``config.out``); return the results."""
-    from tqdm.auto import tqdm
-
     config.validate()
     config.out = config.out or config.default_out()
     device = resolve_device(config.device)
     started = time.perf_counter()
-    out = _prepare_out(config)
+    lock = _prepare_out(config)
+    try:
+        return _compare(config, Path(config.out), device, started, progress=progress, log=log)
+    finally:
+        lock.release()
+
+
+def _compare(config: CompareConfig, out: Path, device: torch.device, started: float, *, progress: bool,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     cells = _cells(config)
     rows: list[dict[str, Any]] = []
     states: dict[int, _Seed] = {}
@@ -464,7 +545,7 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
         path = _cell_path(out, method, budget, seed)
         bar.set_postfix_str(f"{method} b={budget} seed={seed}")
         if path.is_file():
-            rows.append(read_json(path))
+            rows.append(_read_cell(path, method, budget, seed))
             continue
         if seed not in states:
             states = {seed: _Seed(config, seed, device)}  # one seed at a time: the others' models can go

@@ -76,5 +76,12 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
         raise ValueError(f"hyperparameters {unknown} are not arguments of {ALGORITHMS[algo].__name__}")
     kwargs.update(hyperparameters or {})
     kwargs.setdefault("policy_kwargs", {"net_arch": [64, 64]})
-    return ALGORITHMS[algo]("MlpPolicy", env, seed=seed, device=device, verbose=verbose,
-                            tensorboard_log=tensorboard_log, **kwargs)
+    try:
+        return ALGORITHMS[algo]("MlpPolicy", env, seed=seed, device=device, verbose=verbose,
+                                tensorboard_log=tensorboard_log, **kwargs)
+    except (AssertionError, TypeError, ValueError) as err:
+        if not hyperparameters:
+            raise
+        # SB3 checks its arguments with asserts and plain errors; name the values the user gave
+        raise ValueError(f"{ALGORITHMS[algo].__name__} refused the hyperparameters {hyperparameters}: "
+                         f"{type(err).__name__}: {err or 'a value is out of range'}") from err

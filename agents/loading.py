@@ -48,7 +48,7 @@ def load_dynamic(model: nn.Module, metadata: dict[str, Any]) -> nn.Module:
 
 
 def load_inference_model(run_dir: str | os.PathLike, name: str = "model", fold_bn: bool = True,
-                         trust_factory: bool = False) -> nn.Module:
+                         trust_factory: bool | str = False) -> nn.Module:
     """A model of a finished run, ready for inference: eval mode, on the CPU, BN folded into the convs.
 
     ``name`` picks the file: ``model`` (what the agent learned), ``uniform`` (the static run's
@@ -57,7 +57,7 @@ def load_inference_model(run_dir: str | os.PathLike, name: str = "model", fold_b
     as a ``DynamicNetwork`` whose decider (the policy's actor, or the gates) picks each input's
     channels. Either is a plain ``nn.Module``: running it needs neither gymnasium nor
     stable-baselines3. A run of a user model (``package.module:factory``) needs
-    ``trust_factory=True``: rebuilding it imports and calls that factory.
+    ``trust_factory=True``, or ``trust_factory`` naming that factory: rebuilding it imports and calls it.
     """
     path = _run_dir(run_dir)
     file = path / f"{name}.pt"
@@ -76,12 +76,15 @@ def load_inference_model(run_dir: str | os.PathLike, name: str = "model", fold_b
     return inference_form(model)[0] if fold_bn else model
 
 
-def load_agent(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Any, dict[str, Any]]:
+def load_agent(run_dir: str | os.PathLike, device: str = "auto", trust: bool = False) -> tuple[Any, dict[str, Any]]:
     """The trained SB3 agent and the keywords of the env it was trained on.
 
     ``gymnasium.make(config["env_id"], **env_kwargs)`` rebuilds that env (``env_id`` is in the run's
     ``config.json``). A run that was stopped during the search yields its latest checkpoint's agent.
+    The agent zip is read without running code from it: an entry that refers to anything but the
+    spaces, schedules and classes SB3 saves is refused (``UntrustedFileError``) unless ``trust``.
     """
+    from .agent_files import load_agent_file
     from .callbacks import latest_checkpoint
     from .factory import ALGORITHMS
 
@@ -96,4 +99,4 @@ def load_agent(run_dir: str | os.PathLike, device: str = "auto") -> tuple[Any, d
         if checkpoint is None:
             raise FileNotFoundError(f"run {path} has no agent.zip and no checkpoint yet")
         agent_path = checkpoint[0]
-    return ALGORITHMS[algo].load(agent_path, device=device), dict(data["env_kwargs"])
+    return load_agent_file(ALGORITHMS[algo], agent_path, trust=trust, device=device), dict(data["env_kwargs"])

@@ -31,12 +31,14 @@ from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
 from prunegym.compression.distillation import Distillation
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
 from prunegym.compression.metrics import count_flops, count_params, measure_latency_rounds, model_bytes
 from prunegym.compression.models import MODELS
 from prunegym.compression.sparsity import uniform_keep_counts
-from prunegym.compression.training import BASE_EPOCHS, evaluate, resolve_device, train_classifier
+from prunegym.compression.training import BASE_EPOCHS, check_seed, evaluate, resolve_device, train_classifier
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, LayerPruningEnv
 
+from .agent_files import UntrustedFileError, load_agent_file, load_replay_buffer
 from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
@@ -160,6 +162,9 @@ class TrainConfig:
                     raise ValueError(f"{name} must be >= {2 if name == 'groups' else 1}, got {getattr(self, name)}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
+        check_seed(self.seed)
+        if self.run_dir and Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
+            raise RunDirError(f"--run-dir {self.run_dir} is a file, not a directory")
         if self.density not in DENSITY_KINDS:
             raise ValueError(f"density {self.density!r} is unknown; expected one of {DENSITY_KINDS}")
         if not math.isfinite(self.lam) or self.lam < 0:
@@ -294,19 +299,45 @@ def _check_resumable(config: TrainConfig) -> None:
                          "a resumed run can only be extended")
 
 
+_CLAIMS: dict[Path, DirectoryLock] = {}  # run directories this process is writing, locked until it is done
+
+
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
+    """Claim the run directory (one process at a time: ``DirectoryLock``), check it may be used as asked,
+    and write ``config.json``. ``release_run_dir`` gives the claim back."""
     run_dir = Path(config.run_dir)
-    if resume:
-        # The run is incomplete again until the new report is written; the outputs of the last
-        # finish go too, so nothing outdated can be loaded from it meanwhile.
-        for name in FINAL_OUTPUTS:
-            (run_dir / name).unlink(missing_ok=True)
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                          "or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(config, run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory")
+    lock = DirectoryLock(run_dir)
+    try:
+        lock.acquire()
+    except DirectoryLocked as err:
+        raise RunDirError(f"run directory {run_dir} is in use by another prunegym process; wait for it to "
+                          "finish, or choose another --run-dir") from err
+    except OSError as err:
+        raise RunDirError(f"cannot write to run directory {run_dir} ({err.strerror or err})") from err
+    try:
+        if resume:
+            # The run is incomplete again until the new report is written; the outputs of the last
+            # finish go too, so nothing outdated can be loaded from it meanwhile.
+            for name in FINAL_OUTPUTS:
+                (run_dir / name).unlink(missing_ok=True)
+        elif any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+            raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                              "or choose another --run-dir")
+        _write_config(config, run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    _CLAIMS[run_dir.resolve()] = lock
     return run_dir
+
+
+def release_run_dir(run_dir: str | os.PathLike) -> None:
+    """Give back this process's claim on ``run_dir`` (nothing if it holds none)."""
+    lock = _CLAIMS.pop(Path(run_dir).resolve(), None) if run_dir else None
+    if lock is not None:
+        lock.release()
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -331,7 +362,8 @@ def resume_config(run_dir: str | os.PathLike, *, timesteps: int | None = None,
 
 
 def search(config: TrainConfig, env: Any, episode_length: int, make_callback: Any, *, device: torch.device,
-           resume: bool, progress_bar: bool, log: Any, env_state: Any = None) -> tuple[Any, Any, Path]:
+           resume: bool, progress_bar: bool, log: Any, env_state: Any = None,
+           trust_run: bool = False) -> tuple[Any, Any, Path]:
     """The RL search of either job: build the agent (or load the latest checkpoint when resuming),
     make the run directory, learn up to ``config.timesteps`` with the pruning callback
     (``make_callback(hparams)``) and checkpoints, and save ``agent.zip``. The agent is built before
@@ -341,22 +373,30 @@ def search(config: TrainConfig, env: Any, episode_length: int, make_callback: An
     run_dir = Path(config.run_dir)
     agent_cls = ALGORITHMS[config.algo]
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    callback = make_callback({**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)})
     if checkpoint is None:
         agent = make_agent(config.algo, env, episode_length=episode_length, seed=config.seed, device=str(device),
                            tensorboard_log=str(run_dir / "tb"), hyperparameters=config.hyperparameters)
+    else:  # everything the checkpoint holds is read before anything in the run directory is touched
+        path, state = checkpoint
+        try:
+            agent = load_agent_file(agent_cls, path, trust=trust_run, env=env, device=device,
+                                    tensorboard_log=str(run_dir / "tb"))
+            if "replay_buffer" in state:
+                load_replay_buffer(agent, run_dir / "checkpoints" / state["replay_buffer"], trust=trust_run)
+            callback.load_state_dict(state["callback"])
+            if env_state is not None and "env" in state:
+                env_state.load_state_dict(state["env"])
+        except UntrustedFileError:
+            raise
+        except Exception as err:  # a damaged file fails in many ways; none of them may cost the run its results
+            raise RunDirError(f"cannot resume {run_dir}: its latest checkpoint ({path.name}) does not load "
+                              f"({type(err).__name__}: {err}); the run directory was left as it was") from err
     run_dir = _prepare_run_dir(config, resume)
     log(f"run directory: {run_dir}")
-    callback = make_callback({**dataclasses.asdict(config), "hyperparameters": str(config.hyperparameters)})
     ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, callback, env_state=env_state)
     if checkpoint is not None:
-        path, state = checkpoint
-        agent = agent_cls.load(path, env=env, device=device, tensorboard_log=str(run_dir / "tb"))
-        if "replay_buffer" in state:
-            agent.load_replay_buffer(run_dir / "checkpoints" / state["replay_buffer"])
-        callback.load_state_dict(state["callback"])
-        if env_state is not None and "env" in state:
-            env_state.load_state_dict(state["env"])
-        log(f"resuming from {path} at timestep {agent.num_timesteps}")
+        log(f"resuming from {checkpoint[0]} at timestep {agent.num_timesteps}")
     remaining = config.timesteps - agent.num_timesteps
     if remaining > 0:
         agent.learn(remaining, callback=[callback, ckpt_cb], tb_log_name=config.algo,
@@ -366,22 +406,31 @@ def search(config: TrainConfig, env: Any, episode_length: int, make_callback: An
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
-          log: Any = print) -> dict[str, Any]:
+          log: Any = print, trust_run: bool = False) -> dict[str, Any]:
     """Run the whole job and return the report.
 
     With ``resume``, ``config`` is the run's own (``resume_config``): the search continues from the
-    latest checkpoint in ``config.run_dir``, the timestep count going on from where it stopped.
+    latest checkpoint in ``config.run_dir``, the timestep count going on from where it stopped. The
+    checkpoint is read without running code from it unless ``trust_run`` (``agent_files``).
     """
     if resume:
         _check_resumable(config)
     config.validate()
-    if config.env == "input":
-        from .run_input import train_input
+    config.run_dir = config.run_dir or config.default_run_dir()  # named once: the name holds the time
+    try:
+        if config.env == "input":
+            from .run_input import train_input
 
-        return train_input(config, resume=resume, progress_bar=progress_bar, log=log)
+            return train_input(config, resume=resume, progress_bar=progress_bar, log=log, trust_run=trust_run)
+        return _train_layer(config, resume=resume, progress_bar=progress_bar, log=log, trust_run=trust_run)
+    finally:
+        release_run_dir(config.run_dir)
+
+
+def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: Any, trust_run: bool) -> dict[str, Any]:
+    """The per-layer job of ``train``."""
     device = resolve_device(config.device)
     started = time.perf_counter()
-    config.run_dir = config.run_dir or config.default_run_dir()  # named once: the name holds the time
     run_dir = Path(config.run_dir)
 
     # 1. Base model (trained once per model, dataset, seed, then cached) and the environment. Both
@@ -400,7 +449,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     search_started = time.perf_counter()
     agent, pruning_cb, run_dir = search(
         config, monitored, env.num_groups, lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp),
-        device=device, resume=resume, progress_bar=progress_bar, log=log, env_state=env)
+        device=device, resume=resume, progress_bar=progress_bar, log=log, env_state=env, trust_run=trust_run)
     search_seconds = time.perf_counter() - search_started
 
     # 3. The best policy found: the best episode of the search, or the final deterministic policy.

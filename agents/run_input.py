@@ -71,11 +71,11 @@ def _save_dynamic(path: Path, model: torch.nn.Module, net: DynamicNetwork, confi
         "kernels": net.kernels(), **extra})
 
 
-def train_input(config, *, resume: bool = False, progress_bar: bool = False, log: Any = print) -> dict[str, Any]:
+def train_input(config, *, resume: bool = False, progress_bar: bool = False, log: Any = print,
+                trust_run: bool = False) -> dict[str, Any]:
     """Run the per-input job for a validated ``TrainConfig`` with ``env="input"``; return the report."""
     device = resolve_device(config.device)
     started = time.perf_counter()
-    config.run_dir = config.run_dir or config.default_run_dir()
 
     # 1. Base model (cached), its dynamic network and the batched env, before the run directory.
     kwargs = env_kwargs(config)
@@ -91,7 +91,7 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
     agent, pruning_cb, run_dir = search(
         config, vec, episode_length,
         lambda hp: InputPruningCallback([layer.name for layer in spec.layers], hparams=hp),
-        device=device, resume=resume, progress_bar=progress_bar, log=log)
+        device=device, resume=resume, progress_bar=progress_bar, log=log, trust_run=trust_run)
     search_seconds = time.perf_counter() - started
 
     # 3. The policy-gated network: the actor decides, only kept channels are computed.

@@ -64,8 +64,8 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
@@ -103,18 +103,21 @@ def _resized(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
                         module.track_running_stats)
 
 
-def build_from_architecture(arch: dict[str, Any], trust_factory: bool = False) -> nn.Module:
+def build_from_architecture(arch: dict[str, Any], trust_factory: bool | str = False) -> nn.Module:
     """Build an (untrained) model of the shape ``arch`` describes.
 
     A zoo model is built from data alone. A ``package.module:factory`` model imports and calls that
-    factory, which is code: it is built only with ``trust_factory=True``.
+    factory, which is code: it is built only with ``trust_factory=True`` (any factory), or with
+    ``trust_factory`` naming that very factory.
     """
     missing = [k for k in _ARCH_KEYS if k not in arch]
     if missing:
         raise ValueError(f"architecture description lacks {missing}")
-    if arch["model"] not in MODELS and not trust_factory:
+    trusted = trust_factory is True or (isinstance(trust_factory, str) and trust_factory == arch["model"])
+    if arch["model"] not in MODELS and not trusted:
         raise ValueError(f"the checkpoint's model {arch['model']!r} is built by importing and calling code; "
-                         "load it with trust_factory=True if you trust that factory")
+                         "load it with trust_factory=True (scripts/export.py: --trust-factory) if you trust that "
+                         "factory")
     model = build_model(arch["model"], arch["in_channels"], arch["num_classes"])
     modules = dict(model.named_modules())
     for name, shape in arch["layers"].items():
@@ -142,7 +145,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: dict[str, A
         torch.save({"architecture": arch, "state_dict": state, "metadata": metadata or {}}, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, trust_factory: bool = False
+def load_checkpoint(path: str | os.PathLike, trust_factory: bool | str = False
                     ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Load ``(model, architecture, metadata)``; the model is in eval mode on the CPU.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-import pickle
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .unpickling import restricted_loads
 
 __all__ = ["DATASETS", "Split", "Splits", "dataset_key", "load_dataset"]
 
@@ -136,29 +137,11 @@ def _load_mnist(folder: Path) -> _Raw:
     return parts[0], parts[1], parts[2], parts[3]
 
 
-class _BatchUnpickler(pickle.Unpickler):
-    """Admits only what a CIFAR batch holds (numpy arrays and scalars), so a batch file cannot run code."""
-
-    _ALLOWED = {
-        ("_codecs", "encode"),  # how protocol-2 pickles spell bytes
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        *((f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")),
-        *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 batch")
-        return super().find_class(module, name)
-
-
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with path.open("rb") as f:
-        try:
-            batch = _BatchUnpickler(f, encoding="bytes").load()
-        except Exception as e:  # a corrupt pickle can fail in almost any way
-            raise ValueError(f"{path}: not a readable CIFAR-10 pickle batch ({type(e).__name__}: {e})") from e
+    try:
+        batch = restricted_loads(path.read_bytes(), what="a CIFAR-10 batch", encoding="bytes")
+    except Exception as e:  # a corrupt pickle can fail in almost any way
+        raise ValueError(f"{path}: not a readable CIFAR-10 pickle batch ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"{path}: expected a pickled dict with keys b'data' and b'labels'")
     x, y = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
@@ -182,8 +165,8 @@ def _load_cifar10(path: Path) -> _Raw:
 
 
 def _npz_images(x: np.ndarray, path: Path, name: str) -> np.ndarray:
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise ValueError(f"{path}: {name} has dtype {x.dtype}, expected numbers")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{path}: {name} has dtype {x.dtype}, expected real numbers")
     if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
         raise ValueError(f"{path}: {name} holds NaN or infinite values")  # they would poison the statistics
     if x.ndim == 3:
@@ -248,6 +231,25 @@ def _check(x: np.ndarray, y: np.ndarray, source: str, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _check_classes(y: np.ndarray, y_test: np.ndarray | None, source: str) -> None:
+    """Labels are the classes 0..K-1, each present in x; a test set has no class that x lacks (a model
+    would score 0% on it without being able to learn it)."""
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError(f"{source}: x has {len(present)} class(es) ({present.tolist()}); "
+                         "a classifier needs two or more")
+    missing = np.setdiff1d(np.arange(present[-1] + 1), present)
+    if len(missing):
+        shown = ", ".join(map(str, missing[:10].tolist())) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(f"{source}: labels must be the classes 0..K-1, each with examples in x; labels go up to "
+                         f"{present[-1]} but {len(missing)} of them never occur ({shown})")
+    if y_test is not None:
+        unseen = np.setdiff1d(np.unique(y_test), present)
+        if len(unseen):
+            raise ValueError(f"{source}: x_test has labels that x never has ({unseen[:10].tolist()}); "
+                             "no model can learn them")
+
+
 def _split_indices(
     n: int, own_test: bool, seed: int, reward_size: int | None, source: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -307,6 +309,7 @@ def load_dataset(spec: str = "digits", seed: int = 0, *, reward_size: int | None
         if x_test.shape[1:] != x.shape[1:]:
             raise ValueError(f"{source}: x_test images have shape {x_test.shape[1:]}, x images {x.shape[1:]}")
     test_idx, reward_idx, train_idx = _split_indices(len(x), x_test is not None, seed, reward_size, source)
+    _check_classes(y, y_test, source)
     if x_test is None or y_test is None:
         x_test, y_test = x[test_idx], y[test_idx]
     x_train = x[train_idx]

@@ -157,7 +157,12 @@ def build_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     """Build a dense, untrained model by zoo name or import path."""
     if in_channels < 1 or num_classes < 2:
         raise ValueError(f"need in_channels >= 1 and num_classes >= 2, got {in_channels} and {num_classes}")
-    model = resolve_factory(name)(in_channels=in_channels, num_classes=num_classes)
+    factory = resolve_factory(name)
+    try:
+        model = factory(in_channels=in_channels, num_classes=num_classes)
+    except Exception as err:  # a user's factory can fail in any way; say whose code failed
+        raise ValueError(f"model factory {name!r} failed when called with in_channels={in_channels}, "
+                         f"num_classes={num_classes}: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
+        raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
     return model

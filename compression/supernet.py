@@ -125,7 +125,7 @@ def supernet_model(model_name: str, base: nn.Module, splits: Splits, seed: int, 
     settings = f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"
     path = cache_dir() / "supernet" / f"{cache_key(model_name, splits, seed, base_epochs)}__{settings}.pt"
     if use_cache and path.is_file():
-        model, _, metadata = load_checkpoint(path, trust_factory=True)  # our own cache, for the model asked for
+        model, _, metadata = load_checkpoint(path, trust_factory=model_name)  # only the factory asked for
         return model.to(device or "cpu").eval(), float(metadata.get("seconds", float("nan")))
     started = time.perf_counter()
     supernet = make_supernet(base, splits.train.x[:1].to(device or "cpu"), splits.train, importance,

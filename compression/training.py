@@ -7,7 +7,9 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,8 @@ from .data import Split, Splits, dataset_key
 from .distillation import Distillation, kd_loss
 from .models import build_model
 
-__all__ = ["resolve_device", "evaluate", "train_classifier", "base_model", "cache_dir", "cache_key", "BASE_EPOCHS"]
+__all__ = ["resolve_device", "evaluate", "train_classifier", "base_model", "cache_dir", "cache_key", "check_seed",
+           "BASE_EPOCHS", "MAX_SEED"]
 
 # Enough for every zoo model to converge on the digits default within seconds on a CPU.
 BASE_EPOCHS = 30
@@ -147,6 +150,16 @@ def train_classifier(model: nn.Module, split: Split, *, epochs: int, lr: float =
     return model.eval()
 
 
+MAX_SEED = 2**32 - 1  # numpy's and Stable-Baselines3's seeds are 32-bit
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` if it is an integer in [0, 2**32 - 1]; otherwise a ValueError naming ``name`` and the value."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return int(seed)
+
+
 def cache_dir() -> Path:
     """Where trained base models are kept: ``$PRUNEGYM_CACHE`` or ``~/.cache/prunegym``."""
     return Path(os.environ.get("PRUNEGYM_CACHE", Path.home() / ".cache" / "prunegym"))
@@ -157,9 +170,13 @@ def cache_key(model_name: str, splits: Splits, seed: int, epochs: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
     if safe != model_name:  # import paths: keep names short and unique
         safe = f"{safe[:40]}_{hashlib.sha1(model_name.encode()).hexdigest()[:8]}"
-    # The split itself is part of the key: a model must never have trained on another split's
-    # reward or test images.
-    split = hashlib.sha1(splits.train.y.numpy().tobytes() + splits.reward.y.numpy().tobytes()).hexdigest()[:8]
+    # The data itself is part of the key, images and labels: a model must never have trained on
+    # another split's reward or test images, nor on an older version of a file at the same path.
+    digest = hashlib.sha1()
+    for split in (splits.train, splits.reward):
+        for tensor in (split.x, split.y):
+            digest.update(tensor.contiguous().numpy().tobytes())
+    split = digest.hexdigest()[:8]
     return f"{safe}__{dataset_key(splits.name)}_{split}__seed{seed}__ep{epochs}"
 
 
@@ -168,7 +185,7 @@ def base_model(model_name: str, splits: Splits, seed: int = 0, *, epochs: int = 
     """The trained dense model for (model, dataset, seed), trained once and then read from the cache."""
     path = cache_dir() / "base" / f"{cache_key(model_name, splits, seed, epochs)}.pt"
     if use_cache and path.is_file():
-        model, _, _ = load_checkpoint(path, trust_factory=True)  # our own cache, for the model asked for
+        model, _, _ = load_checkpoint(path, trust_factory=model_name)  # only the factory asked for
         return model.to(device or "cpu")
     torch.manual_seed(seed)
     model = build_model(model_name, splits.in_channels, splits.num_classes)

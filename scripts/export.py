@@ -68,9 +68,9 @@ def _inputs(arch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def export_state_dict(model: nn.Module, arch: dict[str, Any], metadata: dict[str, Any], path: Path,
-                      checks: tuple[torch.Tensor, ...]) -> None:
+                      checks: tuple[torch.Tensor, ...], trust_factory: bool = False) -> None:
     save_checkpoint(path, model, arch, metadata)
-    reloaded, _, _ = load_checkpoint(path)
+    reloaded, _, _ = load_checkpoint(path, trust_factory=trust_factory)
     for x in checks:
         _check_close(path.name, model(x), reloaded(x))
 
@@ -146,19 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=[*FORMATS, "all"], default="all",
                         help="what to write; all skips onnx with a note when onnx is not installed (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: RUN_DIR/export)")
+    parser.add_argument("--trust-factory", action="store_true",
+                        help="a run of your own model (package.module:factory): import and call that factory to "
+                             "rebuild it (it runs that code; only for a run from a source you trust)")
     return parser
 
 
-def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write ``formats`` of the run's pruned model into ``out``; return the paths written."""
+def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], None] = print,
+           trust_factory: bool = False) -> dict[str, Path]:
+    """Write ``formats`` of the run's pruned model into ``out``; return the paths written. A run of a user
+    model (``package.module:factory``) needs ``trust_factory``: rebuilding it calls that factory."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory to write the exports into")
     checkpoint = run_dir / "model.pt"
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint} does not exist: the run is not finished, or {run_dir} is not a run "
                                 "directory")
-    model = load_inference_model(run_dir)  # BN folded: the architecture is the folded one
-    _, trained_arch, metadata = load_checkpoint(checkpoint)
+    model = load_inference_model(run_dir, trust_factory=trust_factory)  # BN folded: the architecture is the folded one
+    _, trained_arch, metadata = load_checkpoint(checkpoint, trust_factory=trust_factory)
     arch = describe_architecture(model, trained_arch["model"], trained_arch["in_channels"],
                                  trained_arch["num_classes"], trained_arch["image_size"])
     example, batch = _inputs(arch)
@@ -168,7 +175,7 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
     for fmt in formats:
         path = out / FILE_NAMES[fmt]
         if fmt == "state_dict":
-            export_state_dict(model, arch, {**metadata, "exported_from": str(run_dir)}, path, checks)
+            export_state_dict(model, arch, {**metadata, "exported_from": str(run_dir)}, path, checks, trust_factory)
             note = "reloads with load_checkpoint"
         elif fmt == "torchscript":
             export_torchscript(model, example, path, checks)
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         formats.remove("onnx")
     out = args.out if args.out is not None else args.run_dir / "export"
     try:
-        export(args.run_dir, formats, out)
+        export(args.run_dir, formats, out, trust_factory=args.trust_factory)
     except (ExportError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
 from prunegym.agents.cli import json_dict, optional_float, optional_int
@@ -39,20 +40,25 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                             default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)
     parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
                         help="continue the run in --run-dir from its latest checkpoint (timesteps keep counting)")
+    parser.add_argument("--trust-run", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
+                        help="with --resume: load the checkpoint's pickled parts as they are, even those that could "
+                             "run code (only for a run directory from a source you trust)")
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show SB3's progress bar (default: when the terminal is interactive)")
     return parser
 
 
-_RESUME_FLAGS = {"run_dir", "timesteps", "device", "resume", "progress_bar"}
+_RESUME_FLAGS = {"run_dir", "timesteps", "device", "resume", "progress_bar", "trust_run"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))  # only what the user typed
     resume = args.pop("resume")
+    trust_run = args.pop("trust_run")
     progress = args.pop("progress_bar")
     progress = sys.stderr.isatty() if progress is None else progress
+    config = None
     try:
         if resume:
             ignored = sorted(set(given) - _RESUME_FLAGS)
@@ -65,10 +71,22 @@ def main(argv: list[str] | None = None) -> int:
             config = resume_config(given["run_dir"], timesteps=given.get("timesteps"), device=given.get("device"))
         else:
             config = TrainConfig(**args)
-        train(config, resume=resume, progress_bar=progress)
+        if trust_run and not resume:
+            raise ValueError("--trust-run applies to the checkpoint --resume loads; it needs --resume")
+        train(config, resume=resume, progress_bar=progress, trust_run=trust_run)
     except (ValueError, FileNotFoundError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        run_dir = Path(config.run_dir) if config is not None and config.run_dir else None
+        if run_dir is not None and (run_dir / "checkpoints" / "state.json").is_file():
+            print(f"\ninterrupted; the latest checkpoint is in {run_dir / 'checkpoints'}. Continue with:\n"
+                  f"  python scripts/train.py --run-dir {run_dir} --resume", file=sys.stderr)
+        else:
+            print("\ninterrupted before the search saved a checkpoint; nothing to resume"
+                  + (f" (remove {run_dir} to start again)" if run_dir is not None and run_dir.exists() else ""),
+                  file=sys.stderr)
+        return 130
     return 0
 
 

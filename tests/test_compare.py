@@ -159,6 +159,7 @@ def test_a_foreign_folder_is_refused(tmp_path):
     ({"budgets": [0.5, 0.5]}, "repeat"),
     ({"seeds": []}, "seeds"),
     ({"seeds": [1, 1]}, "seeds"),
+    ({"seeds": [-1]}, "seed must be an integer.*-1"),
     ({"methods": ["magic"]}, "magic"),
     ({"model": "nope"}, "nope"),
     ({"finetune_epochs": -1}, "finetune_epochs"),
@@ -236,3 +237,49 @@ def test_script_bad_budget_is_a_clear_error(tmp_path):
     result = _script("--budgets", "2", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "budget 2.0" in result.stderr
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        compare(tiny(tmp_path / "out", methods=["uniform_l1"]), log=lambda text: None)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda row: {**row, "test_accuracy": 1.7}, "test_accuracy is 1.7"),
+    (lambda row: {k: v for k, v in row.items() if k != "flops"}, "flops is None"),
+    (lambda row: {**row, "method": "dense", "budget": None}, "method='dense'"),
+    (lambda row: [row], "not a cell"),
+])
+def test_a_damaged_cell_is_refused_by_name(tmp_path, edit, message):
+    out = tmp_path / "out"
+    compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    cell = out / "cells" / "uniform_l1__b0.5__s0.json"
+    cell.write_text(json.dumps(edit(json.loads(cell.read_text()))))
+    with pytest.raises(ValueError, match=message) as err:
+        compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    assert str(cell) in str(err.value) and "delete the file" in str(err.value)
+
+
+def test_a_reused_rl_run_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "out"
+    compare(tiny(out, methods=["rl_layer"]), log=lambda text: None)
+    run_config = out / "runs" / "layer__b0.5__s0" / "config.json"
+    data = json.loads(run_config.read_text())
+    data["config"]["lam"] = 7.0
+    run_config.write_text(json.dumps(data))
+    (out / "cells" / "rl_layer__b0.5__s0.json").unlink()
+    with pytest.raises(ValueError, match=r"other settings.*\['lam'\]"):
+        compare(tiny(out, methods=["rl_layer"]), log=lambda text: None)
+
+
+def test_an_out_in_use_by_another_comparison_is_refused(tmp_path):
+    from prunegym.compression.locking import DirectoryLock
+
+    out = tmp_path / "out"
+    with DirectoryLock(out):  # another comparison holds it
+        with pytest.raises(ValueError, match="in use by another comparison"):
+            compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    assert not (out / "config.json").exists()
+    compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)  # free again
+    assert (out / "results.json").is_file()

@@ -146,12 +146,32 @@ def test_npz_without_test(tmp_path: Path) -> None:
 def test_npz_with_test(tmp_path: Path) -> None:
     x_test = np.full((8, 3, 5, 5), -1.0)
     x_test.reshape(8, -1)[:, 0] = np.arange(8) + 1000.0
-    path = _npz(tmp_path / "d.npz", 30, (3, 5, 5), x_test=x_test, y_test=np.arange(8) + 11)
+    path = _npz(tmp_path / "d.npz", 30, (3, 5, 5), x_test=x_test, y_test=np.arange(8) % 7)
     s = load_dataset(f"npz:{path}")
     _check_splits(s, channels=3, size=5, total=38)
     assert (len(s.train), len(s.reward), len(s.test)) == (26, 4, 8)
-    assert s.num_classes == 19  # the largest label is in the test set only
+    assert s.num_classes == 7
     assert sorted(_ids(s)[2]) == list(range(30, 38))
+
+
+@pytest.mark.parametrize(("labels", "test_labels", "message"), [
+    (lambda y: np.where(y == 3, 1000, y), None, "labels go up to 1000 but 994 of them never occur"),
+    (lambda y: y, np.arange(8) + 11, r"x_test has labels that x never has \(\[11, 12"),
+    (lambda y: np.zeros_like(y), None, "1 class"),
+])
+def test_npz_labels_that_no_model_can_learn_are_refused(tmp_path: Path, labels, test_labels, message) -> None:
+    x = np.random.default_rng(0).random((30, 1, 5, 5))
+    y = labels(np.arange(30) % 7)
+    extra = {} if test_labels is None else {"x_test": x[:8], "y_test": test_labels}
+    np.savez(tmp_path / "d.npz", x=x, y=y, **extra)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_npz_complex_images_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=np.ones((30, 1, 5, 5), dtype=np.complex64), y=np.arange(30) % 3)
+    with pytest.raises(ValueError, match="complex64, expected real numbers"):
+        load_dataset(f"npz:{tmp_path / 'd.npz'}")
 
 
 def test_dataset_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -177,3 +177,41 @@ def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Pat
 def test_bench_proxy_bad_flags_are_named(tmp_path: Path, cache: Path, args: list[str], message: str):
     done = _run("bench.py", "--what", "proxy", *args, cache=cache, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_export_of_a_user_model_run_needs_and_takes_trust_factory(run_dir: Path, tmp_path: Path, cache: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """A run of ``package.module:factory`` rebuilds its model by calling the factory: refused by name
+    without --trust-factory, exported with it."""
+    import shutil
+
+    from prunegym.compression.checkpoint import save_checkpoint
+
+    (tmp_path / "user_models.py").write_text(
+        "from prunegym.compression.models import build_model\n\n\n"
+        "def digits_cnn(in_channels, num_classes):\n"
+        "    return build_model('digits_cnn', in_channels, num_classes)\n")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    model, arch, metadata = load_checkpoint(run / "model.pt")
+    save_checkpoint(run / "model.pt", model, {**arch, "model": "user_models:digits_cnn"}, metadata)
+    env = {**os.environ, "PRUNEGYM_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    command = [sys.executable, str(SCRIPTS / "export.py"), "--run-dir", str(run), "--format", "state_dict",
+               "--out", str(tmp_path / "out")]
+    refused = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--trust-factory" in refused.stderr, refused.stderr
+    done = subprocess.run([*command, "--trust-factory"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reloaded, _, _ = load_checkpoint(tmp_path / "out" / "model_state.pt", trust_factory=True)
+    x = _example(run_dir)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), load_inference_model(run_dir)(x), atol=1e-5)
+
+
+def test_export_to_a_file_is_refused_by_name(run_dir: Path, tmp_path: Path, cache: Path):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    done = _run("export.py", "--run-dir", run_dir, "--out", target, cache=cache, cwd=tmp_path)
+    assert done.returncode == 2 and str(target) in done.stderr and "Traceback" not in done.stderr

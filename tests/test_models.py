@@ -97,6 +97,9 @@ USER_NETS = """
     def not_a_module(in_channels, num_classes):
         return {"in_channels": in_channels, "num_classes": num_classes}
 
+    def raising(in_channels, num_classes):
+        raise RuntimeError("no GPU here")
+
     NOT_CALLABLE = 3
 """
 
@@ -111,11 +114,18 @@ def test_user_factory_by_import_path(user_package):
     assert resolve_factory(f"{name}.nets:tiny") is sys.modules[f"{name}.nets"].tiny
 
 
-def test_user_factory_returning_non_module_is_a_type_error(user_package):
+def test_user_factory_returning_non_module_is_refused_by_name(user_package):
     name, folder = user_package
     _write_module(folder, USER_NETS)
-    with pytest.raises(TypeError, match="not_a_module.*dict"):
+    with pytest.raises(ValueError, match="not_a_module.*dict"):
         build_model(f"{name}.nets:not_a_module", 1, 10)
+
+
+def test_user_factory_that_raises_is_refused_by_name(user_package):
+    name, folder = user_package
+    _write_module(folder, USER_NETS)
+    with pytest.raises(ValueError, match=r"raising.*in_channels=1.*RuntimeError: no GPU here"):
+        build_model(f"{name}.nets:raising", 1, 10)
 
 
 def test_import_path_to_missing_module(user_package):

@@ -148,13 +148,27 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--reward-model", "dense", "--supernet-epochs", "0"], "supernet_epochs > 0"),
                           (["--flops-target", "0.01"], "flops_target"), (["--dataset", "mnist:/nonexistent"],
                                                                           "nonexistent"),
-                          (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus")])
+                          (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus"),
+                          (["--hyperparameters", '{"learning_rate": "abc"}'], "learning_rate.*abc"),
+                          (["--hyperparameters", '{"n_steps": 0}'], "n_steps"),
+                          (["--seed", "-1"], "seed must be an integer.*-1"), (["--seed", "1e20"], "--seed.*1e20"),
+                          (["--seed", str(2**40)], "seed must be an integer"),
+                          (["--model", "json:loads"], "json:loads.*failed")])
 def test_bad_values_fail_naming_them(tmp_path, args, pattern):
     target = tmp_path / "run"
     result = run_train("--run-dir", str(target), *TINY, *args)
     assert result.returncode != 0
     assert re.search(pattern, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
     assert not target.exists()  # nothing is written for a run that cannot start
+
+
+def test_a_run_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    result = run_train("--run-dir", str(target), *TINY)
+    assert result.returncode == 2 and f"{target} is a file" in result.stderr and "Traceback" not in result.stderr
+    assert target.read_text() == "x"
 
 
 def test_resume_without_config_fails_naming_it(tmp_path):
