@@ -191,13 +191,20 @@ def test_concurrent_runs_on_one_run_dir_and_one_new_cache(tmp_path):
         torch.load(path, map_location="cpu", weights_only=True)  # complete: it loads
 
 
+def _default_sigint() -> None:
+    # A job started in the background by a shell (CI, nohup) inherits SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt; the child gets the default back, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
     target = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--run-dir", str(target),
                              "--timesteps", "100000", "--checkpoint-freq", "12", "--base-epochs", "2",
                              "--supernet-epochs", "0", "--device", "cpu"],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 300
     while not (target / "checkpoints" / "state.json").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
