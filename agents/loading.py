@@ -52,7 +52,8 @@ def load_inference_model(run_dir: str | os.PathLike, name: str = "model", fold_b
     """A model of a finished run, ready for inference: eval mode, on the CPU, BN folded into the convs.
 
     ``name`` picks the file: ``model`` (what the agent learned), ``uniform`` (the static run's
-    uniform baseline) or ``gate`` (the per-input run's gate baseline). A static model comes back
+    uniform baseline), ``latency_greedy`` (a latency-budgeted run's greedy baseline) or ``gate``
+    (the per-input run's gate baseline). A static model comes back
     physically pruned (``fold_bn=False``: as trained, e.g. to fine-tune further); a per-input one
     as a ``DynamicNetwork`` whose decider (the policy's actor, or the gates) picks each input's
     channels. Either is a plain ``nn.Module``: running it needs neither gymnasium nor

@@ -3,7 +3,8 @@ fine-tune -> report, everything in one run directory.
 
 A run directory holds ``config.json`` (written first), ``checkpoints/`` (during the search),
 ``tb/`` (TensorBoard events), ``agent.zip``, ``model.pt`` (the pruned, fine-tuned model with its
-architecture), ``uniform.pt`` (the uniform baseline) and ``report.json``, written last: a run is
+architecture), ``uniform.pt`` (the uniform baseline; with a latency budget also ``latency_greedy.pt``,
+the widest counts the latency table fits in the budgets) and ``report.json``, written last: a run is
 complete exactly when ``report.json`` exists.
 """
 
@@ -31,6 +32,7 @@ from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
 from prunegym.compression.distillation import Distillation
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.latency import widest_within
 from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
 from prunegym.compression.metrics import count_flops, count_params, measure_latency_rounds, model_bytes
 from prunegym.compression.models import MODELS
@@ -281,7 +283,7 @@ def _write_config(config: TrainConfig, run_dir: Path) -> None:
                              "torch": torch.__version__, "platform": platform.platform()})
 
 
-FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "gate.pt", "agent.zip")
+FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "latency_greedy.pt", "gate.pt", "agent.zip")
 
 
 def _check_resumable(config: TrainConfig) -> None:
@@ -466,12 +468,17 @@ def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: 
     log(f"best policy ({source}): reward {best_reward:.4f}, FLOPs ratio {best['flops_ratio']:.3f}, "
         f"keep ratios {np.round(best['keep_ratios'], 3).tolist()}")
 
-    # 4. Hard prune and fine-tune the RL choice and the uniform L1 baseline at the same FLOPs.
+    # 4. Hard prune and fine-tune the RL choice and the uniform L1 baseline at the same FLOPs; under a
+    # latency budget also the latency-greedy baseline (the widest counts the table fits in the budgets).
     uniform = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
                                   env.channel_multiple)
+    allocations = {"rl": counts, "uniform": uniform}
+    if env.latency_target is not None:
+        allocations["latency_greedy"] = widest_within(env.latency, env.allowed, flops_target=env.flops_target,
+                                                      latency_target=env.latency_target)
     models = {"dense": env.dense}  # the trained base model (env.model is the supernet, when there is one)
     teacher = distillation(config, env.dense)
-    for name, keep in (("rl", counts), ("uniform", uniform)):
+    for name, keep in allocations.items():
         pruned = prune_channels(env.model, env.graph, env.kept_channels(keep))
         train_classifier(pruned, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
                          seed=config.seed, device=device, distill=teacher)
@@ -479,8 +486,8 @@ def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: 
 
     # 5. Report: test split only, latency on the CPU with fixed threads, all models in one process.
     results = measure_models(models, splits, config.threads, rounds=REPORT_ROUNDS)
-    for name in ("rl", "uniform"):
-        results[name]["keep_ratios"] = ((counts if name == "rl" else uniform) / env.graph.num_channels).tolist()
+    for name, keep in allocations.items():
+        results[name]["keep_ratios"] = (keep / env.graph.num_channels).tolist()
     for result in results.values():
         result["flops_ratio"] = result["flops"] / results["dense"]["flops"]
         for b in ("b1", "b64"):
@@ -489,8 +496,10 @@ def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: 
                                               splits.image_size)
     save_checkpoint(run_dir / "model.pt", models["rl"], arch_of(models["rl"]),
                     {"kind": "static", "keep_ratios": results["rl"]["keep_ratios"], "run_dir": str(run_dir)})
-    save_checkpoint(run_dir / "uniform.pt", models["uniform"], arch_of(models["uniform"]),
-                    {"kind": "static", "keep_ratios": results["uniform"]["keep_ratios"]})
+    for name in ("uniform", "latency_greedy"):
+        if name in models:
+            save_checkpoint(run_dir / f"{name}.pt", models[name], arch_of(models[name]),
+                            {"kind": "static", "keep_ratios": results[name]["keep_ratios"]})
     report = {
         "results": results,
         "search": {"source": source, "best_reward": best_reward, "episodes": pruning_cb.episodes,
@@ -500,7 +509,7 @@ def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: 
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
                  f"{config.threads} thread(s), the models timed in {REPORT_ROUNDS} alternating rounds; accuracy "
-                 f"on the test split after {config.finetune_epochs} fine-tune epochs for both pruned models"
+                 f"on the test split after {config.finetune_epochs} fine-tune epochs for every pruned model"
                  + (" (distilled from the dense model)." if config.distill else "."),
         "seconds": time.perf_counter() - started,
     }
@@ -512,11 +521,12 @@ def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: 
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a table for the terminal."""
-    header = (f"{'model':<10}{'test acc':>10}{'FLOPs':>12}{'ratio':>8}{'params':>10}{'bytes':>10}"
+    width = max(10, *(len(name) + 2 for name in report["results"]))
+    header = (f"{'model':<{width}}{'test acc':>10}{'FLOPs':>12}{'ratio':>8}{'params':>10}{'bytes':>10}"
               f"{'b1 ms':>9}{'b64 ms':>9}{'b64 ratio':>11}")
     lines = [header, "-" * len(header)]
     for name, r in report["results"].items():
-        lines.append(f"{name:<10}{r['test_accuracy']:>10.4f}{r['flops']:>12,}{r['flops_ratio']:>8.3f}"
+        lines.append(f"{name:<{width}}{r['test_accuracy']:>10.4f}{r['flops']:>12,}{r['flops_ratio']:>8.3f}"
                      f"{r['params']:>10,}{r['bytes']:>10,}{r['latency_b1_ms']:>9.3f}{r['latency_b64_ms']:>9.3f}"
                      f"{r['latency_ratio_b64']:>11.3f}")
     search = report.get("search", {})

@@ -36,7 +36,7 @@ from .channels import ChannelGraph
 from .fusion import inference_form
 from .metrics import measure_latency
 
-__all__ = ["LatencyTable"]
+__all__ = ["LatencyTable", "widest_within"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TARGET_SECONDS = 0.004  # time each entry for about this long
@@ -185,6 +185,49 @@ class LatencyTable:
         self.entries = entries
         self.rest_seconds = float(state["rest_seconds"])
         self.dense_seconds = float(state["dense_seconds"])
+
+
+def widest_within(table: LatencyTable, allowed: Sequence[np.ndarray], *, flops_target: float | None = None,
+                  latency_target: float | None = None, lookahead: int = 4) -> np.ndarray:
+    """The latency-greedy allocation: keep counts as wide as the budgets let the table's kernels run.
+
+    Every group starts at its smallest allowed count (``allowed[g]``, ascending). Each step widens the
+    one group, by up to ``lookahead`` allowed steps (latency rises in steps of a kernel block, so the
+    next count alone can cost a whole block), that adds the most FLOPs per second of predicted
+    latency while the FLOPs ratio stays within ``flops_target`` and the predicted latency ratio within
+    ``latency_target``; it stops when no widening fits. This is HALP's latency-budgeted knapsack with
+    FLOPs as each channel's worth, and a greedy baseline for the latency-aware search.
+    """
+    graph = table.graph
+    if len(allowed) != len(graph.groups):
+        raise ValueError(f"need allowed counts for {len(graph.groups)} groups, got {len(allowed)}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    dense_flops = float(graph.dense_flops)
+    counts = np.array([int(a[0]) for a in allowed], dtype=np.int64)
+
+    def fits(flops: float, latency: float) -> bool:
+        return ((flops_target is None or flops <= flops_target * dense_flops * (1 + 1e-9))
+                and (latency_target is None or latency <= latency_target * (1 + 1e-9)))
+
+    if not fits(float(graph.flops(counts)), table.density(counts)):
+        raise ValueError("no allocation fits the budgets: every group at its smallest count is already over them")
+    while True:
+        flops, latency = float(graph.flops(counts)), table.density(counts)
+        best: tuple[float, np.ndarray] | None = None
+        for g, choices in enumerate(allowed):
+            for wider in choices[choices > counts[g]][:lookahead]:
+                candidate = counts.copy()
+                candidate[g] = wider
+                cand_flops, cand_latency = float(graph.flops(candidate)), table.density(candidate)
+                if not fits(cand_flops, cand_latency):
+                    continue
+                worth = (cand_flops - flops) / max(cand_latency - latency, 1e-9)
+                if best is None or worth > best[0]:
+                    best = (worth, candidate)
+        if best is None:
+            return counts
+        counts = best[1]
 
 
 def _timed(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = _MIN_REPEATS) -> float:

@@ -15,8 +15,9 @@ from torch import nn
 
 from prunegym.compression import latency as latency_module
 from prunegym.compression.channels import ChannelGraph
-from prunegym.compression.latency import LatencyTable
+from prunegym.compression.latency import LatencyTable, widest_within
 from prunegym.compression.models import build_model
+from prunegym.compression.supernet import width_choices
 from prunegym.envs import LAYER_PRUNING_ID
 
 SMALL = {"base_epochs": 2}
@@ -180,6 +181,35 @@ def test_env_state_carries_the_table():
     assert gymnasium.make(LAYER_PRUNING_ID, **SMALL).unwrapped.state_dict() == {}
 
 
+# ---- the latency-greedy allocation -----------------------------------------------------------------
+@pytest.mark.parametrize(("flops_target", "latency_target"), [(None, 0.4), (0.5, 0.6), (0.3, None)])
+def test_widest_within_fills_the_budgets_and_no_group_can_grow(fake_timer, flops_target, latency_target):
+    _, graph, table = _resnet_table()
+    allowed = width_choices(graph, 0.25, 4)
+    counts = widest_within(table, allowed, flops_target=flops_target, latency_target=latency_target)
+
+    def within(c):
+        return ((flops_target is None or graph.flops(c) <= flops_target * graph.dense_flops * (1 + 1e-9))
+                and (latency_target is None or table.density(c) <= latency_target * (1 + 1e-9)))
+
+    assert within(counts)
+    assert all(c in a for c, a in zip(counts, allowed, strict=True))
+    for g, choices in enumerate(allowed):  # where greedy stops, no group can widen (4 widths ahead) and fit
+        for wider in choices[choices > counts[g]][:4]:
+            grown = counts.copy()
+            grown[g] = wider
+            assert not within(grown)
+    looser = widest_within(table, allowed, flops_target=None if flops_target is None else flops_target + 0.2,
+                           latency_target=None if latency_target is None else latency_target + 0.2)
+    assert graph.flops(looser) >= graph.flops(counts)
+
+
+def test_widest_within_refuses_budgets_nothing_fits(fake_timer):
+    _, graph, table = _resnet_table()
+    with pytest.raises(ValueError, match="no allocation fits"):
+        widest_within(table, width_choices(graph, 0.25, 4), latency_target=0.01)
+
+
 # ---- a run ---------------------------------------------------------------------------------------
 def test_resumed_latency_run_keeps_its_timings(prunegym_cache, tmp_path):
     target = tmp_path / "run"
@@ -205,3 +235,18 @@ def test_latency_target_is_for_the_layer_env_only(prunegym_cache, tmp_path):
     assert result.returncode != 0
     assert "latency_target" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_latency_budgeted_run_reports_the_latency_greedy_baseline(prunegym_cache, tmp_path):
+    target = tmp_path / "run"
+    ok(run_train("--run-dir", str(target), "--timesteps", "48", "--finetune-epochs", "1", "--base-epochs", "2",
+                 "--supernet-epochs", "0", "--device", "cpu", "--flops-target", "0.6", "--latency-target", "0.7",
+                 "--channel-multiple", "4"))
+    report = json.loads((target / "report.json").read_text())
+    greedy = report["results"]["latency_greedy"]
+    assert greedy["flops_ratio"] <= 0.6 + 1e-6
+    assert greedy["flops_ratio"] >= report["results"]["rl"]["flops_ratio"] - 0.15  # it spends the budget
+    assert (target / "latency_greedy.pt").is_file()
+    from prunegym.agents import load_inference_model
+
+    assert load_inference_model(target, name="latency_greedy") is not None
