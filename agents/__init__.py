@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_agent": "loading",
     "load_inference_model": "loading",
     "load_dynamic": "loading",
+    "UntrustedFileError": "agent_files",
     "PolicyDecider": "gated",
     "random_search": "random_search",
     "BatchedInputPruningVecEnv": "vec_env",

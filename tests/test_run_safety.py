@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers import ok, run_train
 
+from prunegym.agents import UntrustedFileError as ExportedUntrustedFileError
 from prunegym.agents import load_agent, make_agent
 from prunegym.agents.agent_files import UntrustedFileError, load_agent_file, load_replay_buffer
 from prunegym.agents.factory import ALGORITHMS
@@ -115,8 +116,9 @@ def test_load_agent_refuses_a_planted_call_unless_trusted(finished_run, tmp_path
     run = _copy_run(finished_run, tmp_path)
     marker = tmp_path / "ran"
     _plant_in_zip(run / "agent.zip", marker)
-    with pytest.raises(UntrustedFileError, match="lr_schedule"):
+    with pytest.raises(ExportedUntrustedFileError, match="lr_schedule"):
         load_agent(run, device="cpu")
+    assert ExportedUntrustedFileError is UntrustedFileError
     assert not marker.exists()
     load_agent(run, device="cpu", trust=True)
     assert marker.exists()  # the planted call is real: trusting the file runs it
