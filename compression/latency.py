@@ -14,7 +14,7 @@ the dense model's measured time minus its layers' dense entries, scaled by the f
 layers' output activations the keep counts leave (those ops are memory-bound: their cost follows
 the activations' size).
 Batch norm is assumed folded into the conv before it, as in the inference form
-(``compression.fusion.inference_form``) the project times.
+(``prunegym.compression.fusion.inference_form``) the project times.
 
 The table is state (``state_dict``/``load_state_dict``): timings differ between runs and machines,
 so a resumed search reloads the entries it was rewarded with instead of measuring them again.

@@ -79,7 +79,7 @@ class LayerPruningEnv(gym.Env):
     - ``lam``: λ >= 0, the price of density in the reward.
     - ``density``: ``flops`` | ``params`` | ``channels`` | ``latency``. ``latency`` is the pruned
       model's CPU latency over the dense model's, predicted by a lookup table of its layers' timings
-      (``compression.latency.LatencyTable``) at batch ``latency_batch`` with ``latency_threads``
+      (``prunegym.compression.latency.LatencyTable``) at batch ``latency_batch`` with ``latency_threads``
       threads; each (layer, channels) entry is timed on first use, so the early episodes are slower.
       The table is part of the env's state (``state_dict``), so a resumed search keeps its timings.
     - ``seed``: the data split (and base-model training) seed.
@@ -106,7 +106,7 @@ class LayerPruningEnv(gym.Env):
       networks pruned by half or more are near chance before it, whatever their widths).
     - ``finetune_lr``: the short-term fine-tune's learning rate, > 0.
     - ``supernet_epochs``: 0, or first train the base model this many epochs as a weight-sharing
-      supernet of its widths (``compression.supernet``: channels in importance order, the sandwich
+      supernet of its widths (``prunegym.compression.supernet``: channels in importance order, the sandwich
       rule with in-place distillation, widths from ``min_keep`` up). Each candidate is then the
       supernet's prefix sub-network, and what it scores before fine-tuning ranks it as fine-tuning
       would; the model a search exports is pruned from the supernet (``model``), the trained dense
