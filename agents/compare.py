@@ -74,6 +74,7 @@ from .random_search import random_search
 from .run import (
     DEFAULT_TIMESTEPS,
     TrainConfig,
+    changed_settings,
     distillation,
     env_kwargs,
     load_config,
@@ -244,9 +245,7 @@ def _rl_run(state: _Seed, out: Path, env: str, budget: float | None) -> tuple[di
         config = state._train_config(env="input", lam=c.input_lam,
                                      timesteps=c.input_timesteps or DEFAULT_TIMESTEPS["input"], run_dir=str(run_dir))
     if (run_dir / "report.json").is_file():
-        saved = load_config(run_dir)
-        changed = [f.name for f in dataclasses.fields(config)
-                   if f.name not in ("run_dir", "device") and getattr(saved, f.name) != getattr(config, f.name)]
+        changed = changed_settings(load_config(run_dir), config)
         if changed:
             raise ValueError(f"{run_dir} holds a run with other settings than this comparison's ({changed}); "
                              "remove it to run it again")
@@ -459,18 +458,18 @@ def _cell_path(out: Path, method: str, budget: float | None, seed: int) -> Path:
     return out / "cells" / f"{method}__{'-' if budget is None else f'b{budget:g}'}__s{seed}.json"
 
 
-_ROW_MEASURES = {"test_accuracy": (0.0, 1.0), "flops": (0.0, math.inf), "params": (0.0, math.inf),
-                 "bytes": (0.0, math.inf), "latency_b1_ms": (0.0, math.inf), "latency_b64_ms": (0.0, math.inf)}
+_POSITIVE_MEASURES = ("flops", "params", "bytes", "latency_b1_ms", "latency_b64_ms")
 
 
 def _check_row(row: Any, where: str) -> None:
-    """A result read back from disk has every measure the table needs, each a number in its range."""
+    """A result read back from disk has every measure the table needs: an accuracy in [0, 1] and
+    positive costs."""
     if not isinstance(row, dict):
         raise ValueError(f"{where} is not a result (expected a JSON object)")
-    for key, (low, high) in _ROW_MEASURES.items():
+    for key in ("test_accuracy", *_POSITIVE_MEASURES):
         value = row.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high \
-                or (key != "test_accuracy" and value == 0):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and (0 <= value <= 1 if key == "test_accuracy" else value > 0)):
             raise ValueError(f"{where}: {key} is {value!r}, not a number in "
                              f"{'[0, 1]' if key == 'test_accuracy' else '(0, inf)'}")
 

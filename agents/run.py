@@ -46,7 +46,7 @@ from .factory import ALGORITHMS, make_agent
 
 __all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
            "load_config", "resume_config", "format_report", "field_docs", "measure_model", "measure_models",
-           "static_latency", "batch_of_64", "distillation", "RunDirError"]
+           "static_latency", "batch_of_64", "distillation", "RunDirError", "changed_settings"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
@@ -286,14 +286,19 @@ def _write_config(config: TrainConfig, run_dir: Path) -> None:
 FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "latency_greedy.pt", "gate.pt", "agent.zip")
 
 
+def changed_settings(saved: TrainConfig, config: TrainConfig,
+                     free: tuple[str, ...] = ("device", "run_dir")) -> list[str]:
+    """The fields of ``config`` that differ from those a run was ``saved`` with, other than ``free``."""
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in free and getattr(saved, f.name) != getattr(config, f.name)]
+
+
 def _check_resumable(config: TrainConfig) -> None:
     """A resumed run must exist and keep its saved settings (only timesteps and device may change)."""
     if not config.run_dir:
         raise RunDirError("resuming needs the run directory to continue (--run-dir)")
     saved = load_config(config.run_dir)
-    free = ("timesteps", "device", "run_dir")
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in free and getattr(saved, f.name) != getattr(config, f.name)]
+    changed = changed_settings(saved, config, free=("timesteps", "device", "run_dir"))
     if changed:
         raise ValueError(f"cannot resume {config.run_dir} with other settings than it was started with: {changed}")
     if config.timesteps < saved.timesteps:
@@ -307,9 +312,7 @@ _CLAIMS: dict[Path, DirectoryLock] = {}  # run directories this process is writi
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
     """Claim the run directory (one process at a time: ``DirectoryLock``), check it may be used as asked,
     and write ``config.json``. ``release_run_dir`` gives the claim back."""
-    run_dir = Path(config.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory")
+    run_dir = Path(config.run_dir)  # not a file: TrainConfig.validate refused that
     lock = DirectoryLock(run_dir)
     try:
         lock.acquire()

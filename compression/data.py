@@ -10,6 +10,7 @@ images whose accuracy is reported to users.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -71,6 +72,15 @@ class Splits:
     num_classes: int
     image_size: int
     name: str
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the train and reward splits' images and labels: what a model trained on them saw."""
+        digest = hashlib.sha1()
+        for split in (self.train, self.reward):
+            for tensor in (split.x, split.y):
+                digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 def _parse(spec: str) -> tuple[str, Path | None]:

@@ -172,11 +172,7 @@ def cache_key(model_name: str, splits: Splits, seed: int, epochs: int) -> str:
         safe = f"{safe[:40]}_{hashlib.sha1(model_name.encode()).hexdigest()[:8]}"
     # The data itself is part of the key, images and labels: a model must never have trained on
     # another split's reward or test images, nor on an older version of a file at the same path.
-    digest = hashlib.sha1()
-    for split in (splits.train, splits.reward):
-        for tensor in (split.x, split.y):
-            digest.update(tensor.contiguous().numpy().tobytes())
-    split = digest.hexdigest()[:8]
+    split = splits.fingerprint[:8]
     return f"{safe}__{dataset_key(splits.name)}_{split}__seed{seed}__ep{epochs}"
 
 
