@@ -209,7 +209,8 @@ class _Seed:
             self._supernet, _ = supernet_model(self.config.model, self.dense, self.splits, self.seed,
                                                base_epochs=self.config.base_epochs,
                                                epochs=self.config.supernet_epochs, min_keep=defaults.min_keep,
-                                               importance=make_importance(defaults.importance), device=self.device)
+                                               importance=make_importance(defaults.importance),
+                                               extremes=defaults.supernet_extremes, device=self.device)
         return self._supernet
 
     def pruned(self, kept: list[torch.Tensor], source: nn.Module | None = None) -> nn.Module:

@@ -95,6 +95,10 @@ class TrainConfig:
     (the sandwich rule with in-place distillation; cached per model, dataset and seed), so that every
     candidate the search scores is already trained at its widths; the RL and the uniform model are then
     pruned from the supernet's weights. 0: search and prune the dense model as it is"""
+    supernet_extremes: float = 0.0
+    """layer env with a supernet: how often its training puts a group at its narrowest or widest width
+    instead of a uniform draw, so that mixed shapes (one stage thin beside whole ones, what a latency
+    budget favours) are trained and scored as they deserve"""
     reward_model: str = "supernet"
     """layer env with a supernet: which model the search's reward scores a candidate on, ``supernet`` (the
     sub-network it will be cut from) or ``dense`` (the trained dense model, soft-masked; the winner is
@@ -149,7 +153,8 @@ class TrainConfig:
         if self.env == "input":
             defaults = TrainConfig()
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
-                                            "channel_multiple", "supernet_epochs", "reward_model")
+                                            "channel_multiple", "supernet_epochs", "reward_model",
+                                            "supernet_extremes")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -175,6 +180,11 @@ class TrainConfig:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
         if not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
             raise ValueError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr}")
+        if not 0 <= self.supernet_extremes <= 1:
+            raise ValueError(f"supernet_extremes must be in [0, 1], got {self.supernet_extremes}")
+        if self.supernet_extremes and not self.supernet_epochs:
+            raise ValueError(f"supernet_extremes={self.supernet_extremes} shapes the supernet's training; "
+                             "it needs supernet_epochs > 0")
         if self.reward_model not in REWARD_MODELS:
             raise ValueError(f"reward_model {self.reward_model!r} is unknown; expected one of {REWARD_MODELS}")
         if self.reward_model == "dense" and self.env == "layer" and not self.supernet_epochs:
@@ -226,6 +236,7 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             "base_epochs": config.base_epochs, **_latency_kwargs(config),
             **({"finetune_steps": config.reward_finetune_steps} if config.reward_finetune_steps else {}),
             **({"supernet_epochs": config.supernet_epochs} if config.supernet_epochs else {}),
+            **({"supernet_extremes": config.supernet_extremes} if config.supernet_extremes else {}),
             **({"reward_model": config.reward_model} if config.reward_model != "supernet" else {})}
 
 

@@ -6,9 +6,11 @@ themselves. The base model's channels are put in importance order (``reorder_cha
 candidate keeping k channels of a group keeps its first k, and every candidate is a prefix
 sub-network sharing the supernet's weights. Each batch trains by the sandwich rule (Yu & Huang
 2019): the full width on the labels, then the narrowest width and ``candidates`` random widths on
-the full width's soft targets (in-place distillation). Afterwards any candidate, evaluated with its
-batch-norm statistics re-estimated (``recalibrate_bn``), scores close to what it is worth, and the
-pruned model is the candidate's prefix of the supernet's weights, fine-tuned.
+the full width's soft targets (in-place distillation); ``extremes`` puts a random width's groups at
+their floor or their full width more often, so that mixed shapes are trained too. Afterwards any
+candidate, evaluated with its batch-norm statistics re-estimated (``recalibrate_bn``), scores close
+to what it is worth, and the pruned model is the candidate's prefix of the supernet's weights,
+fine-tuned.
 
 The widths are sampled through the channel core's soft masks, so any model the channel graph
 understands trains as a supernet, at the dense model's cost per width.
@@ -53,14 +55,27 @@ def width_choices(graph: ChannelGraph, min_keep: float, multiple: int = 1) -> li
     return [graph.allowed_counts(g, multiple, int(floors[g])) for g in range(len(graph.groups))]
 
 
-def sample_keep_counts(choices: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """One random candidate: a count drawn uniformly from each group's choices."""
-    return np.array([c[rng.integers(len(c))] for c in choices], dtype=np.int64)
+def _check_extremes(extremes: float) -> None:
+    if not isinstance(extremes, int | float) or not 0 <= extremes <= 1:
+        raise ValueError(f"extremes must be in [0, 1], got {extremes!r}")
+
+
+def sample_keep_counts(choices: Sequence[np.ndarray], rng: np.random.Generator, extremes: float = 0.0) -> np.ndarray:
+    """One random candidate: each group's count drawn uniformly from its choices; with ``extremes``
+    > 0, a group is instead at its smallest or its largest choice (half each) with that probability."""
+    _check_extremes(extremes)
+    counts = []
+    for c in choices:
+        if extremes and rng.random() < extremes:
+            counts.append(c[0] if rng.random() < 0.5 else c[-1])
+        else:
+            counts.append(c[rng.integers(len(c))])
+    return np.array(counts, dtype=np.int64)
 
 
 def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epochs: int, min_keep: float,
-                   candidates: int = SUPERNET_CANDIDATES, lr: float = SUPERNET_LR, seed: int = 0,
-                   device: torch.device | None = None) -> nn.Module:
+                   candidates: int = SUPERNET_CANDIDATES, extremes: float = 0.0, lr: float = SUPERNET_LR,
+                   seed: int = 0, device: torch.device | None = None) -> nn.Module:
     """Train ``model`` in place as a supernet of its prefix widths (the sandwich rule, in-place
     distillation), then re-estimate its batch-norm statistics at full width; returns it in eval mode.
 
@@ -71,6 +86,7 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     if not isinstance(candidates, int) or candidates < 0:
         raise ValueError(f"candidates must be an int >= 0, got {candidates!r}")
+    _check_extremes(extremes)
     choices = width_choices(graph, min_keep)
     narrowest = prefix_kept([c[0] for c in choices])
     rng = np.random.default_rng(seed)
@@ -81,7 +97,7 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
         logits = net(x)
         loss = nn.functional.cross_entropy(logits, y)
         target = logits.detach()
-        for kept in [narrowest] + [prefix_kept(sample_keep_counts(choices, rng)) for _ in range(candidates)]:
+        for kept in [narrowest] + [prefix_kept(sample_keep_counts(choices, rng, extremes)) for _ in range(candidates)]:
             mask.set(kept)
             loss = loss + kd_loss(net(x), target, y, temperature=1.0, alpha=1.0)
         mask.set(None)
@@ -104,32 +120,34 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
 
 
 def make_supernet(model: nn.Module, example_input: torch.Tensor, split: Split, importance: Importance, *,
-                  epochs: int, min_keep: float, candidates: int = SUPERNET_CANDIDATES, lr: float = SUPERNET_LR,
-                  seed: int = 0, device: torch.device | None = None) -> nn.Module:
+                  epochs: int, min_keep: float, candidates: int = SUPERNET_CANDIDATES, extremes: float = 0.0,
+                  lr: float = SUPERNET_LR, seed: int = 0, device: torch.device | None = None) -> nn.Module:
     """A supernet trained from ``model`` (left unchanged): its channels put in ``importance`` order,
     then ``train_supernet``."""
     graph = ChannelGraph(model, example_input)
     supernet = reorder_channels(model, graph, importance)
     graph = ChannelGraph(supernet, example_input)
-    return train_supernet(supernet, graph, split, epochs=epochs, min_keep=min_keep, candidates=candidates, lr=lr,
-                          seed=seed, device=device)
+    return train_supernet(supernet, graph, split, epochs=epochs, min_keep=min_keep, candidates=candidates,
+                          extremes=extremes, lr=lr, seed=seed, device=device)
 
 
 def supernet_model(model_name: str, base: nn.Module, splits: Splits, seed: int, *, base_epochs: int, epochs: int,
                    min_keep: float, importance: Importance, candidates: int = SUPERNET_CANDIDATES,
-                   lr: float = SUPERNET_LR, device: torch.device | None = None,
+                   extremes: float = 0.0, lr: float = SUPERNET_LR, device: torch.device | None = None,
                    use_cache: bool = True) -> tuple[nn.Module, float]:
     """The supernet of the base model ``base`` (zoo name or import path ``model_name``, trained
     ``base_epochs`` on ``splits`` with ``seed``), trained once per setting and then read from the
     cache; and the seconds its training took (when it was trained, on that machine)."""
-    settings = f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"
+    settings = (f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"
+                + (f"_x{extremes:g}" if extremes else ""))  # the keys of supernets trained before ``extremes``
     path = cache_dir() / "supernet" / f"{cache_key(model_name, splits, seed, base_epochs)}__{settings}.pt"
     if use_cache and path.is_file():
         model, _, metadata = load_checkpoint(path, trust_factory=model_name)  # only the factory asked for
         return model.to(device or "cpu").eval(), float(metadata.get("seconds", float("nan")))
     started = time.perf_counter()
     supernet = make_supernet(base, splits.train.x[:1].to(device or "cpu"), splits.train, importance,
-                             epochs=epochs, min_keep=min_keep, candidates=candidates, lr=lr, seed=seed, device=device)
+                             epochs=epochs, min_keep=min_keep, candidates=candidates, extremes=extremes, lr=lr,
+                             seed=seed, device=device)
     seconds = time.perf_counter() - started
     if use_cache:
         arch = describe_architecture(supernet, model_name, splits.in_channels, splits.num_classes, splits.image_size)

@@ -111,6 +111,9 @@ class LayerPruningEnv(gym.Env):
       supernet's prefix sub-network, and what it scores before fine-tuning ranks it as fine-tuning
       would; the model a search exports is pruned from the supernet (``model``), the trained dense
       one stays as ``dense``. Trained once per setting and cached, for a zoo model or import path.
+    - ``supernet_extremes``: how often the supernet's training puts a group at its narrowest or its
+      widest (half each) instead of a uniformly drawn width (``sample_keep_counts``). Mixed shapes,
+      one stage at its floor beside whole stages, are then trained, and score what they are worth.
     - ``reward_model``: with a supernet, which model scores a candidate: ``supernet`` (its prefix
       sub-network, the model the winner is cut from) or ``dense`` (the trained dense model
       soft-masked at its importance order, AMC's reward; the winner is still cut from the
@@ -141,6 +144,7 @@ class LayerPruningEnv(gym.Env):
         finetune_lr: float = 1e-3,
         supernet_epochs: int = 0,
         reward_model: str = "supernet",
+        supernet_extremes: float = 0.0,
     ):
         if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -168,6 +172,8 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"finetune_lr must be a finite number > 0, got {finetune_lr!r}")
         if not isinstance(supernet_epochs, int | np.integer) or supernet_epochs < 0:
             raise ValueError(f"supernet_epochs must be an int >= 0, got {supernet_epochs!r}")
+        if not isinstance(supernet_extremes, int | float) or not 0 <= supernet_extremes <= 1:
+            raise ValueError(f"supernet_extremes must be in [0, 1], got {supernet_extremes!r}")
         if reward_model not in REWARD_MODELS:
             raise ValueError(f"reward_model must be one of {REWARD_MODELS}, got {reward_model!r}")
         if reward_model == "dense" and not supernet_epochs:
@@ -193,12 +199,12 @@ class LayerPruningEnv(gym.Env):
             if isinstance(model, str):
                 self.model, self.supernet_seconds = supernet_model(
                     model, self.dense, self.splits, seed, base_epochs=base_epochs, epochs=self.supernet_epochs,
-                    min_keep=min_keep, importance=self.importance, device=self.device)
+                    min_keep=min_keep, importance=self.importance, extremes=supernet_extremes, device=self.device)
             else:
                 started = time.perf_counter()
                 self.model = make_supernet(self.dense, self.splits.train.x[:1].to(self.device), self.splits.train,
                                            self.importance, epochs=self.supernet_epochs, min_keep=min_keep,
-                                           seed=seed, device=self.device)
+                                           extremes=supernet_extremes, seed=seed, device=self.device)
                 self.supernet_seconds = time.perf_counter() - started
 
         self.lam = float(lam)

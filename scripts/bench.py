@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,7 @@ def format_dynamic(r: dict[str, Any]) -> str:
 
 # ---- proxy fidelity: how well each candidate evaluation ranks candidates ------------------------
 PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
+PROXY_SOURCES = ("dense", "supernet")  # the models candidates are pruned from
 
 
 def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
@@ -372,12 +374,12 @@ def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -
 def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
                 finetune_lr: float, supernet_epochs: int, finetune_steps: list[int], min_keep: float,
                 base_epochs: int, device: str, finetune_seeds: list[int], cells: Path | None = None,
-                log: Any = print) -> dict[str, Any]:
+                finetune_from: Sequence[str] = PROXY_SOURCES, log: Any = print) -> dict[str, Any]:
     """Sample ``candidates`` random allocations at ``budget`` (EagleEye's sampler), fine-tune each
-    with the report's recipe once per fine-tune seed (pruned from the dense model, and from the
-    supernet), and score each with every candidate evaluation a search can use; returns every score
-    and the fine-tuned accuracies. With ``cells``, each fine-tuned accuracy is saved there as it is
-    measured and read back by a rerun with the same settings."""
+    with the report's recipe once per fine-tune seed (pruned from each model in ``finetune_from``:
+    the dense model, the supernet), and score each with every candidate evaluation a search can use;
+    returns every score and the fine-tuned accuracies. With ``cells``, each fine-tuned accuracy is
+    saved there as it is measured and read back by a rerun with the same settings."""
     import math
 
     from prunegym.compression.channels import prune_channels as prune
@@ -386,6 +388,11 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
     from prunegym.compression.supernet import width_choices
     from prunegym.compression.training import evaluate, resolve_device, train_classifier
 
+    unknown = [s for s in finetune_from if s not in PROXY_SOURCES]
+    if unknown or not finetune_from:
+        raise ValueError(f"finetune_from must name some of {PROXY_SOURCES}, got {list(finetune_from)!r}")
+    if "supernet" in finetune_from and not supernet_epochs:
+        raise ValueError("fine-tuning candidates cut from the supernet needs supernet_epochs > 0")
     device = resolve_device(device)
     splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device)
     _, graph, _ = sources["dense"]
@@ -409,10 +416,11 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
 
     # source -> per candidate, the accuracy after each fine-tune seed; candidate by candidate, every
     # source in turn, so that an interrupted run (--cells) leaves the same candidates for each source
-    truth: dict[str, list[list[float]]] = {source: [] for source in sources}
-    spent: dict[str, list[float]] = {source: [] for source in sources}
+    truth: dict[str, list[list[float]]] = {source: [] for source in sources if source in finetune_from}
+    spent: dict[str, list[float]] = {source: [] for source in truth}
     for i, counts in enumerate(allocations):
-        for source, (model, source_graph, ranking) in sources.items():
+        for source in truth:
+            model, source_graph, ranking = sources[source]
             kept = source_graph.kept_channels(ranking, counts)
             truth[source].append([])
             for s in finetune_seeds:
@@ -473,7 +481,8 @@ def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
             entry = {"proxy": row["proxy"], "metric": metric, "source": row["source"], "seconds": row["seconds"]}
             for source, accuracy in truth.items():
                 entry[f"spearman_{source}"] = spearman(score, accuracy)
-            entry["top1_accuracy"] = float(truth[row["source"]][int(np.argmax(score))])
+            entry["top1_accuracy"] = (float(truth[row["source"]][int(np.argmax(score))]) if row["source"] in truth
+                                      else float("nan"))  # its own model's candidates were not fine-tuned
             table.append(entry)
     return table
 
@@ -548,6 +557,14 @@ def format_finetune(r: dict[str, Any]) -> str:
         lines.append(f"{row['epochs']:>7}{f'{acc.mean():.2f} ± {std:.2f}':>16}{acc.min():>8.2f}{acc.max():>8.2f}"
                      f"{row['seconds']:>13.1f}")
     return "\n".join(lines)
+
+
+def _sources(text: str) -> list[str]:
+    sources = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in sources if s not in PROXY_SOURCES]
+    if bad or not sources:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(PROXY_SOURCES)}, got {text!r}")
+    return sources
 
 
 def _positive_int(text: str) -> int:
@@ -642,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--finetune-seeds", type=_counts, default=None,
                        help="the fine-tune seeds (batch orders): proxy: each candidate's fine-tuned accuracy is the "
                             "mean over them (default: 0,1); finetune: at each length (default: 0,1,2)")
+    proxy.add_argument("--finetune-from", type=_sources, default=list(PROXY_SOURCES),
+                       help="proxy: fine-tune the candidates pruned from these models, comma-separated: dense, "
+                            "supernet (default: both); every evaluation is scored either way")
     proxy.add_argument("--device", default="auto", help="where training runs (default: auto)")
     proxy.add_argument("--cells", type=Path, default=None,
                        help="proxy: save each fine-tuned accuracy in this folder as it is measured; a rerun with the "
@@ -690,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                 figures["proxy"].append(bench_proxy(
                     args.model, args.dataset, budget, args.candidates, args.seed, args.finetune_epochs,
                     args.finetune_lr, args.supernet_epochs, args.finetune_steps, args.min_keep, base_epochs,
-                    args.device, args.finetune_seeds or [0, 1], args.cells))
+                    args.device, args.finetune_seeds or [0, 1], args.cells, args.finetune_from))
                 print(format_proxy(figures["proxy"][-1]))
         if args.what == "finetune":
             base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs

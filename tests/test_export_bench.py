@@ -157,6 +157,14 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     # ... and refuses cells measured with other settings, naming the cell.
     other = _run("bench.py", *flags, "--finetune-epochs", "2", cache=cache, cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr and str(cells) in other.stderr
+    # Fine-tuning only the supernet's candidates scores every evaluation still, against those alone.
+    alone = _run("bench.py", *flags, "--finetune-epochs", "1", "--finetune-from", "supernet", "--json",
+                 tmp_path / "alone.json", cache=cache, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    (r3,) = json.loads((tmp_path / "alone.json").read_text())["proxy"]
+    assert r3["finetuned_accuracy"] == {"supernet": r["finetuned_accuracy"]["supernet"]}
+    assert [p["proxy"] for p in r3["proxies"]] == names
+    assert "ρ supernet" in alone.stdout and "ρ dense" not in alone.stdout
 
 
 def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Path):
@@ -173,7 +181,8 @@ def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Pat
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--budgets", "1.5"], "FLOPs ratios"),
-                                               (["--finetune-steps", "x"], "integers")])
+                                               (["--finetune-steps", "x"], "integers"),
+                                               (["--finetune-from", "teacher"], "'teacher'")])
 def test_bench_proxy_bad_flags_are_named(tmp_path: Path, cache: Path, args: list[str], message: str):
     done = _run("bench.py", "--what", "proxy", *args, cache=cache, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr

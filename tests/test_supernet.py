@@ -55,6 +55,24 @@ def test_width_choices_run_from_min_keep_to_every_channel(digits):
         width_choices(graph, 0.0)
 
 
+def test_extremes_put_groups_at_their_floor_or_full_width_that_often():
+    choices = [np.arange(4, 17), np.arange(8, 33)]
+    plain = [sample_keep_counts(choices, np.random.default_rng(1)) for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in
+               zip(plain, [sample_keep_counts(choices, np.random.default_rng(1), 0.0) for _ in range(3)], strict=True))
+    rng = np.random.default_rng(0)
+    for extremes in (0.0, 0.5, 1.0):
+        draws = np.stack([sample_keep_counts(choices, rng, extremes) for _ in range(4000)])
+        for g, c in enumerate(choices):
+            at_floor, at_full = np.mean(draws[:, g] == c[0]), np.mean(draws[:, g] == c[-1])
+            expected = extremes / 2 + (1 - extremes) / len(c)
+            assert abs(at_floor - expected) < 0.03 and abs(at_full - expected) < 0.03, (extremes, g)
+            assert set(draws[:, g]) <= set(c.tolist())
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="extremes"):
+            sample_keep_counts(choices, rng, bad)
+
+
 def test_prefix_kept_keeps_the_first_channels():
     kept = prefix_kept([3, 1])
     assert [k.tolist() for k in kept] == [[0, 1, 2], [0]]
@@ -94,10 +112,14 @@ def test_supernet_model_is_cached(digits, prunegym_cache):
     assert seconds > 0 and cached_seconds == seconds
     for (key, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
+    supernet_model("digits_cnn", model, splits, 0, extremes=0.5, **kwargs)  # another setting, another file
+    assert len(list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.5_l1*.pt"))) == 2
+    assert len(list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.5_l1*_x0.5.pt"))) == 1
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"epochs": -1}, "epochs"), ({"epochs": 1, "candidates": -1},
-                                                                           "candidates")])
+                                                                           "candidates"),
+                                               ({"epochs": 1, "extremes": 2.0}, "extremes")])
 def test_bad_settings_are_refused_by_name(digits, kwargs, match):
     splits, model = digits
     with pytest.raises(ValueError, match=match):
@@ -121,6 +143,20 @@ def test_layer_env_searches_the_supernet(digits):
     assert info["flops_ratio"] <= 0.2 + 1e-9 and reward == -info["loss"]
     with pytest.raises(ValueError, match="supernet_epochs"):
         LayerPruningEnv(model=model, dataset=splits, supernet_epochs=-1)
+    with pytest.raises(ValueError, match="supernet_extremes.*-1"):
+        LayerPruningEnv(model=model, dataset=splits, supernet_epochs=1, supernet_extremes=-1)
+
+
+def test_layer_env_trains_its_supernet_with_extremes(digits):
+    """``supernet_extremes`` reaches the supernet's training: at 0 the same supernet as without it, at 1
+    only the narrowest and widest widths are trained, a different supernet."""
+    from prunegym.envs import LayerPruningEnv
+
+    splits, model = digits
+    envs = [LayerPruningEnv(model=model, dataset=splits, flops_target=0.3, supernet_epochs=1, **kwargs)
+            for kwargs in ({}, {"supernet_extremes": 0.0}, {"supernet_extremes": 1.0})]
+    weights = [torch.cat([p.flatten() for p in env.model.parameters()]) for env in envs]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 
 
 def test_layer_env_can_score_supernet_candidates_on_the_dense_model(digits):
