@@ -351,24 +351,28 @@ def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, s
     return splits, sources
 
 
-def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -> tuple[float, float]:
-    """``compute()`` and the seconds it took, or what was saved for the same ``settings`` in ``cells``
-    (then saved there): an interrupted benchmark continues where it stopped. A cell saved with other
-    settings is refused."""
+def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -> tuple[float, float, float]:
+    """``compute()`` (test accuracy and loss) and the seconds it took, or what was saved for the same
+    ``settings`` in ``cells`` (then saved there): an interrupted benchmark continues where it stopped.
+    A cell saved with other settings is refused; one saved without the loss is measured again."""
     started = time.perf_counter()
-    if cells is None:
-        return float(compute()), time.perf_counter() - started
-    name = "__".join(f"{k}{v}" for k, v in settings.items() if k in ("source", "budget", "candidate", "finetune_seed"))
-    path = cells / f"{name}.json"
-    if path.is_file():
-        saved = read_json(path)
-        if saved.get("settings") != settings:
-            raise ValueError(f"{path} was measured with other settings ({saved.get('settings')}, not {settings}); "
-                             "pass another --cells folder")
-        return float(saved["accuracy"]), float(saved["seconds"])
-    accuracy, seconds = float(compute()), time.perf_counter() - started
-    write_json(path, {"settings": settings, "accuracy": accuracy, "seconds": seconds})
-    return accuracy, seconds
+    path = None
+    if cells is not None:
+        name = "__".join(f"{k}{v}" for k, v in settings.items()
+                         if k in ("source", "budget", "candidate", "finetune_seed"))
+        path = cells / f"{name}.json"
+        if path.is_file():
+            saved = read_json(path)
+            if saved.get("settings") != settings:
+                raise ValueError(f"{path} was measured with other settings ({saved.get('settings')}, not {settings}); "
+                                 "pass another --cells folder")
+            if "loss" in saved:
+                return float(saved["accuracy"]), float(saved["loss"]), float(saved["seconds"])
+    accuracy, loss = map(float, compute())
+    seconds = time.perf_counter() - started
+    if path is not None:
+        write_json(path, {"settings": settings, "accuracy": accuracy, "loss": loss, "seconds": seconds})
+    return accuracy, loss, seconds
 
 
 def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
@@ -409,27 +413,33 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         proxies += [(f"{prefix}fine-tune {n} steps", source, {"recalibration_batches": 0, "finetune_steps": n})
                     for n in finetune_steps]
 
-    def finetuned(model: nn.Module, graph: ChannelGraph, kept: list[torch.Tensor], finetune_seed: int) -> float:
+    def finetuned(model: nn.Module, graph: ChannelGraph, kept: list[torch.Tensor],
+                  finetune_seed: int) -> tuple[float, float]:
         pruned = train_classifier(prune(model, graph, kept), splits.train, epochs=finetune_epochs, lr=finetune_lr,
                                   seed=finetune_seed, device=device)
-        return evaluate(pruned, splits.test, device=device)[1]
+        loss, accuracy = evaluate(pruned, splits.test, device=device)
+        return accuracy, loss
 
     # source -> per candidate, the accuracy after each fine-tune seed; candidate by candidate, every
     # source in turn, so that an interrupted run (--cells) leaves the same candidates for each source
     truth: dict[str, list[list[float]]] = {source: [] for source in sources if source in finetune_from}
+    truth_loss: dict[str, list[list[float]]] = {source: [] for source in truth}
     spent: dict[str, list[float]] = {source: [] for source in truth}
     for i, counts in enumerate(allocations):
         for source in truth:
             model, source_graph, ranking = sources[source]
             kept = source_graph.kept_channels(ranking, counts)
             truth[source].append([])
+            truth_loss[source].append([])
             for s in finetune_seeds:
                 settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
                             "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
                             "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
                             "budget": budget, "candidate": i, "finetune_seed": s, "keep_counts": counts.tolist()}
-                accuracy, seconds = _finetune_cell(cells, settings, partial(finetuned, model, source_graph, kept, s))
+                accuracy, loss, seconds = _finetune_cell(cells, settings,
+                                                         partial(finetuned, model, source_graph, kept, s))
                 truth[source][-1].append(accuracy)
+                truth_loss[source][-1].append(loss)
                 spent[source].append(seconds)
             log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
                 f"{np.round(truth[source][-1], 4).tolist()}")
@@ -451,12 +461,14 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
             "supernet_epochs": supernet_epochs, "finetune_seeds": finetune_seeds,
             "keep_counts": [c.tolist() for c in allocations],
             "flops_ratios": [float(graph.flops(c)) / graph.dense_flops for c in allocations],
-            "finetuned_accuracy": truth, "finetune_seconds": truth_seconds, "proxies": rows}
+            "finetuned_accuracy": truth, "finetuned_loss": truth_loss, "finetune_seconds": truth_seconds,
+            "proxies": rows}
 
 
-def _mean_truth(r: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Each source's fine-tuned accuracy per candidate, averaged over the fine-tune seeds."""
-    return {source: np.asarray(acc).mean(axis=1) for source, acc in r["finetuned_accuracy"].items()}
+def _mean_truth(r: dict[str, Any], measure: str = "accuracy") -> dict[str, np.ndarray]:
+    """Each source's fine-tuned test accuracy (or loss) per candidate, averaged over the fine-tune
+    seeds; no loss in results measured before it was recorded."""
+    return {source: np.asarray(v).mean(axis=1) for source, v in r.get(f"finetuned_{measure}", {}).items()}
 
 
 def proxy_reliability(r: dict[str, Any]) -> dict[str, float]:
@@ -469,11 +481,12 @@ def proxy_reliability(r: dict[str, Any]) -> dict[str, float]:
 
 
 def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per proxy and metric: Spearman with each source's fine-tuned accuracy (the mean over the
-    fine-tune seeds), and the fine-tuned accuracy of the candidate it ranks first."""
+    """Per proxy and metric: Spearman with each source's fine-tuned test accuracy and with its
+    negated test loss (means over the fine-tune seeds; the loss ranks candidates whose accuracies tie
+    on a small test split), and the fine-tuned accuracy of the candidate it ranks first."""
     from prunegym.compression.statistics import spearman
 
-    truth = _mean_truth(r)
+    truth, truth_loss = _mean_truth(r), _mean_truth(r, "loss")
     table = []
     for row in r["proxies"]:
         for metric, sign in PROXY_METRICS:
@@ -481,6 +494,8 @@ def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
             entry = {"proxy": row["proxy"], "metric": metric, "source": row["source"], "seconds": row["seconds"]}
             for source, accuracy in truth.items():
                 entry[f"spearman_{source}"] = spearman(score, accuracy)
+            for source, loss in truth_loss.items():
+                entry[f"spearman_{source}_loss"] = spearman(score, -loss)
             entry["top1_accuracy"] = (float(truth[row["source"]][int(np.argmax(score))]) if row["source"] in truth
                                       else float("nan"))  # its own model's candidates were not fine-tuned
             table.append(entry)
@@ -489,6 +504,8 @@ def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_proxy(r: dict[str, Any]) -> str:
     sources = list(r["finetuned_accuracy"])
+    columns = [(f"ρ {s}", f"spearman_{s}") for s in sources] + [(f"ρ {s} loss", f"spearman_{s}_loss")
+                                                                 for s in r.get("finetuned_loss", {})]
     truth, reliability = _mean_truth(r), proxy_reliability(r)
     lines = [f"proxy fidelity: {r['model']} on {r['dataset']}, {r['candidates']} random allocations at FLOPs "
              f"{r['budget']:g} (ratios {min(r['flops_ratios']):.3f}-{max(r['flops_ratios']):.3f}), seed {r['seed']}, "
@@ -503,14 +520,15 @@ def format_proxy(r: dict[str, Any]) -> str:
                      f" (min {acc.min():.2f}, max {acc.max():.2f}); over fine-tune seeds ± {spread:.2f}; "
                      f"ρ between two fine-tune seeds {reliability.get(source, float('nan')):.2f}; "
                      f"{r['finetune_seconds'][source]:.1f} s per fine-tune")
-    header = f"{'candidate evaluation':<40}{'score':>14}" + "".join(f"{'ρ ' + s:>12}" for s in sources) + \
+    header = f"{'candidate evaluation':<40}{'score':>14}" + "".join(f"{c:>17}" for c, _ in columns) + \
         f"{'top-1 acc':>11}{'s/eval':>9}"
     lines += [header, "-" * len(header)]
     for e in proxy_table(r):
         score = ("-" if e["metric"] != "accuracy" else "") + e["metric"]
-        lines.append(f"{e['proxy']:<40}{score:>14}" + "".join(f"{e['spearman_' + s]:>12.2f}" for s in sources)
+        lines.append(f"{e['proxy']:<40}{score:>14}" + "".join(f"{e[key]:>17.2f}" for _, key in columns)
                      + f"{100 * e['top1_accuracy']:>11.2f}{e['seconds']:>9.3f}")
-    lines.append("ρ: Spearman rank correlation of the score with the test accuracy after the fine-tune, for candidates "
+    lines.append("ρ: Spearman rank correlation of the score with the test accuracy (ρ ... loss: the negated test "
+                 "loss) after the fine-tune, for candidates "
                  "pruned from that model; top-1 acc: the fine-tuned accuracy of the candidate the score ranks first "
                  "(from the model the evaluation prunes); scores on the reward split.")
     return "\n".join(lines)

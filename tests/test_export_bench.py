@@ -138,13 +138,15 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert len(r["keep_counts"]) == 4 and all(0.3 * 0.97 <= f <= 0.3 + 1e-9 for f in r["flops_ratios"])
     assert set(r["finetuned_accuracy"]) == {"dense", "supernet"}
     assert all(len(per_seed) == 2 for per_seed in r["finetuned_accuracy"]["dense"])
+    assert set(r["finetuned_loss"]) == {"dense", "supernet"}
+    assert all(len(per_seed) == 2 and min(per_seed) > 0 for per_seed in r["finetuned_loss"]["dense"])
     names = [p["proxy"] for p in r["proxies"]]
     assert names[:3] == ["BN 2 batches", "BN 10 batches (adaptive BN)", "fine-tune 3 steps"]
     assert {"supernet, BN 2 batches", "supernet, fine-tune 3 steps"} <= set(names)
     for proxy in r["proxies"]:
         assert len(proxy["scores"]) == 4 and proxy["seconds"] > 0
         assert {"loss", "accuracy", "distillation"} <= set(proxy["scores"][0])
-    assert "ρ dense" in done.stdout and "ρ supernet" in done.stdout and "top-1 acc" in done.stdout
+    assert "ρ dense" in done.stdout and "ρ supernet loss" in done.stdout and "top-1 acc" in done.stdout
 
     # A rerun continues from the saved fine-tunes (each cell's seconds come back as measured) ...
     first = {c.name: c.read_text() for c in cells.glob("*.json")}
@@ -153,7 +155,15 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert again.returncode == 0, again.stderr
     (r2,) = json.loads((tmp_path / "again.json").read_text())["proxy"]
     assert r2["finetuned_accuracy"] == r["finetuned_accuracy"] and r2["finetune_seconds"] == r["finetune_seconds"]
+    assert r2["finetuned_loss"] == r["finetuned_loss"]
     assert {c.name: c.read_text() for c in cells.glob("*.json")} == first
+    # A cell saved before the loss was recorded is measured again, to the same accuracy.
+    old = next(iter(sorted(cells.glob("*.json"))))
+    saved = json.loads(old.read_text())
+    old.write_text(json.dumps({k: v for k, v in saved.items() if k != "loss"}))
+    assert _run("bench.py", *flags, "--finetune-epochs", "1", cache=cache, cwd=tmp_path).returncode == 0
+    remeasured = json.loads(old.read_text())
+    assert remeasured["accuracy"] == saved["accuracy"] and remeasured["loss"] == pytest.approx(saved["loss"])
     # ... and refuses cells measured with other settings, naming the cell.
     other = _run("bench.py", *flags, "--finetune-epochs", "2", cache=cache, cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr and str(cells) in other.stderr
