@@ -11,7 +11,7 @@ _EXPORTS = {
     "ALGORITHMS": "factory",
     "default_hyperparameters": "factory",
     "make_agent": "factory",
-    "CheckpointCallback": "callbacks",
+    "ResumableCheckpointCallback": "callbacks",
     "PruningCallback": "callbacks",
     "InputPruningCallback": "callbacks",
     "latest_checkpoint": "callbacks",

@@ -11,7 +11,7 @@ from stable_baselines3.common.logger import HParam
 
 from prunegym.compression.checkpoint import read_json, write_json
 
-__all__ = ["PruningCallback", "InputPruningCallback", "CheckpointCallback", "latest_checkpoint"]
+__all__ = ["PruningCallback", "InputPruningCallback", "ResumableCheckpointCallback", "latest_checkpoint"]
 
 
 class PruningCallback(BaseCallback):
@@ -136,7 +136,7 @@ def latest_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | No
     return agent, state
 
 
-class CheckpointCallback(BaseCallback):
+class ResumableCheckpointCallback(BaseCallback):
     """Every ``save_freq`` timesteps and at the end: the agent zip, the replay buffer (off-policy agents)
     and ``state.json`` (timesteps, the pruning callback's best episode, and ``env_state.state_dict()``
     when given: what the env learned that its rewards depend on). ``state.json`` is written last

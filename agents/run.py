@@ -39,9 +39,10 @@ from prunegym.compression.models import MODELS
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import BASE_EPOCHS, check_seed, evaluate, resolve_device, train_classifier
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, LayerPruningEnv
+from prunegym.envs.reward import check_lam
 
 from .agent_files import UntrustedFileError, load_agent_file, load_replay_buffer
-from .callbacks import CheckpointCallback, PruningCallback, latest_checkpoint
+from .callbacks import PruningCallback, ResumableCheckpointCallback, latest_checkpoint
 from .factory import ALGORITHMS, make_agent
 
 __all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
@@ -174,8 +175,7 @@ class TrainConfig:
             raise RunDirError(f"--run-dir {self.run_dir} is a file, not a directory")
         if self.density not in DENSITY_KINDS:
             raise ValueError(f"density {self.density!r} is unknown; expected one of {DENSITY_KINDS}")
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam}")
+        check_lam(self.lam)
         if not 0 < self.min_keep <= 1:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
         if not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
@@ -213,14 +213,15 @@ class TrainConfig:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each field of a dataclass (read from its source)."""
+    """The docstring written under each field of a dataclass (read from its source), as plain text for
+    a ``--help`` line: reStructuredText's double backquotes dropped."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
     for node, after in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                 and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = after.value.value
+            docs[node.target.id] = after.value.value.replace("``", "")
     return docs
 
 
@@ -410,7 +411,8 @@ def search(config: TrainConfig, env: Any, episode_length: int, make_callback: An
                               f"({type(err).__name__}: {err}); the run directory was left as it was") from err
     run_dir = _prepare_run_dir(config, resume)
     log(f"run directory: {run_dir}")
-    ckpt_cb = CheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, callback, env_state=env_state)
+    ckpt_cb = ResumableCheckpointCallback(run_dir / "checkpoints", config.checkpoint_freq, callback,
+                                          env_state=env_state)
     if checkpoint is not None:
         log(f"resuming from {checkpoint[0]} at timestep {agent.num_timesteps}")
     remaining = config.timesteps - agent.num_timesteps

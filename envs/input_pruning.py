@@ -10,7 +10,6 @@ N single envs seeded alike. The Stable-Baselines3 ``VecEnv`` over the engine liv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,8 @@ from prunegym.compression.channels import make_importance
 from prunegym.compression.data import Split, Splits, load_dataset
 from prunegym.compression.dynamic import FEATURE_CLIP, DynamicNetwork, DynamicSpec, Observation, build_dynamic
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
+
+from .reward import check_lam
 
 __all__ = ["FEATURE_CLIP", "InputPruningEnv", "InputPruningEngine", "InputPruningSetup", "make_setup",
            "INPUT_DENSITY_KINDS", "observation_size", "observation_stats"]
@@ -110,8 +111,7 @@ class InputPruningEngine:
                  split: Split | None = None):
         if not isinstance(num_envs, int | np.integer) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
-        if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        check_lam(lam)
         if density not in INPUT_DENSITY_KINDS:
             raise ValueError(f"density must be one of {INPUT_DENSITY_KINDS} for per-input pruning, got {density!r}")
         self.setup = setup

@@ -20,6 +20,8 @@ from prunegym.compression.proxy import ProxyEvaluator
 from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model, width_choices
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
+from .reward import check_lam
+
 __all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES", "REWARD_MODELS"]
 
 DENSITY_KINDS = ("flops", "params", "channels", "latency")
@@ -146,8 +148,7 @@ class LayerPruningEnv(gym.Env):
         reward_model: str = "supernet",
         supernet_extremes: float = 0.0,
     ):
-        if not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        check_lam(lam)
         if density not in DENSITY_KINDS:
             raise ValueError(f"density must be one of {DENSITY_KINDS}, got {density!r}")
         if not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:

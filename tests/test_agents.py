@@ -8,7 +8,7 @@ import pytest
 from stable_baselines3.common.monitor import Monitor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from prunegym.agents import ALGORITHMS, CheckpointCallback, PruningCallback, latest_checkpoint, make_agent
+from prunegym.agents import ALGORITHMS, PruningCallback, ResumableCheckpointCallback, latest_checkpoint, make_agent
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.envs import LayerPruningEnv
 
@@ -145,12 +145,12 @@ def test_pruning_callback_state_round_trip():
     assert second.best == first.best
 
 
-# ---- CheckpointCallback and latest_checkpoint ----------------------------------------------------
+# ---- ResumableCheckpointCallback and latest_checkpoint ------------------------------------------
 def test_checkpoint_callback_keeps_two_complete_checkpoints(env, tmp_path):
     directory = tmp_path / "checkpoints"
     agent = make_agent("ppo", env, episode_length=env.num_groups, device="cpu")
     pruning = PruningCallback(_group_names(env))
-    agent.learn(128, callback=[pruning, CheckpointCallback(directory, save_freq=16, pruning=pruning)])
+    agent.learn(128, callback=[pruning, ResumableCheckpointCallback(directory, save_freq=16, pruning=pruning)])
 
     state = read_json(directory / "state.json")
     assert (directory / state["agent"]).is_file()
@@ -173,7 +173,7 @@ def test_checkpoint_callback_saves_the_replay_buffer_of_off_policy_agents(env, t
     directory = tmp_path / "checkpoints"
     agent = make_agent("sac", env, episode_length=env.num_groups, device="cpu", hyperparameters=OFF_POLICY)
     pruning = PruningCallback(_group_names(env))
-    agent.learn(48, callback=[pruning, CheckpointCallback(directory, save_freq=8, pruning=pruning)])
+    agent.learn(48, callback=[pruning, ResumableCheckpointCallback(directory, save_freq=8, pruning=pruning)])
     state = read_json(directory / "state.json")
     assert (directory / state["replay_buffer"]).is_file()
     assert len(list(directory.glob("agent_*.zip"))) <= 2
@@ -193,7 +193,7 @@ def test_latest_checkpoint_naming_a_missing_agent_raises(tmp_path):
 
 def test_checkpoint_callback_rejects_bad_save_freq(tmp_path):
     with pytest.raises(ValueError, match="save_freq"):
-        CheckpointCallback(tmp_path, save_freq=0, pruning=PruningCallback([]))
+        ResumableCheckpointCallback(tmp_path, save_freq=0, pruning=PruningCallback([]))
 
 
 def test_agents_are_reproducible_with_a_seed(env):

@@ -222,6 +222,7 @@ def test_script_help_documents_every_option():
     for flag in ("--model", "--dataset", "--budgets", "--seeds", "--finetune-epochs", "--out", "--methods",
                  "--distill", "--layer-timesteps", "--input-timesteps", "--device"):
         assert flag in result.stdout
+    assert "``" not in result.stdout
 
 
 def test_script_runs_and_reports(tmp_path):

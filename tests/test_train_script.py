@@ -127,6 +127,7 @@ def test_help():
     for flag in ("--env", "--dataset", "--model", "--algo", "--lam", "--flops-target", "--timesteps", "--seed",
                  "--device", "--run-dir", "--resume"):
         assert flag in result.stdout, flag
+    assert "``" not in result.stdout  # plain text, not the fields' reStructuredText
 
 
 def test_existing_run_dir_without_resume_fails(run_dir):
