@@ -29,6 +29,8 @@ __all__ = [
     "ChannelGroup",
     "ChannelGraph",
     "nearest_count",
+    "in_channels",
+    "out_channels",
     "Importance",
     "L1Importance",
     "L2Importance",
@@ -99,8 +101,14 @@ def _kernel_stride(module: nn.Module) -> tuple[int, int]:
     return 1, 1
 
 
-def _in_channels(module: nn.Module) -> int:
+def in_channels(module: nn.Module) -> int:
+    """The input channels of a conv, or the input features of a linear layer."""
     return int(module.in_channels if hasattr(module, "in_channels") else module.in_features)
+
+
+def out_channels(module: nn.Module) -> int:
+    """The output channels of a conv, or the output features of a linear layer."""
+    return int(module.out_channels if hasattr(module, "out_channels") else module.out_features)
 
 
 def nearest_count(allowed: np.ndarray, target: float) -> int:
@@ -166,7 +174,7 @@ class ChannelGraph:
                     producers=tuple(producers),
                     norms=tuple(sorted(set(norms), key=order.__getitem__)),
                     consumers=tuple(sorted(consumers, key=lambda c: order[c.name])),
-                    in_channels=_in_channels(root),
+                    in_channels=in_channels(root),
                     kernel_size=kernel,
                     stride=stride,
                 )
@@ -374,7 +382,7 @@ class SoftMask:
             for consumer in group.consumers:
                 if consumer.name not in self._masks:
                     module = self._modules[consumer.name]
-                    self._masks[consumer.name] = torch.ones(_in_channels(module))
+                    self._masks[consumer.name] = torch.ones(in_channels(module))
                     module.register_forward_pre_hook(_MaskHook(self, consumer.name))
         self.active = False
 

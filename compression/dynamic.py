@@ -38,7 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .channels import ChannelGraph, Importance, L1Importance, reorder_channels
+from .channels import ChannelGraph, Importance, L1Importance, in_channels, reorder_channels
 
 __all__ = [
     "GatedLayer",
@@ -118,10 +118,6 @@ class DynamicSpec:
         return (frac[..., ins] * frac[..., outs]) @ flops / self.dense_flops
 
 
-def _input_width(module: nn.Module) -> int:
-    return int(module.in_channels if isinstance(module, nn.Conv2d) else module.in_features)
-
-
 def gated_layers(graph: ChannelGraph, groups: int) -> list[GatedLayer]:
     """The gated layers of a model: each channel group with a single conv producer (no residual add
     ties it) whose consumers each read only this group, in channel-major order (so a prefix of
@@ -139,7 +135,7 @@ def gated_layers(graph: ChannelGraph, groups: int) -> list[GatedLayer]:
                 break
             order = torch.argsort(c.input_index)
             positions, channels = c.input_index[order], c.channel[order]
-            width = _input_width(layer)
+            width = in_channels(layer)
             if (len(positions) != width or not torch.equal(positions, torch.arange(width))
                     or bool((channels[1:] < channels[:-1]).any())):
                 break

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .channels import ChannelGraph
+from .channels import ChannelGraph, in_channels, out_channels
 from .fusion import inference_form
 from .metrics import measure_latency
 
@@ -113,8 +113,7 @@ class LatencyTable:
             m, cost = modules[name], costs[name]
             if name not in sizes:
                 continue  # not on the forward path: it costs nothing
-            in_ch = int(m.in_channels if isinstance(m, _CONVS) else m.in_features)
-            out_ch = int(m.out_channels if isinstance(m, _CONVS) else m.out_features)
+            in_ch, out_ch = in_channels(m), out_channels(m)
             groups = int(getattr(m, "groups", 1))
             depthwise = groups > 1 and groups == in_ch == out_ch
             if groups > 1 and not depthwise:
