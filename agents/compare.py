@@ -38,12 +38,12 @@ from prunegym.compression.channels import (
     make_importance,
     prune_channels,
 )
-from prunegym.compression.checkpoint import read_json, write_json
+from prunegym.compression.checkpoint import atomic_path, read_json, write_json
 from prunegym.compression.data import load_dataset
 from prunegym.compression.distillation import Distillation, student_model
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
-from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, saved_bytes
+from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, num_threads, saved_bytes
 from prunegym.compression.models import MODELS
 from prunegym.compression.quantization import int8_bytes, mean_centred_int8, quantize_int8
 from prunegym.compression.sparsity import (
@@ -61,6 +61,8 @@ from prunegym.compression.supernet import prefix_kept, supernet_model
 from prunegym.compression.training import (
     BASE_EPOCHS,
     base_model,
+    cache_dir,
+    cache_key,
     check_seed,
     evaluate,
     resolve_device,
@@ -69,6 +71,7 @@ from prunegym.compression.training import (
 from prunegym.envs import LayerPruningEnv
 
 from .callbacks import latest_checkpoint
+from .distributed import require_ray, run_graph
 from .loading import load_inference_model
 from .random_search import random_search
 from .run import (
@@ -131,7 +134,14 @@ class CompareConfig:
     device: str = "auto"
     """where training runs: auto, cpu, cuda; latency is always timed on the CPU"""
     threads: int = 1
-    """CPU threads for the latency measurements"""
+    """CPU threads of each cell, for its training and its latency measurements (fixed, so that a cell's
+    result does not depend on how many cells run at once; a Ray task asks for this many CPUs)"""
+    workers: int = 0
+    """cells at once, as tasks on a Ray started in this process (the ``distributed`` extra); 0: one
+    after another in this process"""
+    address: str = ""
+    """a Ray cluster to run the cells on instead (``auto``, or ``HOST:PORT`` of its head); its CPUs
+    set how many run at once"""
 
     def validate(self) -> None:
         if ":" not in self.model and self.model not in MODELS:
@@ -162,6 +172,13 @@ class CompareConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.workers and self.address:
+            raise ValueError(f"workers={self.workers} sizes a Ray started here; with address={self.address!r} the "
+                             "cluster's CPUs decide how many cells run at once: give one of the two")
+        if self.workers or self.address:
+            require_ray("--workers and --address")
         for name in ("finetune_lr", "input_lam", "slimming_strength"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "finetune_lr" and value == 0):
@@ -405,12 +422,16 @@ def _uniform_supernet(state: _Seed, out: Path, budget: float) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the comparison: its label, whether it runs per FLOPs budget, a note, its runner."""
+    """One row of the comparison: its label, whether it runs per FLOPs budget, a note, its runner,
+    the method whose run it reuses (it runs after that one's cell when both are compared), and
+    whether it prunes from the supernet."""
 
     label: str
     per_budget: bool
     note: str
     run: Callable[[_Seed, Path, float | None], dict[str, Any]]
+    after: str | None = None
+    supernet: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -420,19 +441,22 @@ METHODS: dict[str, Method] = {
     "int8_mean_centred": Method("int8 mean-centred", False, "weights q·α+μ per channel, weight-only; fp32 kernels",
                                 _int8_mean_centred),
     "rl_input": Method("RL per-input", False, "mean per-input density; λ sets it", _dynamic("rl")),
-    "gate": Method("gate", False, "mean per-input density, trained to RL per-input's", _dynamic("gate")),
-    "rl_layer": Method("RL per-layer", True, "budget mode", _rl_layer),
-    "rl_layer_int8": Method("RL per-layer + int8", True, "the RL model quantized; int8 kernels", _rl_layer_int8),
+    "gate": Method("gate", False, "mean per-input density, trained to RL per-input's", _dynamic("gate"),
+                   after="rl_input"),
+    "rl_layer": Method("RL per-layer", True, "budget mode", _rl_layer, supernet=True),
+    "rl_layer_int8": Method("RL per-layer + int8", True, "the RL model quantized; int8 kernels", _rl_layer_int8,
+                            after="rl_layer", supernet=True),
     "random_search": Method("random search", True, "best of as many random episodes as RL's search, same env",
-                            _random_search),
+                            _random_search, after="rl_layer", supernet=True),
     "uniform_l1": Method("uniform L1", True, "Li et al. 2017",
                          _static(lambda state, budget: uniform_keep_counts(state.graph, budget), L1Importance())),
     "uniform_supernet": Method("uniform, supernet", True, "uniform L1's counts from RL's supernet: its weights, "
-                               "another allocation", _uniform_supernet),
+                               "another allocation", _uniform_supernet, supernet=True),
     "global_l1": Method("global L1", True, "scores normalised per layer", _global(L1Importance())),
     "global_l2": Method("global L2", True, "scores normalised per layer", _global(L2Importance())),
     "slimming": Method("network slimming", True, "L1 on BN scales, then global BN-scale ranking", _slimming),
-    "random": Method("random channels", True, "RL per-layer's channel counts, random channels", _random),
+    "random": Method("random channels", True, "RL per-layer's channel counts, random channels", _random,
+                     after="rl_layer"),
     "torch_pruning": Method("torch-pruning L1", True, "torch-pruning's MagnitudePruner, one ratio per layer",
                             _torch_pruning),
     "magnitude_agp": Method("unstructured AGP", True, "sparsity 1 - budget; dense kernels run every FLOP",
@@ -491,6 +515,10 @@ def _read_cell(path: Path, method: str, budget: float | None, seed: int) -> dict
     return row
 
 
+_HOW = ("out", "device", "workers", "address")
+"""settings that say where and how the cells run, not what they compute: a comparison continues under others"""
+
+
 def _prepare_out(config: CompareConfig) -> DirectoryLock:
     """Claim the output folder (one comparison at a time writes it), check that it holds this
     comparison or nothing, and write ``config.json``; the claim is returned, held."""
@@ -505,9 +533,9 @@ def _prepare_out(config: CompareConfig) -> DirectoryLock:
     except DirectoryLocked as err:
         raise ValueError(f"{out} is in use by another comparison; wait for it, or choose another --out") from err
     try:
-        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "device")}
+        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in _HOW}
         if (out / "config.json").is_file():
-            before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in ("out", "device")}
+            before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in _HOW}
             changed = sorted(k for k in saved if before.get(k) != saved[k])
             if changed:
                 raise ValueError(f"{out} holds a comparison with other settings ({changed}); choose another --out")
@@ -533,33 +561,105 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
         lock.release()
 
 
+Cell = tuple[str, float | None, int]
+"""(method, budget or None, seed)"""
+
+
+def _after(config: CompareConfig, cell: Cell) -> Cell | None:
+    """The cell whose run ``cell`` reuses, when its method is compared too (it must finish first)."""
+    method, budget, seed = cell
+    before = METHODS[method].after
+    if before is None or before not in config.methods:
+        return None
+    return before, (budget if METHODS[before].per_budget else None), seed
+
+
+def _prepare_seed(config: CompareConfig, seed: int) -> _Seed:
+    """The seed's shared state, its base model trained (or read from the cache), and its supernet
+    too when a compared method prunes from it, so that no two cells train them at once."""
+    with num_threads(config.threads):
+        state = _Seed(config, seed, resolve_device(config.device))
+        if config.supernet_epochs and any(METHODS[m].supernet for m in config.methods):
+            state.supernet()
+    return state
+
+
+def _run_cell(config: CompareConfig, state: _Seed, out: Path, cell: Cell) -> dict[str, Any]:
+    method, budget, seed = cell
+    t0 = time.perf_counter()
+    with num_threads(config.threads):
+        result = METHODS[method].run(state, out, budget)
+    return {"method": method, "budget": budget, "seed": seed, **result, "seconds": time.perf_counter() - t0}
+
+
+def _cached_files(config: CompareConfig, state: _Seed) -> dict[str, bytes]:
+    """The seed's base model and supernets as files of the model cache, relative to it."""
+    root = cache_dir()
+    key = cache_key(config.model, state.splits, state.seed, config.base_epochs)
+    paths = [root / "base" / f"{key}.pt", *sorted((root / "supernet").glob(f"{key}__*.pt"))]
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in paths if p.is_file()}
+
+
+def _prepare_task(context: tuple[CompareConfig, str], seed: int) -> dict[str, bytes]:
+    """A Ray task: train (or read) one seed's base model and supernet; return their cache files,
+    which the seed's cells install where they run (another machine's cache, perhaps)."""
+    config, _ = context
+    return _cached_files(config, _prepare_seed(config, seed))
+
+
+def _cell_task(context: tuple[CompareConfig, str], files: dict[str, bytes], cell: Cell) -> dict[str, Any]:
+    """A Ray task: one cell, on the seed's base model and supernet from ``_prepare_task``."""
+    config, out = context
+    root = cache_dir()
+    for name, data in files.items():
+        if not (root / name).is_file():
+            with atomic_path(root / name) as tmp:
+                Path(tmp).write_bytes(data)
+    return _run_cell(config, _prepare_seed(config, cell[2]), Path(out), cell)
+
+
 def _compare(config: CompareConfig, out: Path, device: torch.device, started: float, *, progress: bool,
              log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cells = _cells(config)
-    rows: list[dict[str, Any]] = []
-    states: dict[int, _Seed] = {}
-    bar = tqdm(cells, desc="compare", disable=not progress, unit="cell")
-    for method, budget, seed in bar:
-        path = _cell_path(out, method, budget, seed)
-        bar.set_postfix_str(f"{method} b={budget} seed={seed}")
-        if path.is_file():
-            rows.append(_read_cell(path, method, budget, seed))
-            continue
-        if seed not in states:
-            states = {seed: _Seed(config, seed, device)}  # one seed at a time: the others' models can go
-        t0 = time.perf_counter()
-        result = METHODS[method].run(states[seed], out, budget)
-        row = {"method": method, "budget": budget, "seed": seed, **result,
-               "seconds": time.perf_counter() - t0}
-        write_json(path, row)
-        rows.append(row)
+    rows: dict[Cell, dict[str, Any]] = {}
+    for cell in cells:
+        if _cell_path(out, *cell).is_file():
+            rows[cell] = _read_cell(_cell_path(out, *cell), *cell)
+    todo = [cell for cell in cells if cell not in rows]
+    bar = tqdm(total=len(cells), initial=len(rows), desc="compare", disable=not progress, unit="cell")
+
+    def finished(cell: Cell, row: dict[str, Any]) -> None:
+        write_json(_cell_path(out, *cell), row)
+        rows[cell] = row
+        bar.update()
         (bar.write if progress else log)(
-            f"{METHODS[method].label:<22} budget {'-' if budget is None else budget:<5} seed {seed}: "
+            f"{METHODS[cell[0]].label:<22} budget {'-' if cell[1] is None else cell[1]:<5} seed {cell[2]}: "
             f"accuracy {row['test_accuracy']:.4f}, FLOPs {row['flops']:,.0f}, {row['seconds']:.1f} s")
+
+    failed: dict[Cell, str] = {}
+    if todo and (config.workers or config.address):
+        failed = run_graph(todo, context=(config, str(out)), prepare=_prepare_task, group=lambda cell: cell[2],
+                           run=_cell_task, after=lambda cell: _after(config, cell), finished=finished,
+                           cpus=config.threads, workers=config.workers, address=config.address)
+    else:
+        state: _Seed | None = None
+        for cell in todo:
+            bar.set_postfix_str(f"{cell[0]} b={cell[1]} seed={cell[2]}")
+            if state is None or state.seed != cell[2]:
+                state = None  # one seed at a time: the previous seed's models can go
+                state = _prepare_seed(config, cell[2])
+            finished(cell, _run_cell(config, state, out, cell))
     bar.close()
+    return _results(config, out, [rows[c] for c in cells if c in rows], failed, started, log)
+
+
+def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], failed: dict[Cell, str],
+             started: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The table, ``results.json``, ``results.md``, the Pareto plot and the hparams from the cells."""
     dense_by_seed = {r["seed"]: r for r in rows if r["method"] == "dense"}
+    rows = [r for r in rows if r["seed"] in dense_by_seed]  # the ratios need the seed's dense model
     for r in rows:
         d = dense_by_seed[r["seed"]]
         r.setdefault("flops_ratio", r["flops"] / d["flops"])
@@ -569,14 +669,18 @@ def _compare(config: CompareConfig, out: Path, device: torch.device, started: fl
         if "nonzero_flops" in r:
             r["nonzero_flops_ratio"] = r["nonzero_flops"] / d["flops"]
     table = summarize(rows)
-    results = {"config": dataclasses.asdict(config), "table": table, "rows": rows,
-               "notes": _notes(config), "seconds": time.perf_counter() - started}
+    failures = [{"method": m, "budget": b, "seed": s, "error": error} for (m, b, s), error in failed.items()]
+    notes = _notes(config) + "".join(
+        f"\nFailed (run again to retry; its seed's rows are left out when it is dense): {f['method']} budget "
+        f"{'-' if f['budget'] is None else f['budget']} seed {f['seed']}: {f['error']}" for f in failures)
+    results = {"config": dataclasses.asdict(config), "table": table, "rows": rows, "failed": failures,
+               "notes": notes, "seconds": time.perf_counter() - started}
     _hparams(out, table)
     pareto_plot(table, out / "pareto.png", title=f"{config.model} on {config.dataset.split(':')[0]}")
-    (out / "results.md").write_text(markdown_table(table) + "\n\n" + results["notes"] + "\n")
+    (out / "results.md").write_text(markdown_table(table) + "\n\n" + notes + "\n")
     write_json(out / "results.json", results)
     log(format_table(table))
-    log(f"{results['notes']}\nwritten to {out}/results.json, results.md, pareto.png")
+    log(f"{notes}\nwritten to {out}/results.json, results.md, pareto.png")
     return results
 
 
@@ -684,8 +788,6 @@ def pareto_plot(table: list[dict[str, Any]], path: Path, title: str = "") -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from prunegym.compression.checkpoint import atomic_path
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     cmap = plt.get_cmap("tab20")

@@ -4,6 +4,8 @@ data, FLOPs budgets and fine-tune, over seeds: one table (terminal, JSON, Markdo
 With no arguments: the digits CNN on scikit-learn's bundled digits, budgets 0.25 and 0.5 of the
 dense FLOPs, seeds 0-4, 40 fine-tune epochs. Results land in runs/compare__<model>__<dataset>/
 (or --out); run it again with the same --out to continue an interrupted comparison.
+--workers N runs N cells at once on a Ray started in this process; --address auto runs them on a
+running Ray cluster (`ray start --head` first); both need the distributed extra.
 `tensorboard --logdir <out>` shows the table as hparams and each RL run's rewards.
 """
 
@@ -15,6 +17,7 @@ import sys
 
 from prunegym.agents.cli import optional_int
 from prunegym.agents.compare import METHODS, CompareConfig, compare
+from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.factory import ALGORITHMS
 from prunegym.agents.run import RunDirError, field_docs
 from prunegym.envs import REWARD_MODELS
@@ -49,10 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     progress = args.pop("progress_bar")
     progress = sys.stderr.isatty() if progress is None else progress
     try:
-        compare(CompareConfig(**args), progress=progress)
-    except (ValueError, FileNotFoundError, RunDirError) as err:
+        results = compare(CompareConfig(**args), progress=progress)
+    except (ValueError, FileNotFoundError, RunDirError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if results["failed"]:
+        print(f"error: {len(results['failed'])} cell(s) failed (see the notes above); run the same command again "
+              "to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -47,3 +47,12 @@ def trained_digits_cnn(split) -> nn.Module:
 
     torch.manual_seed(0)
     return train_classifier(build_model("digits_cnn", 1, 10), split, epochs=5, lr=3e-3, seed=0)
+
+
+def tiny_comparison(out, **overrides):
+    """A ``CompareConfig`` of every method at one budget and one seed that runs in seconds, written to ``out``."""
+    from prunegym.agents.compare import CompareConfig
+
+    settings = dict(budgets=[0.5], seeds=[0], finetune_epochs=1, base_epochs=2, layer_timesteps=64,
+                    input_timesteps=512, supernet_epochs=1, device="cpu", out=str(out))
+    return CompareConfig(**{**settings, **overrides})

@@ -13,17 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_comparison as tiny
 
-from prunegym.agents.compare import METHODS, CompareConfig, compare, format_table, markdown_table, summarize
+from prunegym.agents.compare import METHODS, compare, format_table, markdown_table, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare.py"
-
-
-def tiny(out: Path, **overrides) -> CompareConfig:
-    settings = dict(budgets=[0.5], seeds=[0], finetune_epochs=1, base_epochs=2, layer_timesteps=64,
-                    input_timesteps=512, supernet_epochs=1, device="cpu", out=str(out))
-    return CompareConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
