@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-__all__ = ["optional_int", "optional_float", "json_dict"]
+__all__ = ["optional_int", "optional_float", "json_dict", "train_setting"]
 
 
 def _optional(kind: type, name: str):
@@ -32,3 +32,28 @@ def json_dict(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+def train_setting(name: str, text: str):
+    """A ``TrainConfig`` field's value from its command-line text, as ``train.py --NAME TEXT`` reads
+    it; ``argparse.ArgumentTypeError`` naming the value when it is not one."""
+    import dataclasses
+
+    from .run import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a setting of train.py; expected one of {sorted(fields)}")
+    f = fields[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kind = {"flops_target": optional_float, "latency_target": optional_float, "timesteps": optional_int,
+            "num_envs": optional_int, "hyperparameters": json_dict}.get(name, type(default))
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
+            from err

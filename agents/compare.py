@@ -70,20 +70,17 @@ from prunegym.compression.training import (
 )
 from prunegym.envs import LayerPruningEnv
 
-from .callbacks import latest_checkpoint
-from .distributed import require_ray, run_graph
+from .distributed import check_placement, require_ray, run_graph
 from .loading import load_inference_model
 from .random_search import random_search
 from .run import (
     DEFAULT_TIMESTEPS,
     TrainConfig,
-    changed_settings,
     distillation,
     env_kwargs,
-    load_config,
     measure_model,
+    run_or_reuse,
     static_latency,
-    train,
 )
 
 __all__ = ["CompareConfig", "METHODS", "compare", "summarize", "format_table", "markdown_table", "pareto_plot"]
@@ -170,13 +167,7 @@ class CompareConfig:
         for name in ("layer_timesteps", "input_timesteps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.workers and self.address:
-            raise ValueError(f"workers={self.workers} sizes a Ray started here; with address={self.address!r} the "
-                             "cluster's CPUs decide how many cells run at once: give one of the two")
+        check_placement(workers=self.workers, threads=self.threads, address=self.address, what="cells")
         if self.workers or self.address:
             require_ray("--workers and --address")
         for name in ("finetune_lr", "input_lam", "slimming_strength"):
@@ -262,20 +253,11 @@ def _rl_run(state: _Seed, out: Path, env: str, budget: float | None) -> tuple[di
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
                                      timesteps=c.input_timesteps or DEFAULT_TIMESTEPS["input"], run_dir=str(run_dir))
-    if (run_dir / "report.json").is_file():
-        changed = changed_settings(load_config(run_dir), config)
-        if changed:
-            raise ValueError(f"{run_dir} holds a run with other settings than this comparison's ({changed}); "
-                             "remove it to run it again")
-        report = read_json(run_dir / "report.json")
-        if env == "layer":  # its RL row becomes a cell as it is
-            _check_row(report.get("results", {}).get("rl") if isinstance(report, dict) else None,
-                       f"{run_dir / 'report.json'} (results.rl)")
-        return report, run_dir
-    resume = latest_checkpoint(run_dir / "checkpoints") is not None
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
-    return train(config, resume=resume, log=lambda text: None), run_dir
+    report = run_or_reuse(config, log=lambda text: None)
+    if env == "layer":  # its RL row becomes a cell as it is
+        _check_row(report.get("results", {}).get("rl") if isinstance(report, dict) else None,
+                   f"{run_dir / 'report.json'} (results.rl)")
+    return report, run_dir
 
 
 def _rl_layer(state: _Seed, out: Path, budget: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-__all__ = ["MissingExtraError", "TASK_RETRIES", "require_ray", "run_graph"]
+__all__ = ["MissingExtraError", "TASK_RETRIES", "require_ray", "check_placement", "connect", "run_graph"]
 
 TASK_RETRIES = 2
 """times a failed task runs again (its worker died, its node was lost, or it raised) before it is
@@ -36,12 +36,27 @@ def require_ray(feature: str):
     return ray
 
 
-def _connect(ray, *, workers: int, cpus: int, address: str) -> None:
+def check_placement(*, workers: int, threads: int, address: str, what: str) -> None:
+    """Refuse settings of where jobs run that cannot hold: ``workers`` jobs at once of ``threads``
+    CPUs each on a Ray started here (0: none started), or a cluster at ``address``, not both."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers and address:
+        raise ValueError(f"workers={workers} sizes a Ray started here; with address={address!r} the cluster's CPUs "
+                         f"decide how many {what} run at once: give one of the two")
+
+
+def connect(*, workers: int, cpus: int, address: str):
+    """Start a local Ray of ``workers`` x ``cpus`` CPUs, or join the cluster at ``address``; the ``ray`` module."""
+    ray = require_ray("Ray tasks")
     quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if address:
         ray.init(address=address, **quiet)
     else:  # always a new local Ray, even where RAY_ADDRESS names a running one
-        ray.init(address="local", num_cpus=workers * cpus, **quiet)
+        ray.init(address="local", num_cpus=max(workers, 1) * cpus, **quiet)
+    return ray
 
 
 def _prepare(prepare: Callable[[Any, Any], Any], context: Any, group: Any) -> Any:
@@ -77,8 +92,7 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
     """
     if not address and workers < 1:
         raise ValueError(f"workers must be >= 1 for a local Ray, got {workers}")
-    ray = require_ray("Ray tasks")
-    _connect(ray, workers=workers, cpus=cpus, address=address)
+    ray = connect(workers=workers, cpus=cpus, address=address)
     try:
         options = {"num_cpus": cpus, "max_retries": TASK_RETRIES, "retry_exceptions": True}
         prepare_task = ray.remote(_prepare).options(**options)

@@ -10,6 +10,7 @@ import numpy as np
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 __all__ = ["ALGORITHMS", "make_agent", "default_hyperparameters"]
 
@@ -20,30 +21,36 @@ _DISCRETE_ONLY = ("dqn",)
 
 
 def default_hyperparameters(algo: str, episode_length: int, action_dim: int | None,
-                            num_envs: int = 1) -> dict[str, Any]:
+                            num_envs: int = 1, batched: bool = False) -> dict[str, Any]:
     """Defaults for short, fixed-length episodes whose only reward comes at the last step.
 
     The discount is 1 (the episode is a single decision split into steps, as in AMC); on-policy
     rollouts hold whole episodes; off-policy agents explore at random for their first episodes
-    (AMC's warm-up) and act with Gaussian noise after. With many envs (the batched per-input env)
-    each rollout holds a few episodes of each, and PPO adds a small entropy bonus: every input is
-    a new situation, and the policy must not settle on one action early.
+    (AMC's warm-up) and act with Gaussian noise after. ``num_envs`` copies of one env stepping in
+    parallel (``batched`` False) keep one env's rollout and update sizes: each holds its share of
+    the rollout, and off-policy agents take a gradient step per timestep. A ``batched`` env (the
+    per-input env, many inputs at once) gets rollouts of a few episodes of each input, and PPO a
+    small entropy bonus: every input is a new situation, and the policy must not settle on one
+    action early.
     """
-    if algo == "ppo" and num_envs > 1:
+    if algo == "ppo" and batched and num_envs > 1:
         n_steps = episode_length * 4
         return {"n_steps": n_steps, "batch_size": max(episode_length, n_steps * num_envs // 4), "n_epochs": 4,
                 "gamma": 1.0, "gae_lambda": 0.95, "learning_rate": 3e-4, "ent_coef": 0.01}
+    share = max(1, num_envs) if not batched else 1  # episodes of the rollout each parallel copy plays
     if algo == "ppo":
-        n_steps = episode_length * 16
-        return {"n_steps": n_steps, "batch_size": max(episode_length, n_steps // 4), "n_epochs": 10,
+        n_steps = episode_length * max(1, 16 // share)
+        return {"n_steps": n_steps, "batch_size": max(episode_length, n_steps * share // 4), "n_epochs": 10,
                 "gamma": 1.0, "gae_lambda": 0.95, "learning_rate": 3e-4, "ent_coef": 0.0}
     if algo == "a2c":
-        return {"n_steps": episode_length * (1 if num_envs > 1 else 4), "gamma": 1.0, "learning_rate": 7e-4}
+        return {"n_steps": episode_length * (1 if num_envs > 1 and batched else max(1, 4 // share)), "gamma": 1.0,
+                "learning_rate": 7e-4}
     hyper: dict[str, Any] = {"gamma": 1.0, "learning_starts": episode_length * 25, "buffer_size": 100_000,
-                             "batch_size": 64, "learning_rate": 1e-3, "train_freq": 1, "gradient_steps": 1}
+                             "batch_size": 64, "learning_rate": 1e-3, "train_freq": 1, "gradient_steps": share}
     if algo == "dqn":
         hyper.update({"learning_starts": episode_length * 25 * num_envs, "target_update_interval": 500,
-                      "exploration_fraction": 0.3, "train_freq": max(1, episode_length // num_envs)})
+                      "exploration_fraction": 0.3, "train_freq": max(1, episode_length // num_envs),
+                      "gradient_steps": 1})
     if algo in ("td3", "ddpg") and action_dim is not None:
         hyper["action_noise"] = NormalActionNoise(np.zeros(action_dim), 0.3 * np.ones(action_dim))
     return hyper
@@ -69,7 +76,9 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
         raise ValueError(f"algo {algo!r} needs a discrete action space; the env has {space} "
                          "(use action_levels, or ppo, a2c, sac, td3, ddpg)")
     action_dim = int(np.prod(space.shape)) if isinstance(space, gym.spaces.Box) else None
-    kwargs = default_hyperparameters(algo, episode_length, action_dim, getattr(env, "num_envs", 1))
+    num_envs = getattr(env, "num_envs", 1)
+    batched = num_envs > 1 and not isinstance(env, DummyVecEnv | SubprocVecEnv)  # not copies of one env
+    kwargs = default_hyperparameters(algo, episode_length, action_dim, num_envs, batched)
     accepted = set(inspect.signature(ALGORITHMS[algo].__init__).parameters) - {"self", "policy", "env"}
     unknown = sorted(set(hyperparameters or {}) - accepted)
     if unknown:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import os
 import platform
+import shutil
 import sys
 import textwrap
 import time
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from prunegym.compression.channels import IMPORTANCES, prune_channels
 from prunegym.compression.checkpoint import describe_architecture, read_json, save_checkpoint, write_json
@@ -47,12 +50,13 @@ from .factory import ALGORITHMS, make_agent
 
 __all__ = ["ENVS", "DEFAULT_TIMESTEPS", "INPUT_ALGORITHMS", "FINAL_OUTPUTS", "TrainConfig", "train", "env_kwargs",
            "load_config", "resume_config", "format_report", "field_docs", "measure_model", "measure_models",
-           "static_latency", "batch_of_64", "distillation", "RunDirError", "changed_settings"]
+           "static_latency", "batch_of_64", "distillation", "RunDirError", "changed_settings", "run_or_reuse"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
 DEFAULT_TIMESTEPS = {"layer": 6000, "input": 200_000}
 REPORT_ROUNDS = 3  # the report's models take turns this many times at each latency measurement
+CONFIG_FORMAT = 2  # config.json's layout; 2: num_envs applies to the layer env too
 INPUT_ALGORITHMS = ("ppo", "a2c", "dqn")
 
 
@@ -137,8 +141,10 @@ class TrainConfig:
     """the run directory; empty: ``runs/<env>__<model>__<dataset>__<seed>__<time>``"""
     groups: int = 4
     """input env: channel groups per gated layer; the agent keeps the first 1..groups of them"""
-    num_envs: int = 64
-    """input env: inputs stepped together by the batched env (one forward per layer for all)"""
+    num_envs: int | None = None
+    """how many envs the agent steps at once: layer env, copies of the env in as many processes, each
+    scoring its own candidates (default 1; the agent's rollouts and updates keep one env's sizes);
+    input env, inputs stepped together by the batched env in this process (default 64)"""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     """overrides of the agent's default hyper-parameters"""
 
@@ -146,6 +152,8 @@ class TrainConfig:
         """Fill in what depends on the env (the timesteps), so config.json records the number used."""
         if self.timesteps is None:
             self.timesteps = DEFAULT_TIMESTEPS.get(self.env, DEFAULT_TIMESTEPS["layer"])
+        if self.num_envs is None:
+            self.num_envs = 64 if self.env == "input" else 1
 
     def validate(self) -> None:
         if self.env not in ENVS:
@@ -165,9 +173,8 @@ class TrainConfig:
             if self.density not in INPUT_DENSITY_KINDS:
                 raise ValueError(f"density {self.density!r} is not available per input; expected one of "
                                  f"{INPUT_DENSITY_KINDS}")
-            for name in ("groups", "num_envs"):
-                if getattr(self, name) < (2 if name == "groups" else 1):
-                    raise ValueError(f"{name} must be >= {2 if name == 'groups' else 1}, got {getattr(self, name)}")
+            if self.groups < 2:
+                raise ValueError(f"groups must be >= 2, got {self.groups}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
         check_seed(self.seed)
@@ -196,7 +203,10 @@ class TrainConfig:
         for name in ("flops_target", "latency_target"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
-        for name in ("timesteps", "checkpoint_freq", "threads", "channel_multiple"):
+        if self.num_envs > 1 and (self.density == "latency" or self.latency_target is not None):
+            raise ValueError(f"num_envs={self.num_envs}: a latency-priced search times its layers as it goes, and "
+                             "timings taken beside other envs' work would be wrong; use num_envs=1")
+        for name in ("timesteps", "checkpoint_freq", "threads", "channel_multiple", "num_envs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("finetune_epochs", "base_epochs", "reward_finetune_steps", "supernet_epochs"):
@@ -290,9 +300,10 @@ def measure_model(model: torch.nn.Module, splits, threads: int) -> dict[str, Any
 
 
 def _write_config(config: TrainConfig, run_dir: Path) -> None:
-    write_json(run_dir / "config.json", {"config": dataclasses.asdict(config), "env_id": ENVS[config.env],
-                             "env_kwargs": env_kwargs(config), "python": sys.version.split()[0],
-                             "torch": torch.__version__, "platform": platform.platform()})
+    write_json(run_dir / "config.json", {"config": dataclasses.asdict(config), "format": CONFIG_FORMAT,
+                                         "env_id": ENVS[config.env], "env_kwargs": env_kwargs(config),
+                                         "python": sys.version.split()[0], "torch": torch.__version__,
+                                         "platform": platform.platform()})
 
 
 FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "latency_greedy.pt", "gate.pt", "agent.zip")
@@ -363,7 +374,10 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise RunDirError(f"{run_dir} is not a prunegym run directory (no config.json)")
     data = read_json(Path(run_dir) / "config.json")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data["config"].items() if k in known})
+    config = TrainConfig(**{k: v for k, v in data["config"].items() if k in known})
+    if data.get("format", 1) < 2 and config.env == "layer":
+        config.num_envs = 1  # runs from before num_envs applied to the layer env recorded the input env's 64
+    return config
 
 
 def resume_config(run_dir: str | os.PathLike, *, timesteps: int | None = None,
@@ -445,6 +459,39 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
         release_run_dir(config.run_dir)
 
 
+def run_or_reuse(config: TrainConfig, *, log: Any = print) -> dict[str, Any]:
+    """The report of the job ``config`` describes, in ``config.run_dir``: read back when that run is
+    complete (with these settings: others are refused), continued from its latest checkpoint when it
+    stopped, run from the start otherwise (what a run left before its first checkpoint goes). What
+    a job that runs runs many times over (a comparison's cell, a sweep's trial) calls, so that a
+    retried or resumed job neither repeats finished work nor mixes settings."""
+    if not config.run_dir:
+        raise RunDirError("run_or_reuse needs config.run_dir, the run directory to use")
+    config.resolve_defaults()
+    run_dir = Path(config.run_dir)
+    if (run_dir / "report.json").is_file():
+        changed = changed_settings(load_config(run_dir), config)
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with other settings ({changed}); remove it to run it again")
+        return read_json(run_dir / "report.json")
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
+    return train(config, resume=resume, log=log)
+
+
+def _layer_env(kwargs: dict[str, Any], device: str, threads: int) -> Monitor:
+    torch.set_num_threads(threads)
+    return Monitor(LayerPruningEnv(**kwargs, device=device))
+
+
+def parallel_envs(kwargs: dict[str, Any], n: int, device: torch.device) -> SubprocVecEnv:
+    """``n`` copies of ``LayerPruningEnv(**kwargs)``, each in its own process with an equal share of
+    the CPUs, stepped together (SB3's ``SubprocVecEnv``; SB3 seeds copy i with the agent's seed + i)."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return SubprocVecEnv([functools.partial(_layer_env, kwargs, str(device), threads) for _ in range(n)])
+
+
 def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: Any, trust_run: bool) -> dict[str, Any]:
     """The per-layer job of ``train``."""
     device = resolve_device(config.device)
@@ -462,12 +509,19 @@ def _train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: 
         + (f"; supernet of {config.supernet_epochs} epochs ({env.supernet_seconds:.0f} s to train)"
            if config.supernet_epochs else ""))
 
-    # 2. The RL search, resumable from the latest checkpoint.
-    monitored = Monitor(env)
+    # 2. The RL search, resumable from the latest checkpoint; with num_envs > 1, that many copies of
+    # the env score candidates in parallel processes (each reads the base model and supernet from
+    # the cache step 1 filled).
     search_started = time.perf_counter()
-    agent, pruning_cb, run_dir = search(
-        config, monitored, env.num_groups, lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp),
-        device=device, resume=resume, progress_bar=progress_bar, log=log, env_state=env, trust_run=trust_run)
+    searched = Monitor(env) if config.num_envs == 1 else parallel_envs(env_kwargs(config), config.num_envs, device)
+    try:
+        agent, pruning_cb, run_dir = search(
+            config, searched, env.num_groups,
+            lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp), device=device, resume=resume,
+            progress_bar=progress_bar, log=log, env_state=env if config.num_envs == 1 else None, trust_run=trust_run)
+    finally:
+        if config.num_envs > 1:
+            searched.close()
     search_seconds = time.perf_counter() - search_started
 
     # 3. The best policy found: the best episode of the search, or the final deterministic policy.

@@ -140,6 +140,47 @@ def format_env(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_parallel(num_envs: list[int], timesteps: int, seed: int, base_epochs: int | None) -> dict[str, Any]:
+    """The main job's search (PPO on the layer env, its default settings) with ``n`` copies of the env
+    in parallel processes (``train.py --num-envs n``): episodes per second of ``agent.learn`` over
+    ``timesteps``, after one untimed rollout that starts the processes."""
+    from stable_baselines3.common.monitor import Monitor
+
+    from prunegym.agents.factory import make_agent
+    from prunegym.agents.run import TrainConfig, env_kwargs, parallel_envs
+    from prunegym.envs import LayerPruningEnv
+
+    if min(num_envs) < 1:
+        raise ValueError(f"--num-envs must be integers >= 1, got {num_envs}")
+    config = TrainConfig(seed=seed, **({} if base_epochs is None else {"base_epochs": base_epochs}))
+    kwargs = env_kwargs(config)
+    groups = LayerPruningEnv(**kwargs).num_groups  # trains or reads the base model and supernet, untimed
+    results: dict[str, Any] = {"kwargs": kwargs, "timesteps": timesteps, "steps_per_episode": groups, "runs": []}
+    for n in num_envs:
+        env = Monitor(LayerPruningEnv(**kwargs)) if n == 1 else parallel_envs(kwargs, n, torch.device("cpu"))
+        try:
+            agent = make_agent("ppo", env, episode_length=groups, seed=seed, device="cpu")
+            agent.learn(agent.n_steps * agent.n_envs)  # one rollout and update: processes started, caches read
+            start = time.perf_counter()
+            agent.learn(timesteps, reset_num_timesteps=False)
+            seconds = time.perf_counter() - start
+        finally:
+            env.close()
+        results["runs"].append({"num_envs": n, "seconds": seconds, "episodes_per_s": timesteps / groups / seconds})
+    return results
+
+
+def format_parallel(r: dict[str, Any]) -> str:
+    lines = [f"the main job's search (PPO, layer env {r['kwargs']}), {r['timesteps']} timesteps "
+             f"({r['timesteps'] // r['steps_per_episode']} episodes) after one untimed rollout",
+             f"{'num_envs':<10}{'seconds':>10}{'episodes/s':>12}{'speed-up':>10}"]
+    base = r["runs"][0]["episodes_per_s"]
+    for x in r["runs"]:
+        lines.append(f"{x['num_envs']:<10}{x['seconds']:>10.1f}{x['episodes_per_s']:>12.1f}"
+                     f"{x['episodes_per_s'] / base:>9.2f}x")
+    return "\n".join(lines)
+
+
 # ---- latency against FLOPs ----------------------------------------------------------------------
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -617,14 +658,18 @@ def _counts(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all", "proxy", "finetune"], default="all",
-                        help="what to run (default: all: env, latency and dynamic; proxy and finetune train "
-                             "models for minutes and run only when named)")
+    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all", "proxy", "finetune", "parallel"],
+                        default="all", help="what to run (default: all: env, latency and dynamic; proxy, finetune "
+                                            "and parallel run for minutes and only when named)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the actions, weights and inputs (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
     env = parser.add_argument_group("env")
     env.add_argument("--episodes", type=_positive_int, default=300, help="timed episodes, each way (default: 300)")
     env.add_argument("--warmup-episodes", type=int, default=5, help="untimed episodes first (default: 5)")
+    env.add_argument("--num-envs", type=_counts, default=[1, 2],
+                     help="parallel: the search's env copies to time, in turn (default: 1,2)")
+    env.add_argument("--timesteps", type=_positive_int, default=1536,
+                     help="parallel: timed timesteps of the search at each num_envs (default: 1536)")
     env.add_argument("--base-epochs", type=int, default=None,
                      help="pass base_epochs to the env (a quicker, differently cached base model); default: "
                           "no keyword, the env's own default")
@@ -720,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
                                                args.rounds, args.seed, args.tune_kernels)
             print()
             print(format_dynamic(figures["dynamic"]))
+        if args.what == "parallel":
+            figures["parallel"] = bench_parallel(args.num_envs, args.timesteps, args.seed, args.base_epochs)
+            print()
+            print(format_parallel(figures["parallel"]))
         if args.what == "proxy":
             base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs
             figures["proxy"] = []

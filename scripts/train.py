@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
-from prunegym.agents.cli import json_dict, optional_float, optional_int
+from prunegym.agents.cli import train_setting
 from prunegym.agents.run import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.envs import DENSITY_KINDS, REWARD_MODELS
@@ -34,9 +35,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)
             continue
-        kind = {"flops_target": optional_float, "latency_target": optional_float, "timesteps": optional_int,
-                "hyperparameters": json_dict}.get(f.name, type(default))
-        parser.add_argument(flag, type=kind, choices=choices.get(f.name),
+        parser.add_argument(flag, type=functools.partial(train_setting, f.name), choices=choices.get(f.name),
                             default=argparse.SUPPRESS if suppress_defaults else default, help=help_text)
     parser.add_argument("--resume", action="store_true", default=argparse.SUPPRESS if suppress_defaults else False,
                         help="continue the run in --run-dir from its latest checkpoint (timesteps keep counting)")

@@ -337,3 +337,45 @@ def test_reward_finetune_steps_reach_the_env_and_its_reloaded_twin(prunegym_cach
                                            strict=True)]
     assert env.evaluate_counts(counts)["accuracy"] == report["search"]["reward_split_accuracy"]
     env.close()
+
+
+def test_parallel_envs_search_and_resume_continues_the_timestep_count(tmp_path):
+    target = tmp_path / "run"
+    ok(run_train("--run-dir", str(target), "--num-envs", "2", *TINY))
+    first, _ = load_agent(target, device="cpu")
+    assert first.num_timesteps == 64 and first.n_envs == 2
+    ok(run_train("--run-dir", str(target), "--resume", "--timesteps", "128"))
+    agent, _ = load_agent(target, device="cpu")
+    assert agent.num_timesteps == 128
+    report = json.loads((target / "report.json").read_text())
+    assert report["search"]["timesteps"] == 128
+    assert report["search"]["episodes"] == 128 // len(report["search"]["groups"])
+    assert json.loads((target / "config.json").read_text())["config"]["num_envs"] == 2
+
+
+def test_parallel_copies_keep_one_envs_rollout_and_update_sizes():
+    from prunegym.agents.factory import default_hyperparameters
+
+    for algo in ("ppo", "a2c"):
+        one, two = default_hyperparameters(algo, 4, 4), default_hyperparameters(algo, 4, 4, num_envs=2)
+        assert two["n_steps"] * 2 == one["n_steps"]
+        assert two.get("batch_size") == one.get("batch_size")
+    assert default_hyperparameters("sac", 4, 4, num_envs=2)["gradient_steps"] == 2
+    batched = default_hyperparameters("ppo", 4, None, num_envs=64, batched=True)
+    assert batched["n_steps"] == 16 and batched["ent_coef"] > 0  # the per-input env's many inputs
+
+
+def test_num_envs_is_checked_and_old_layer_runs_load_with_one(tmp_path):
+    from prunegym.agents.run import TrainConfig, load_config
+
+    with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
+        TrainConfig(num_envs=0).validate()
+    with pytest.raises(ValueError, match="num_envs=2: a latency-priced search"):
+        TrainConfig(num_envs=2, density="latency").validate()
+    config = TrainConfig()
+    config.resolve_defaults()
+    assert config.num_envs == 1 and TrainConfig(env="input").num_envs is None
+    old = tmp_path / "old"
+    old.mkdir()  # config.json of a layer run written before num_envs applied to the layer env
+    (old / "config.json").write_text(json.dumps({"config": {"env": "layer", "num_envs": 64, "timesteps": 64}}))
+    assert load_config(old).num_envs == 1
