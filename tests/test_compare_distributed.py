@@ -103,3 +103,15 @@ def test_a_grid_survives_losing_a_worker_node(tmp_path):
         assert cells_before < len(results["rows"]) == 2 * len(METHODS)
     finally:
         cluster.shutdown()
+
+
+def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
+    from prunegym.agents.distributed import MissingExtraError
+    from prunegym.agents.sweep import SweepConfig
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails, as where it is not installed
+    with pytest.raises(MissingExtraError, match=r"\.\[distributed\]"):
+        tiny_comparison(tmp_path / "a", workers=2).validate()
+    with pytest.raises(MissingExtraError, match=r"\.\[distributed\]"):
+        SweepConfig(grid={"lam": [1.0]}).validate()
+    tiny_comparison(tmp_path / "b").validate()  # a serial comparison needs no Ray
