@@ -16,14 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunegym.compression.dynamic import (
-    FEATURE_CLIP,
-    DynamicSpec,
-    FoldedDecider,
-    Observation,
-    PooledMLP,
-    standardise,
-)
+from prunegym.compression.deciders import FEATURE_CLIP, FoldedDecider, Observation, PooledMLP, standardise
+from prunegym.compression.gated_layers import DynamicSpec
 
 __all__ = ["PolicyDecider", "actor_layers", "check_spec"]
 

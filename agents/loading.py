@@ -12,8 +12,8 @@ from typing import Any
 from torch import nn
 
 from prunegym.compression.checkpoint import load_checkpoint, read_json
-from prunegym.compression.dynamic import DynamicSpec
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.gated_layers import DynamicSpec
 from prunegym.compression.gates import GateDecider, dynamic_inference
 
 from .gated import PolicyDecider, check_spec

@@ -1,15 +1,12 @@
-"""Per-input (dynamic) channel pruning: gated layers whose kept channels are a prefix, and a network
-that computes only the kept channels of each input.
+"""Per-input (dynamic) execution: a network that computes only the channels each input keeps.
 
-A *gated layer* is a conv whose output channels are free: no residual add ties them to another
-layer, so an input may keep any number of them. Its channels are reordered once by importance
+The gated layers (``prunegym.compression.gated_layers``) have their channels in importance order
 (``reorder_channels``), so keeping ``k`` of them means keeping the first ``k``: the conv computes
 ``weight[:k]`` and every layer that reads them uses ``weight[:, :k]``, both contiguous slices cut
-once, ahead of time. Channels tied to a residual add stay dense.
-
-The decision for a gated layer is an *action* ``a`` in ``0..G-1``: keep ``a + 1`` of its ``G``
-equal channel groups. Who decides is a *decider*, called at each gated layer with the features
-that enter it: a policy, the gate baseline, or fixed actions.
+once, ahead of time. Channels tied to a residual add stay dense. Who chooses each gated layer's
+action is a *decider*, called with the features that enter the layer: a policy, the gate
+baseline, or fixed actions (``prunegym.compression.deciders`` holds the observation and the fast
+single-input deciders).
 
 Execution runs in one of three ways:
 
@@ -25,11 +22,8 @@ All three give the same outputs (a test checks them against each other).
 
 from __future__ import annotations
 
-import math
 import operator
-import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,128 +32,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .channels import ChannelGraph, Importance, L1Importance, in_channels, reorder_channels
+from .channels import ChannelGraph, Importance, L1Importance, reorder_channels
+from .gated_layers import DynamicSpec, dynamic_spec
 
-__all__ = [
-    "GatedLayer",
-    "DynamicSpec",
-    "DynamicNetwork",
-    "group_counts",
-    "gated_layers",
-    "dynamic_spec",
-    "build_dynamic",
-    "EXECUTION_MODES",
-    "evaluate_dynamic",
-    "Observation",
-    "FEATURE_CLIP",
-    "FoldedDecider",
-    "PooledMLP",
-]
+__all__ = ["DynamicNetwork", "build_dynamic", "EXECUTION_MODES", "evaluate_dynamic"]
 
 EXECUTION_MODES = ("slice", "loop", "mask")
 _DENSE = (0, 0)  # the slice key of a layer no gate touches
 Decider = Callable[[int, torch.Tensor, Any], Any]
-
-
-def group_counts(channels: int, groups: int) -> list[int]:
-    """Channels kept by actions ``0..groups-1``: ``ceil((a + 1) · channels / groups)``."""
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
-    if groups > channels:
-        raise ValueError(f"groups={groups} is more than the {channels} channels of a gated layer")
-    return [math.ceil((a + 1) * channels / groups) for a in range(groups)]
-
-
-@dataclass(frozen=True)
-class GatedLayer:
-    """A conv whose output channels an input may keep a prefix of."""
-
-    name: str  # the conv
-    channels: int
-    in_channels: int  # channels of the features entering it: what a decider sees
-    counts: tuple[int, ...]  # channels kept by each action
-    consumers: tuple[tuple[str, tuple[int, ...]], ...]  # (layer, channel of each input position)
-
-
-@dataclass(frozen=True)
-class DynamicSpec:
-    """Everything a ``DynamicNetwork`` needs besides the model: plain data, saved as JSON."""
-
-    layers: tuple[GatedLayer, ...]
-    costs: tuple[tuple[str, float, int, int], ...]  # (layer, FLOPs, input gate, output gate); -1: none
-    dense_flops: float
-
-    @property
-    def groups(self) -> int:
-        return len(self.layers[0].counts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DynamicSpec:
-        layers = tuple(
-            GatedLayer(d["name"], int(d["channels"]), int(d["in_channels"]), tuple(d["counts"]),
-                       tuple((name, tuple(chan)) for name, chan in d["consumers"]))
-            for d in data["layers"]
-        )
-        costs = tuple((str(n), float(f), int(i), int(o)) for n, f, i, o in data["costs"])
-        return cls(layers, costs, float(data["dense_flops"]))
-
-    def density(self, actions: np.ndarray) -> np.ndarray:
-        """FLOPs density (kept / dense FLOPs) for actions of shape ``[..., layers]``."""
-        actions = np.asarray(actions, dtype=np.int64)
-        frac = np.ones(actions.shape[:-1] + (len(self.layers) + 1,))
-        for g, layer in enumerate(self.layers):
-            frac[..., g] = np.asarray(layer.counts)[actions[..., g]] / layer.channels
-        flops = np.array([c[1] for c in self.costs])
-        ins = np.array([c[2] for c in self.costs])
-        outs = np.array([c[3] for c in self.costs])
-        return (frac[..., ins] * frac[..., outs]) @ flops / self.dense_flops
-
-
-def gated_layers(graph: ChannelGraph, groups: int) -> list[GatedLayer]:
-    """The gated layers of a model: each channel group with a single conv producer (no residual add
-    ties it) whose consumers each read only this group, in channel-major order (so a prefix of
-    channels is a prefix of every consumer's input), kept by ``groups`` equal channel groups."""
-    modules = dict(graph.model.named_modules())
-    layers = []
-    for group in graph.groups:
-        producer = modules[group.producers[0]]
-        if len(group.producers) != 1 or not isinstance(producer, nn.Conv2d) or producer.groups != 1:
-            continue
-        consumers = []
-        for c in group.consumers:
-            layer = modules[c.name]
-            if not isinstance(layer, nn.Conv2d | nn.Linear) or getattr(layer, "groups", 1) != 1:
-                break
-            order = torch.argsort(c.input_index)
-            positions, channels = c.input_index[order], c.channel[order]
-            width = in_channels(layer)
-            if (len(positions) != width or not torch.equal(positions, torch.arange(width))
-                    or bool((channels[1:] < channels[:-1]).any())):
-                break
-            consumers.append((c.name, tuple(int(ch) for ch in channels)))
-        else:
-            if consumers:
-                layers.append(GatedLayer(group.name, group.num_channels, group.in_channels,
-                                         tuple(group_counts(group.num_channels, groups)), tuple(consumers)))
-    if not layers:
-        raise ValueError(f"{type(graph.model).__name__} has no gateable conv layer (every channel group is tied "
-                         "to a residual add, or read in an order a channel prefix cannot slice)")
-    return layers
-
-
-def dynamic_spec(graph: ChannelGraph, groups: int = 4) -> DynamicSpec:
-    """The gated layers of ``graph``'s model and its FLOPs per layer, for ``DynamicNetwork``."""
-    layers = gated_layers(graph, groups)
-    gate_of = {graph.groups[i].name: i for i in range(len(graph.groups))}
-    gate_index = {gate_of[layer.name]: g for g, layer in enumerate(layers)}
-    costs = tuple(
-        (c.name, float(c.flops), gate_index.get(c.in_group, -1), gate_index.get(c.out_group, -1))
-        for c in graph.layers if c.flops > 0
-    )
-    return DynamicSpec(tuple(layers), costs, float(graph.dense_flops))
 
 
 def _as_action(action: Any) -> Any:
@@ -726,190 +606,3 @@ def evaluate_dynamic(net: DynamicNetwork, x: torch.Tensor, y: torch.Tensor, batc
     density = np.concatenate(densities)
     return {"accuracy": correct / len(y), "loss": loss / len(y), "density_mean": float(density.mean()),
             "density_std": float(density.std()), "densities": density, "actions": np.concatenate(actions)}
-
-
-FEATURE_CLIP = 10.0  # standardised features are clipped to [-FEATURE_CLIP, FEATURE_CLIP]
-
-
-def standardise(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``[B, C]``: features ``[B, C, H, W]`` average-pooled per channel, standardised, clipped."""
-    return ((features.mean(dim=(2, 3)) - mean) / std).clamp_(-FEATURE_CLIP, FEATURE_CLIP)
-
-
-class Observation(nn.Module):
-    """The per-input pruning observation at a gated layer, ``[B, F + L + 1]``: the features entering
-    it average-pooled per channel, padded with zeros to ``F`` and standardised by the layer's
-    ``mean`` and ``std`` (``[L, F]``), clipped to ±``FEATURE_CLIP``; a one-hot of the layer among
-    the ``L`` gated layers; and the FLOPs density spent before it.
-
-    The environment and the policy-gated inference model both build observations with this
-    module, so a policy sees at inference exactly what it saw in training. The parts that do not
-    depend on the input (padding, one-hot) are precomputed: at batch 1 a handful of operators."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        layers, width = mean.shape
-        self.register_buffer("mean", mean.clone().float())
-        self.register_buffer("std", std.clone().float())
-        rows = torch.zeros(layers, width + layers + 1)
-        rows[:, :width] = ((0.0 - self.mean) / self.std).clamp(-FEATURE_CLIP, FEATURE_CLIP)
-        rows[torch.arange(layers), width + torch.arange(layers)] = 1.0
-        self.register_buffer("rows", rows)
-        self.num_layers, self.width = layers, width
-
-    def _apply(self, fn, recurse=True):
-        self._parts = {}  # tensors moved or cast: cut the parts again
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._parts = {}
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def part(self, gate: int, channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a gated layer whose features have ``channels`` channels: its ``mean`` and ``std`` for
-        them, and ``[1, F + L - channels]``, the observation's entries after them and before the
-        density spent (padding and one-hot), which do not depend on the input."""
-        key = (gate, channels)
-        parts = self.__dict__.setdefault("_parts", {})
-        if key not in parts:
-            parts[key] = (self.mean[gate, :channels].contiguous(), self.std[gate, :channels].contiguous(),
-                          self.rows[gate, channels:-1][None].contiguous())
-        return parts[key]
-
-    def forward(self, gate: int, features: torch.Tensor, spent: Any) -> torch.Tensor:
-        n, c = features.shape[:2]
-        mean, std, rest = self.part(gate, c)
-        standard = standardise(features, mean, std)
-        if isinstance(spent, torch.Tensor):
-            spent = spent.to(standard.dtype).reshape(-1, 1).expand(n, 1)
-        else:
-            spent = torch.full((n, 1), spent, dtype=standard.dtype, device=standard.device)
-        return torch.cat([standard, rest.expand(n, -1), spent], dim=1)
-
-
-_NUMPY_ACTIVATIONS: dict[type, Callable[[np.ndarray], Any]] = {
-    nn.Tanh: lambda h: np.tanh(h, out=h),
-    nn.ReLU: lambda h: np.maximum(h, 0, out=h),
-}
-
-
-class PooledMLP:
-    """A small MLP on one input's per-channel feature sums, run in NumPy on preallocated vectors: how
-    a decider decides for a single input. It runs at every gated layer, and at batch 1 a torch
-    operator costs one to two microseconds of dispatch where a NumPy one on a 64-vector costs well
-    under one (the bench's ResNet-20 policy: 15 us a decision in torch, 9 here).
-
-    The input vector holds the sums of ``features`` ``[1, C, H, W]`` over each channel, the
-    ``extras`` scalars passed at the call, and a 1. So ``first`` (``[C + extras + 1, out]``) carries
-    the pooling's ``1 / (H·W)``, any standardisation, the extras' weights and the bias in its last
-    row. ``layers`` follow: a matrix (its bias as the last row) or an activation (``supports``).
-    ``low`` and ``high`` clip the input vector (of the same length as ``first``'s rows). Calls
-    return the last layer's output, a vector each thread has its own of.
-    """
-
-    def __init__(self, channels: int, first: torch.Tensor, layers: Sequence[torch.Tensor | nn.Module] = (),
-                 low: torch.Tensor | None = None, high: torch.Tensor | None = None):
-        if not self.supports(layers):
-            raise ValueError(f"PooledMLP runs Linear matrices and {sorted(t.__name__ for t in _NUMPY_ACTIVATIONS)}, "
-                             f"got {[type(layer).__name__ for layer in layers]}")
-        self.channels = channels
-        self.extras = first.shape[0] - channels - 1
-        self.steps = [(layer.detach().float().numpy().copy(), None) if isinstance(layer, torch.Tensor)
-                      else (None, _NUMPY_ACTIVATIONS[type(layer)]) for layer in (first, *layers)]
-        self.bounds = None if low is None else (low.float().numpy().copy(), high.float().numpy().copy())
-        self._vectors: dict[int, tuple[Any, ...]] = {}
-
-    @staticmethod
-    def supports(layers: Sequence[torch.Tensor | nn.Module]) -> bool:
-        return all(isinstance(layer, torch.Tensor) or type(layer) in _NUMPY_ACTIVATIONS for layer in layers)
-
-    def _allocate(self) -> tuple[Any, ...]:
-        x = np.ones(self.channels + self.extras + 1, dtype=np.float32)
-        sums = torch.from_numpy(x)[: self.channels].view(1, self.channels)
-        program, body = [], None
-        for matrix, activation in self.steps:
-            if matrix is None:
-                program.append((None, activation, body))
-            else:
-                out = np.ones(matrix.shape[1] + 1, dtype=np.float32)  # its last entry: the next layer's 1
-                body = out[:-1]
-                program.append((matrix, out, body))
-        return sums, x, program, body
-
-    def __call__(self, features: torch.Tensor, *extras: float) -> np.ndarray:
-        vectors = self._vectors.get(threading.get_ident())
-        if vectors is None:
-            vectors = self._vectors[threading.get_ident()] = self._allocate()
-        sums, x, program, output = vectors
-        torch.sum(features.detach(), (2, 3), out=sums)
-        for i, value in enumerate(extras):
-            x[self.channels + i] = value
-        if self.bounds is not None:
-            np.minimum(x, self.bounds[1], out=x)
-            np.maximum(x, self.bounds[0], out=x)
-        for matrix, out, body in program:
-            if matrix is None:
-                out(body)  # the activation, in place
-            else:
-                np.dot(x, matrix, out=body)
-                x = out
-        return output
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_vectors"] = {}  # a copy gets vectors of its own (the torch view must share the array)
-        return state
-
-
-class FoldedDecider(nn.Module):
-    """A decider that keeps its weights rearranged for fast decisions, cut again on the next
-    decision after anything that may change them: ``to``, ``load_state_dict``, ``train`` and
-    ``eval``. Call ``refresh()`` after editing a weight in place. ``folded(key, build)`` is what
-    ``build()`` returns, built once per ``key`` until then; ``pooled(gate, features)`` is the
-    subclass's ``_pooled_mlp`` for one input's features, or None where the torch path decides."""
-
-    def refresh(self) -> None:
-        self.__dict__["_folded"] = {}
-
-    def folded(self, key: Hashable, build: Callable[[], Any]) -> Any:
-        cache = self.__dict__.setdefault("_folded", {})
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
-    def pooled(self, gate: int, features: torch.Tensor) -> PooledMLP | None:
-        """The ``PooledMLP`` deciding at gated layer ``gate`` for ``features``, built once per shape,
-        dtype and device: None unless they are one float32 ``[1, C, H, W]`` input on the CPU and
-        ``_pooled_mlp`` gives one."""
-        if features.shape[0] != 1:
-            return None
-        key = (gate, features.shape, features.dtype, features.device)
-        cache = self.__dict__.setdefault("_folded", {})
-        mlp = cache.get(key, False)  # at batch 1 this runs at every gated layer: one lookup
-        if mlp is False:
-            _, shape, dtype, device = key
-            single = len(shape) == 4 and dtype == torch.float32 and device.type == "cpu"
-            mlp = cache[key] = self._pooled_mlp(gate, shape) if single else None
-        return mlp
-
-    def _pooled_mlp(self, gate: int, shape: torch.Size) -> PooledMLP | None:
-        """The decision at ``gate`` as a ``PooledMLP`` for one input's features of ``shape``, or None."""
-        return None
-
-    def _apply(self, fn, recurse=True):
-        self.refresh()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.refresh()
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def train(self, mode: bool = True):
-        self.refresh()
-        return super().train(mode)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_folded"] = {}
-        return state
-

@@ -24,16 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Split, Splits
+from .deciders import FoldedDecider, PooledMLP
 from .distillation import Distillation, kd_loss
-from .dynamic import (
-    DynamicNetwork,
-    DynamicSpec,
-    FoldedDecider,
-    PooledMLP,
-    build_dynamic,
-    evaluate_dynamic,
-)
+from .dynamic import DynamicNetwork, build_dynamic, evaluate_dynamic
 from .fusion import fold_batchnorm
+from .gated_layers import DynamicSpec
 
 __all__ = ["ChannelGate", "GateDecider", "train_dynamic", "train_gates", "dynamic_inference"]
 

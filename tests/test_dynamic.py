@@ -13,17 +13,10 @@ from helpers import randomize_bn
 from torch import nn
 
 from prunegym.compression.channels import ChannelGraph, prune_channels
-from prunegym.compression.dynamic import (
-    EXECUTION_MODES,
-    DynamicNetwork,
-    DynamicSpec,
-    PooledMLP,
-    build_dynamic,
-    dynamic_spec,
-    gated_layers,
-    group_counts,
-)
+from prunegym.compression.deciders import PooledMLP
+from prunegym.compression.dynamic import EXECUTION_MODES, DynamicNetwork, build_dynamic
 from prunegym.compression.fusion import fold_batchnorm
+from prunegym.compression.gated_layers import DynamicSpec, dynamic_spec, gated_layers, group_counts
 from prunegym.compression.models import build_model
 
 ZOO = {"digits_cnn": (1, 8), "resnet20": (3, 16), "vgg_small": (3, 16)}  # name -> (in_channels, input size)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from prunegym.agents.gated import PolicyDecider
-from prunegym.compression.dynamic import Observation
+from prunegym.compression.deciders import Observation
 
 LAYERS, WIDTH, GROUPS = 3, 12, 4
 CHANNELS = (6, 12, 9)  # features entering each gated layer

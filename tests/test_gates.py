@@ -1,5 +1,5 @@
 """Tests for the gate baseline (compression/gates.py: ChannelGate, GateDecider, train_dynamic, train_gates,
-dynamic_inference), the per-input observation (compression/dynamic.py: Observation) and the per-input latency
+dynamic_inference), the per-input observation (prunegym.compression.deciders.Observation) and the per-input latency
 (compression/metrics.py: measure_input_latency)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from prunegym.compression import base_model, build_model, load_dataset
-from prunegym.compression.dynamic import FEATURE_CLIP, DynamicNetwork, Observation, build_dynamic, evaluate_dynamic
+from prunegym.compression.deciders import FEATURE_CLIP, Observation
+from prunegym.compression.dynamic import DynamicNetwork, build_dynamic, evaluate_dynamic
 from prunegym.compression.gates import ChannelGate, GateDecider, dynamic_inference, train_dynamic, train_gates
 from prunegym.compression.metrics import measure_input_latency
 
