@@ -43,7 +43,14 @@ from prunegym.compression.data import load_dataset
 from prunegym.compression.distillation import Distillation, student_model
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
-from prunegym.compression.metrics import count_flops, count_layer_flops, count_params, num_threads, saved_bytes
+from prunegym.compression.metrics import (
+    count_flops,
+    count_layer_flops,
+    count_params,
+    keep_freed_memory,
+    num_threads,
+    saved_bytes,
+)
 from prunegym.compression.models import MODELS
 from prunegym.compression.quantization import int8_bytes, mean_centred_int8, quantize_int8
 from prunegym.compression.sparsity import (
@@ -592,6 +599,7 @@ def _prepare_task(context: tuple[CompareConfig, str], seed: int) -> dict[str, by
 def _cell_task(context: tuple[CompareConfig, str], files: dict[str, bytes], cell: Cell) -> dict[str, Any]:
     """A Ray task: one cell, on the seed's base model and supernet from ``_prepare_task``."""
     config, out = context
+    keep_freed_memory()  # this worker times models for the comparison, as compare.py's own process does
     root = cache_dir()
     for name, data in files.items():
         if not (root / name).is_file():

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from prunegym.compression.checkpoint import atomic_path, read_json, write_json
-from prunegym.compression.metrics import num_threads
+from prunegym.compression.metrics import keep_freed_memory, num_threads
 
 from .distributed import TASK_RETRIES, check_placement, connect, require_ray
 from .run import TrainConfig, run_or_reuse
@@ -168,6 +168,7 @@ def _trial(params: dict[str, Any], *, config: SweepConfig, out: str) -> dict[str
     """A Tune trial: the main job at the trial's settings in its own run directory, its metrics."""
     from ray import tune
 
+    keep_freed_memory()  # this worker times models for the trial's report, as train.py's own process does
     run_dir = str(Path(out) / "runs" / _trial_name(params, tune.get_context().get_trial_id()))
     with num_threads(config.threads):
         report = run_or_reuse(_train_config(config, params, run_dir), log=lambda text: None)

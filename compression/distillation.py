@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +65,7 @@ def student_model(model: nn.Module, graph: ChannelGraph, flops: float, seed: int
 
     counts = uniform_keep_counts(graph, flops)
     student = prune_channels(model, graph, graph.kept_channels(L1Importance(), counts))
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    _reset_parameters(student)
+    with torch.random.fork_rng(devices=[]):  # seeded here, without touching the caller's random state
+        torch.manual_seed(seed)
+        _reset_parameters(student)
     return student.train()

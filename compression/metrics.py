@@ -74,7 +74,8 @@ _KEEP_FREED = 1 << 30
 
 @functools.cache
 def keep_freed_memory() -> bool:
-    """Stop glibc from handing large freed buffers back to the kernel (once per process).
+    """Stop glibc from handing large freed buffers back to the kernel, for the rest of the process
+    (a process-wide setting: the scripts that time models ask for it; library code never does).
 
     By default glibc unmaps a freed batch of activations and page-faults it in again on the next
     pass; that cost grows with channels, not FLOPs, and swings from run to run. Deployments avoid it
@@ -118,12 +119,11 @@ def measure_latency(
     """Median wall-clock seconds of one forward pass, after ``warmup`` untimed passes.
 
     ``repeats`` passes are timed, and more (up to ``max_repeats``) while they add up to less than
-    ``fill_seconds``: a fast model gets more passes than a slow one for the same time. The process
-    keeps freed memory from then on (``keep_freed_memory``), as a deployment would.
+    ``fill_seconds``: a fast model gets more passes than a slow one for the same time. For timings
+    as a deployment sees them, call ``keep_freed_memory()`` once first (the scripts do).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    keep_freed_memory()
     was_training = model.training
     model.eval()
     times = []
@@ -170,7 +170,6 @@ def measure_input_latency(model: nn.Module, inputs: torch.Tensor, *, repeats: in
     if repeats < 1 or warmup < 0 or len(inputs) < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0 and inputs, got repeats={repeats}, warmup={warmup}, "
                          f"{len(inputs)} inputs")
-    keep_freed_memory()
     was_training = model.training
     model.eval()
     singles = [x[None] for x in inputs]

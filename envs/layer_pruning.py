@@ -40,6 +40,7 @@ OBSERVATION_FEATURES = (
     "previous_keep_ratio",  # the keep ratio chosen at the previous step (1 at the first)
     "max_keep_ratio",  # the largest keep ratio the FLOPs budget allows here (1 without a budget)
 )
+_COLUMN = {name: i for i, name in enumerate(OBSERVATION_FEATURES)}
 
 
 class LayerPruningEnv(gym.Env):
@@ -261,16 +262,22 @@ class LayerPruningEnv(gym.Env):
         for layer in self.graph.layers:
             if layer.out_group is not None:
                 group_flops[layer.out_group] += layer.flops
-        self._static = np.zeros((self.num_groups, len(OBSERVATION_FEATURES)), dtype=np.float64)
-        self._static[:, 0] = np.arange(self.num_groups) / max(1, self.num_groups - 1)
+        # The observation's columns that do not depend on the decisions, one row per step.
         modules = dict(self.model.named_modules())
-        self._static[:, 1] = [isinstance(modules[g.name], nn.Linear) for g in groups]
-        for col, values in ((2, [g.in_channels for g in groups]), (3, [g.num_channels for g in groups]),
-                            (4, [g.kernel_size for g in groups]), (5, [g.stride for g in groups])):
-            values = np.asarray(values, dtype=np.float64)
-            self._static[:, col] = values / values.max()
-        self._static[:, 6] = group_flops / self.dense_flops
-        self._static[:, 8] = np.cumsum(group_flops[::-1])[::-1] / self.dense_flops - self._static[:, 6]
+        relative = lambda values: np.asarray(values, dtype=np.float64) / max(values)  # noqa: E731
+        static = {
+            "position": np.arange(self.num_groups) / max(1, self.num_groups - 1),
+            "is_linear": [isinstance(modules[g.name], nn.Linear) for g in groups],
+            "in_channels": relative([g.in_channels for g in groups]),
+            "out_channels": relative([g.num_channels for g in groups]),
+            "kernel_size": relative([g.kernel_size for g in groups]),
+            "stride": relative([g.stride for g in groups]),
+            "flops": group_flops / self.dense_flops,
+            "flops_rest": (np.cumsum(group_flops[::-1])[::-1] - group_flops) / self.dense_flops,
+        }
+        self._static = np.zeros((self.num_groups, len(OBSERVATION_FEATURES)), dtype=np.float64)
+        for name, values in static.items():
+            self._static[:, _COLUMN[name]] = values
 
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(OBSERVATION_FEATURES),), dtype=np.float32)
         if action_levels is None:
@@ -317,13 +324,13 @@ class LayerPruningEnv(gym.Env):
         return fits
 
     def _get_obs(self) -> np.ndarray:
+        """The observation at the current step; ``self._fits_now`` must hold its fitting counts."""
         t = self._step
         obs = self._static[t].copy()
         decided = np.concatenate([self._counts[:t], self.graph.num_channels[t:]])
-        obs[7] = 1.0 - float(self.graph.flops(decided)) / self.dense_flops
-        obs[9] = self._prev_ratio
-        self._fits_now = self._fitting(t)  # the step that follows is clamped by it too
-        obs[10] = self.allowed[t][self._fits_now][-1] / self.graph.num_channels[t]
+        obs[_COLUMN["flops_removed"]] = 1.0 - float(self.graph.flops(decided)) / self.dense_flops
+        obs[_COLUMN["previous_keep_ratio"]] = self._prev_ratio
+        obs[_COLUMN["max_keep_ratio"]] = self.allowed[t][self._fits_now][-1] / self.graph.num_channels[t]
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     def density_of(self, counts: np.ndarray) -> float:
@@ -372,6 +379,7 @@ class LayerPruningEnv(gym.Env):
         self._step = 0
         self._counts = self.graph.num_channels.copy()
         self._prev_ratio = 1.0
+        self._fits_now = self._fitting(0)  # what the observation shows and the next step is clamped to
         return self._get_obs(), {"step": 0}
 
     def step(self, action):
@@ -391,6 +399,7 @@ class LayerPruningEnv(gym.Env):
         self._step += 1
         info: dict[str, Any] = {"step": self._step, "keep_ratio": self._prev_ratio}
         if self._step < self.num_groups:
+            self._fits_now = self._fitting(self._step)
             return self._get_obs(), 0.0, False, False, info
         metrics = self.evaluate_counts(self._counts)
         info.update(metrics)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunegym.agents.run import TrainConfig
+from prunegym.agents.run import ENVS, TrainConfig
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.dynamic import build_dynamic
@@ -53,9 +53,10 @@ from prunegym.compression.metrics import (
     measure_latency_rounds,
 )
 from prunegym.compression.models import MODELS, build_model
+from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import BASE_EPOCHS
 
-ENV_ID = "prunegym/LayerPruning-v0"
+ENV_ID = ENVS["layer"]
 FINETUNE_EPOCHS, FINETUNE_LR = TrainConfig.finetune_epochs, TrainConfig.finetune_lr  # the report's fine-tune
 SUPERNET_EPOCHS = TrainConfig.supernet_epochs
 IMAGE_SIZE = 32
@@ -202,15 +203,6 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def uniform_counts(graph: ChannelGraph, flops_ratio: float, multiple: int = 1) -> tuple[float, np.ndarray]:
-    """The one keep ratio for every group whose FLOPs ratio is nearest ``flops_ratio``, and its counts."""
-    ratios = np.linspace(0.0, 1.0, 1001)
-    counts = np.stack([graph.keep_counts(np.full(len(graph.groups), r), multiple=multiple) for r in ratios])
-    achieved = np.asarray(graph.flops(counts)) / graph.dense_flops
-    best = int(np.argmin(np.abs(achieved - flops_ratio)))
-    return float(ratios[best]), counts[best]
-
-
 def bench_latency(model_name: str, targets: list[float], threads: int, repeats: int | None,
                   warmup: int | None, rounds: int, seed: int, fold_bn: bool = True,
                   channel_multiple: int = 1) -> dict[str, Any]:
@@ -221,7 +213,8 @@ def bench_latency(model_name: str, targets: list[float], threads: int, repeats: 
     dense_flops = count_flops(dense, example)
     pruned_models, rows, all_counts = [], [], []
     for target in targets:
-        keep_ratio, counts = uniform_counts(graph, target, channel_multiple)
+        counts = uniform_keep_counts(graph, target, channel_multiple)
+        keep_ratio = float(np.mean(counts / graph.num_channels))
         pruned = prune_channels(dense, graph, graph.kept_channels(L1Importance(), counts)).eval()
         pruned_models.append(pruned)
         all_counts.append(counts)

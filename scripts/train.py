@@ -18,6 +18,7 @@ from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
 from prunegym.agents.cli import train_setting
 from prunegym.agents.run import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
+from prunegym.compression.metrics import keep_freed_memory
 from prunegym.envs import DENSITY_KINDS, REWARD_MODELS
 
 
@@ -51,6 +52,7 @@ _RESUME_FLAGS = {"run_dir", "timesteps", "device", "resume", "progress_bar", "tr
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # latency as a deployment sees it: freed buffers are not unmapped and faulted in again
     args = vars(build_parser().parse_args(argv))
     given = vars(build_parser(suppress_defaults=True).parse_args(argv))  # only what the user typed
     resume = args.pop("resume")
