@@ -39,7 +39,7 @@ def train_setting(name: str, text: str):
     it; ``argparse.ArgumentTypeError`` naming the value when it is not one."""
     import dataclasses
 
-    from .run import TrainConfig
+    from .config import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if name not in fields:

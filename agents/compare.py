@@ -77,18 +77,12 @@ from prunegym.compression.training import (
 )
 from prunegym.envs import LayerPruningEnv
 
+from .config import DEFAULT_TIMESTEPS, TrainConfig, env_kwargs
 from .distributed import check_placement, require_ray, run_graph
+from .job import add_ratios, distillation, measure_model, static_latency
 from .loading import load_inference_model
 from .random_search import random_search
-from .run import (
-    DEFAULT_TIMESTEPS,
-    TrainConfig,
-    distillation,
-    env_kwargs,
-    measure_model,
-    run_or_reuse,
-    static_latency,
-)
+from .run import run_or_reuse
 
 __all__ = ["CompareConfig", "METHODS", "compare", "summarize", "format_table", "markdown_table", "pareto_plot"]
 
@@ -652,9 +646,7 @@ def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], faile
     rows = [r for r in rows if r["seed"] in dense_by_seed]  # the ratios need the seed's dense model
     for r in rows:
         d = dense_by_seed[r["seed"]]
-        r.setdefault("flops_ratio", r["flops"] / d["flops"])
-        for b in ("b1", "b64"):
-            r.setdefault(f"latency_ratio_{b}", r[f"latency_{b}_ms"] / d[f"latency_{b}_ms"])
+        add_ratios(r, d)
         r["bytes_ratio"] = r["bytes"] / d["bytes"]
         if "nonzero_flops" in r:
             r["nonzero_flops_ratio"] = r["nonzero_flops"] / d["flops"]

@@ -26,8 +26,9 @@ from prunegym.compression.training import base_model, evaluate, resolve_device
 from prunegym.envs.input_pruning import make_setup
 
 from .callbacks import InputPruningCallback
+from .config import env_kwargs
 from .gated import PolicyDecider
-from .run import REPORT_ROUNDS, batch_of_64, distillation, env_kwargs, search
+from .job import REPORT_ROUNDS, add_ratios, batch_of_64, distillation, search
 from .vec_env import BatchedInputPruningVecEnv
 
 __all__ = ["train_input", "format_input_report"]
@@ -133,8 +134,7 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
         results[name].update(latency)
     for name in ("rl", "gate"):
         r = results[name]
-        for b in ("b1", "b64"):
-            r[f"latency_ratio_{b}"] = r[f"latency_{b}_ms"] / results["dense"][f"latency_{b}_ms"]
+        add_ratios(r, results["dense"])
         # against the density of the inputs it was timed on
         r["latency_over_density_b1"] = r["latency_ratio_b1"] / r["density_latency_inputs"]
     results["dense"].update(latency_ratio_b1=1.0, latency_ratio_b64=1.0, latency_over_density_b1=1.0)

@@ -27,8 +27,9 @@ import numpy as np
 from prunegym.compression.checkpoint import atomic_path, read_json, write_json
 from prunegym.compression.metrics import keep_freed_memory, num_threads
 
+from .config import TrainConfig
 from .distributed import TASK_RETRIES, check_placement, connect, require_ray
-from .run import TrainConfig, run_or_reuse
+from .run import run_or_reuse
 
 __all__ = ["SweepConfig", "DISTRIBUTIONS", "METRICS", "sweep", "trial_metrics", "front_plot"]
 

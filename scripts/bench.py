@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunegym.agents.run import ENVS, TrainConfig
+from prunegym.agents.config import ENVS, TrainConfig
 from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.dynamic import build_dynamic
@@ -147,8 +147,9 @@ def bench_parallel(num_envs: list[int], timesteps: int, seed: int, base_epochs: 
     ``timesteps``, after one untimed rollout that starts the processes."""
     from stable_baselines3.common.monitor import Monitor
 
+    from prunegym.agents.config import TrainConfig, env_kwargs
     from prunegym.agents.factory import make_agent
-    from prunegym.agents.run import TrainConfig, env_kwargs, parallel_envs
+    from prunegym.agents.run_layer import parallel_envs
     from prunegym.envs import LayerPruningEnv
 
     if min(num_envs) < 1:

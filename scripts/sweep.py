@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from prunegym.agents.cli import train_setting
+from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
-from prunegym.agents.run import RunDirError, field_docs
 from prunegym.agents.sweep import DISTRIBUTIONS, SweepConfig, sweep
 
 

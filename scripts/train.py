@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
 from prunegym.agents.cli import train_setting
-from prunegym.agents.run import ENVS, field_docs, resume_config
+from prunegym.agents.config import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.compression.metrics import keep_freed_memory
 from prunegym.envs import DENSITY_KINDS, REWARD_MODELS

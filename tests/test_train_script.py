@@ -88,7 +88,7 @@ def test_report_json(report):
 def test_the_default_search_prunes_a_supernet(run_dir, report):
     """By default the job trains a supernet (once per base model, cached), searches it, and the env
     load_agent rebuilds scores the best widths as the search did."""
-    from prunegym.agents.run import TrainConfig
+    from prunegym.agents.config import TrainConfig
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["env_kwargs"]["supernet_epochs"] == TrainConfig().supernet_epochs > 0
@@ -203,7 +203,7 @@ def test_resume_continues_the_timestep_count(tmp_path):
 
 
 def test_resume_without_timesteps_keeps_the_saved_total(run_dir, tmp_path, monkeypatch):
-    from prunegym.agents.run import TrainConfig
+    from prunegym.agents.config import TrainConfig
 
     target = tmp_path / "run"
     target.mkdir()
@@ -366,7 +366,7 @@ def test_parallel_copies_keep_one_envs_rollout_and_update_sizes():
 
 
 def test_num_envs_is_checked_and_old_layer_runs_load_with_one(tmp_path):
-    from prunegym.agents.run import TrainConfig, load_config
+    from prunegym.agents.config import TrainConfig, load_config
 
     with pytest.raises(ValueError, match="num_envs must be >= 1, got 0"):
         TrainConfig(num_envs=0).validate()
