@@ -16,10 +16,11 @@ import dataclasses
 import sys
 
 from prunegym.agents.cli import optional_int
-from prunegym.agents.compare import METHODS, CompareConfig, compare
+from prunegym.agents.compare import CompareConfig, compare
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.factory import ALGORITHMS
+from prunegym.agents.methods import METHODS
 from prunegym.compression.metrics import keep_freed_memory
 from prunegym.envs import REWARD_MODELS
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from helpers import tiny_comparison as tiny
 
-from prunegym.agents.compare import METHODS, compare, format_table, markdown_table, summarize
+from prunegym.agents.compare import compare
+from prunegym.agents.compare_table import format_table, markdown_table, summarize
+from prunegym.agents.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "compare.py"
