@@ -1,4 +1,4 @@
-"""Tests for the latency lookup table (compression.latency) and the layer env's latency density and
+"""Tests for the latency lookup table (prunegym.compression.latency) and the layer env's latency density and
 latency budget: what the table times, its memo and saved state, bad input, the budget clamp with
 non-monotone timings, and a resumed run keeping the timings it was rewarded with."""
 
