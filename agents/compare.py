@@ -24,10 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from prunegym.compression.checkpoint import atomic_path, read_json, write_json
-from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
 from prunegym.compression.metrics import (
     keep_freed_memory,
     num_threads,
@@ -43,7 +40,7 @@ from prunegym.compression.training import (
 
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
 from .distributed import check_placement, require_ray, run_graph
-from .job import add_ratios
+from .job import add_ratios, claim_output
 from .methods import METHODS, SeedState, check_row
 
 __all__ = ["CompareConfig", "compare"]
@@ -182,44 +179,16 @@ _HOW = ("out", "device", "workers", "address")
 """settings that say where and how the cells run, not what they compute: a comparison continues under others"""
 
 
-def _prepare_out(config: CompareConfig) -> DirectoryLock:
-    """Claim the output folder (one comparison at a time writes it), check that it holds this
-    comparison or nothing, and write ``config.json``; the claim is returned, held."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a directory for the comparison")
-    if out.exists() and not (out / "config.json").is_file() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        raise ValueError(f"{out} exists and is not a comparison folder (no config.json); choose another --out")
-    lock = DirectoryLock(out)
-    try:
-        lock.acquire()
-    except DirectoryLocked as err:
-        raise ValueError(f"{out} is in use by another comparison; wait for it, or choose another --out") from err
-    try:
-        saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in _HOW}
-        if (out / "config.json").is_file():
-            before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in _HOW}
-            changed = sorted(k for k in saved if before.get(k) != saved[k])
-            if changed:
-                raise ValueError(f"{out} holds a comparison with other settings ({changed}); choose another --out")
-        for name in ("results.json", "results.md", "pareto.png"):
-            (out / name).unlink(missing_ok=True)  # incomplete until they are written again
-        write_json(out / "config.json", {"config": dataclasses.asdict(config), "torch": torch.__version__})
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
 def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method of ``config`` (reusing cells already in ``config.out``); return the results."""
     config.validate()
     config.out = config.out or config.default_out()
-    device = resolve_device(config.device)
+    resolve_device(config.device)
     started = time.perf_counter()
-    lock = _prepare_out(config)
+    lock = claim_output(Path(config.out), kind="comparison", settings=dataclasses.asdict(config), free=_HOW,
+                        outputs=("results.json", "results.md", "pareto.png"))
     try:
-        return _compare(config, Path(config.out), device, started, progress=progress, log=log)
+        return _compare(config, Path(config.out), started, progress=progress, log=log)
     finally:
         lock.release()
 
@@ -279,10 +248,11 @@ def _cell_task(context: tuple[CompareConfig, str], files: dict[str, bytes], cell
         if not (root / name).is_file():
             with atomic_path(root / name) as tmp:
                 Path(tmp).write_bytes(data)
-    return _run_cell(config, _prepare_seed(config, cell[2]), Path(out), cell)
+    state = SeedState(config, cell[2], resolve_device(config.device))  # the supernet is read only if it is used
+    return _run_cell(config, state, Path(out), cell)
 
 
-def _compare(config: CompareConfig, out: Path, device: torch.device, started: float, *, progress: bool,
+def _compare(config: CompareConfig, out: Path, started: float, *, progress: bool,
              log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm.auto import tqdm
 

@@ -59,10 +59,6 @@ def connect(*, workers: int, cpus: int, address: str):
     return ray
 
 
-def _prepare(prepare: Callable[[Any, Any], Any], context: Any, group: Any) -> Any:
-    return prepare(context, group)
-
-
 def _run(run: Callable[[Any, Any, Any], Any], context: Any, prepared: Any, key: Any, *predecessor: Any) -> Any:
     return run(context, prepared, key)  # the predecessor's result only orders the tasks
 
@@ -95,7 +91,7 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
     ray = connect(workers=workers, cpus=cpus, address=address)
     try:
         options = {"num_cpus": cpus, "max_retries": TASK_RETRIES, "retry_exceptions": True}
-        prepare_task = ray.remote(_prepare).options(**options)
+        prepare_task = ray.remote(prepare).options(**options)
         run_task = ray.remote(_run).options(**options)
         wanted = set(keys)
         shared = ray.put(context)
@@ -108,7 +104,7 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
                 predecessor = [submit(before)] if before in wanted else []
                 name = group(key)
                 if name not in prepared:
-                    prepared[name] = prepare_task.remote(prepare, shared, name)
+                    prepared[name] = prepare_task.remote(shared, name)
                 refs[key] = run_task.remote(run, shared, prepared[name], key, *predecessor)
             return refs[key]
 

@@ -33,20 +33,21 @@ def default_hyperparameters(algo: str, episode_length: int, action_dim: int | No
     small entropy bonus: every input is a new situation, and the policy must not settle on one
     action early.
     """
-    if algo == "ppo" and batched and num_envs > 1:
+    batched = batched and num_envs > 1
+    copies = 1 if batched else num_envs  # parallel copies of one env share one env's rollout
+    if algo == "ppo" and batched:
         n_steps = episode_length * 4
         return {"n_steps": n_steps, "batch_size": max(episode_length, n_steps * num_envs // 4), "n_epochs": 4,
                 "gamma": 1.0, "gae_lambda": 0.95, "learning_rate": 3e-4, "ent_coef": 0.01}
-    share = max(1, num_envs) if not batched else 1  # episodes of the rollout each parallel copy plays
     if algo == "ppo":
-        n_steps = episode_length * max(1, 16 // share)
-        return {"n_steps": n_steps, "batch_size": max(episode_length, n_steps * share // 4), "n_epochs": 10,
+        n_steps = episode_length * max(1, 16 // copies)
+        return {"n_steps": n_steps, "batch_size": max(episode_length, n_steps * copies // 4), "n_epochs": 10,
                 "gamma": 1.0, "gae_lambda": 0.95, "learning_rate": 3e-4, "ent_coef": 0.0}
     if algo == "a2c":
-        return {"n_steps": episode_length * (1 if num_envs > 1 and batched else max(1, 4 // share)), "gamma": 1.0,
-                "learning_rate": 7e-4}
+        n_steps = episode_length * (1 if batched else max(1, 4 // copies))
+        return {"n_steps": n_steps, "gamma": 1.0, "learning_rate": 7e-4}
     hyper: dict[str, Any] = {"gamma": 1.0, "learning_starts": episode_length * 25, "buffer_size": 100_000,
-                             "batch_size": 64, "learning_rate": 1e-3, "train_freq": 1, "gradient_steps": share}
+                             "batch_size": 64, "learning_rate": 1e-3, "train_freq": 1, "gradient_steps": copies}
     if algo == "dqn":
         hyper.update({"learning_starts": episode_length * 25 * num_envs, "target_update_interval": 500,
                       "exploration_fraction": 0.3, "train_freq": max(1, episode_length // num_envs),

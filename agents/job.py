@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from prunegym.compression.checkpoint import write_json
+from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.distillation import Distillation
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
@@ -31,8 +31,8 @@ from .callbacks import ResumableCheckpointCallback, latest_checkpoint
 from .config import CONFIG_FORMAT, ENVS, RunDirError, TrainConfig, changed_settings, env_kwargs, load_config
 from .factory import ALGORITHMS, make_agent
 
-__all__ = ["add_ratios", "FINAL_OUTPUTS", "REPORT_ROUNDS", "batch_of_64", "check_resumable", "distillation",
-           "measure_model", "measure_models", "release_run_dir", "search", "static_latency"]
+__all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "REPORT_ROUNDS", "batch_of_64", "check_resumable",
+           "distillation", "measure_model", "measure_models", "release_run_dir", "search", "static_latency"]
 
 
 REPORT_ROUNDS = 3  # the report's models take turns this many times at each latency measurement
@@ -108,6 +108,37 @@ def check_resumable(config: TrainConfig) -> None:
     if config.timesteps < saved.timesteps:
         raise ValueError(f"timesteps={config.timesteps} is below the run's own total {saved.timesteps}; "
                          "a resumed run can only be extended")
+
+
+def claim_output(out: Path, *, kind: str, settings: dict[str, Any], free: tuple[str, ...],
+                 outputs: tuple[str, ...]) -> DirectoryLock:
+    """Claim the output folder of a ``kind`` of job that many runs continue (a comparison, a sweep):
+    one process at a time writes it; it must hold this job's ``settings`` (other than the ``free``
+    ones, which say where and how it runs) or nothing; its final ``outputs`` go (incomplete until
+    written again) and ``config.json`` is written. The claim is returned, held."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the {kind}")
+    if out.exists() and not (out / "config.json").is_file() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        raise ValueError(f"{out} exists and is not a {kind} folder (no config.json); choose another --out")
+    lock = DirectoryLock(out)
+    try:
+        lock.acquire()
+    except DirectoryLocked as err:
+        raise ValueError(f"{out} is in use by another {kind}; wait for it, or choose another --out") from err
+    try:
+        kept = {k: v for k, v in settings.items() if k not in free}
+        if (out / "config.json").is_file():
+            before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in free}
+            changed = sorted(k for k in kept if before.get(k) != kept[k])
+            if changed:
+                raise ValueError(f"{out} holds a {kind} with other settings ({changed}); choose another --out")
+        for name in outputs:
+            (out / name).unlink(missing_ok=True)
+        write_json(out / "config.json", {"config": settings, "torch": torch.__version__})
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 _CLAIMS: dict[Path, DirectoryLock] = {}  # run directories this process is writing, locked until it is done

@@ -7,7 +7,7 @@ and kept as ``train.py`` makes it (``run_or_reuse``: a trial that runs again aft
 or a failure continues its run from the latest checkpoint, or reads back its finished report).
 Tune keeps the sweep's own state in ``<out>/tune``; running the same sweep again with the same
 ``out`` restores it (``Tuner.restore``): finished trials are kept, the others continue. The output
-folder holds ``sweep.json`` (the settings, first), ``runs/``, ``tune/``, and, written last,
+folder holds ``config.json`` (the settings, first), ``runs/``, ``tune/``, and, written last,
 ``results.json``, ``results.md`` and ``front.png``.
 """
 
@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from prunegym.compression.checkpoint import atomic_path, read_json, write_json
+from prunegym.compression.checkpoint import atomic_path, write_json
 from prunegym.compression.metrics import keep_freed_memory, num_threads
 
 from .config import TrainConfig
 from .distributed import TASK_RETRIES, check_placement, connect, require_ray
+from .job import claim_output
 from .run import run_or_reuse
 
 __all__ = ["SweepConfig", "DISTRIBUTIONS", "METRICS", "sweep", "trial_metrics", "front_plot"]
@@ -44,7 +45,7 @@ split: choosing hyper-parameters by test accuracy would fit them to the test spl
 
 @dataclass
 class SweepConfig:
-    """Settings of a sweep, written once to ``sweep.json``."""
+    """Settings of a sweep, written once to ``config.json``."""
 
     settings: dict[str, Any] = field(default_factory=dict)
     """train.py settings every trial shares (``TrainConfig`` fields; the rest keep their defaults)"""
@@ -85,7 +86,7 @@ class SweepConfig:
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         check_placement(workers=self.workers, threads=self.threads, address=self.address, what="trials")
-        for trial in _grid_points(self.grid) or [{}]:  # every trial's settings are checked before any runs
+        for trial in _grid_points(self.grid):  # every trial's settings are checked before any runs
             _train_config(self, trial, "").validate()
         require_ray("sweep.py")
 
@@ -94,10 +95,11 @@ class SweepConfig:
 
 
 def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values (one empty point for no grid)."""
     points: list[dict[str, Any]] = [{}]
     for name, values in grid.items():
         points = [{**p, name: v} for p in points for v in values]
-    return points if grid else []
+    return points
 
 
 def _distribution(name: str, spec: str):
@@ -151,7 +153,7 @@ def trial_metrics(report: dict[str, Any]) -> dict[str, float]:
     FLOPs ratio and no uniform baseline)."""
     results = report["results"]
     rl, dense = results["rl"], results["dense"]
-    flops = rl.get("flops_ratio", rl.get("flops_mean", 0) / max(dense.get("flops_mean", 1), 1))
+    flops = rl["flops_ratio"] if "flops_ratio" in rl else rl["flops_mean"] / dense["flops_mean"]
     metrics = {"test_accuracy": rl["test_accuracy"], "flops_ratio": flops,
                "latency_ratio_b64": rl["latency_ratio_b64"],
                "best_reward": report.get("search", {}).get("best_reward", math.nan)}
@@ -183,18 +185,15 @@ def sweep(config: SweepConfig, *, log: Callable[[str], None] = print) -> dict[st
     config.validate()
     config.out = config.out or config.default_out()
     out = Path(config.out).resolve()
-    saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "workers", "address")}
-    if (out / "sweep.json").is_file():
-        before = {k: v for k, v in read_json(out / "sweep.json").items() if k not in ("out", "workers", "address")}
-        changed = sorted(k for k in saved if before.get(k) != saved[k])
-        if changed:
-            raise ValueError(f"{out} holds a sweep with other settings ({changed}); choose another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not a sweep folder (no sweep.json); choose another --out")
-    write_json(out / "sweep.json", dataclasses.asdict(config))
-    for name in ("results.json", "results.md", "front.png"):
-        (out / name).unlink(missing_ok=True)  # incomplete until they are written again
+    lock = claim_output(out, kind="sweep", settings=dataclasses.asdict(config), free=("out", "workers", "address"),
+                        outputs=("results.json", "results.md", "front.png"))
+    try:
+        return _sweep(config, out, log)
+    finally:
+        lock.release()
 
+
+def _sweep(config: SweepConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
     ray = connect(workers=config.workers, cpus=config.threads, address=config.address)
     from ray import tune
