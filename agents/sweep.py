@@ -6,9 +6,9 @@ Every trial is one run of the main job with its own run directory, ``<out>/runs/
 and kept as ``train.py`` makes it (``run_or_reuse``: a trial that runs again after an interruption
 or a failure continues its run from the latest checkpoint, or reads back its finished report).
 Tune keeps the sweep's own state in ``<out>/tune``; running the same sweep again with the same
-``out`` restores it (``Tuner.restore``): finished trials are kept, the others continue. The output
-folder holds ``config.json`` (the settings, first), ``runs/``, ``tune/``, and, written last,
-``results.json``, ``results.md`` and ``front.png``.
+``out`` and ``trust`` restores it (``Tuner.restore``, which unpickles): finished trials are kept,
+the others continue. The output folder holds ``config.json`` (the settings, first), ``runs/``,
+``tune/``, and, written last, ``results.json``, ``results.md`` and ``front.png``.
 """
 
 from __future__ import annotations
@@ -180,11 +180,15 @@ def _trial(params: dict[str, Any], *, config: SweepConfig, out: str) -> dict[str
     return metrics
 
 
-def sweep(config: SweepConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or continue, from ``config.out``) the sweep; return its results."""
+def sweep(config: SweepConfig, *, trust: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the sweep, or continue the one in ``config.out`` (Tune's saved state is pickled and runs
+    code as it loads: continuing needs ``trust``, for a folder you made or trust); return its results."""
     config.validate()
     config.out = config.out or config.default_out()
     out = Path(config.out).resolve()
+    if (out / "tune").exists() and not trust:
+        raise ValueError(f"{out} holds a started sweep; Tune's saved state is pickled and runs code as it loads: "
+                         "continue it with --trust-sweep (only for a sweep folder you made or trust)")
     lock = claim_output(out, kind="sweep", settings=dataclasses.asdict(config), free=("out", "workers", "address"),
                         outputs=("results.json", "results.md", "front.png"))
     try:

@@ -5,8 +5,8 @@ against FLOPs over all trials (the front that λ or the budget traces).
     python scripts/sweep.py --grid lam=0.5,1,2 --grid seed=0,1 --workers 2
     python scripts/sweep.py --set flops_target=0.2 --search learning_rate=loguniform:1e-4:3e-3 --trials 8
 
-Each trial is a train.py run in <out>/runs/; run the same command again to continue an interrupted
-sweep (finished trials are kept). Needs the distributed extra: pip install -e ".[distributed]".
+Each trial is a train.py run in <out>/runs/; run the same command again with --trust-sweep to continue
+an interrupted sweep (finished trials are kept). Needs the distributed extra: pip install -e ".[distributed]".
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{docs['search']}: one of {', '.join(DISTRIBUTIONS)}, as loguniform:1e-4:1e-2 or "
                              "choice:64|128 (a name that is not a train.py setting is an agent hyper-parameter); "
                              "trials maximise the search's best reward")
+    parser.add_argument("--trust-sweep", action="store_true",
+                        help="continue the sweep already in --out: Tune's saved state is pickled and runs code as it "
+                             "loads, so only for a sweep folder you made or trust")
     for name in ("trials", "out", "workers", "address", "threads"):
         default = getattr(SweepConfig, name) if name in SweepConfig.__dataclass_fields__ else None
         parser.add_argument(f"--{name}", type=type(default), default=default,
@@ -66,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         config = SweepConfig(settings=dict(args.set), grid=dict(args.grid), search=dict(args.search),
                              trials=args.trials, out=args.out, workers=args.workers, address=args.address,
                              threads=args.threads)
-        results = sweep(config)
+        results = sweep(config, trust=args.trust_sweep)
     except (ValueError, FileNotFoundError, RunDirError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if results["failed"]:
-        print(f"error: {len(results['failed'])} trial(s) failed (listed above); run the same command again to "
-              "retry them", file=sys.stderr)
+        print(f"error: {len(results['failed'])} trial(s) failed (listed above); run the same command again with "
+              "--trust-sweep to retry them", file=sys.stderr)
         return 1
     return 0
 

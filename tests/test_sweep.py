@@ -36,7 +36,10 @@ def test_an_interrupted_sweep_resumes_without_running_a_finished_trial_again(tmp
     finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/report.json")}
     assert 1 <= len(finished) < 3
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # Tune's saved state is pickled: continuing it is refused without the trust flag, touching nothing.
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--trust-sweep" in refused.stderr, refused.stderr
+    again = subprocess.run([*command, "--trust-sweep"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["failed"] == [] and len(results["trials"]) == 3
