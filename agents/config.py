@@ -83,6 +83,10 @@ class TrainConfig:
     """layer env with a supernet: how often its training puts a group at its narrowest or widest width
     instead of a uniform draw, so that mixed shapes (one stage thin beside whole ones, what a latency
     budget favours) are trained and scored as they deserve"""
+    capacity_weight: float = 0.0
+    """layer env in budget mode: κ, the reward becomes ``-task_loss + κ·flops_ratio``, so that among
+    candidates the loss before fine-tuning does not separate the search keeps the most computation the
+    budgets allow; under --latency-target that is the shape the kernels run efficiently"""
     reward_model: str = "supernet"
     """layer env with a supernet: which model the search's reward scores a candidate on, ``supernet`` (the
     sub-network it will be cut from) or ``dense`` (the trained dense model, soft-masked; the winner is
@@ -142,7 +146,7 @@ class TrainConfig:
             defaults = TrainConfig()
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
                                             "channel_multiple", "supernet_epochs", "reward_model",
-                                            "supernet_extremes")
+                                            "supernet_extremes", "capacity_weight")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -171,6 +175,11 @@ class TrainConfig:
         if self.supernet_extremes and not self.supernet_epochs:
             raise ValueError(f"supernet_extremes={self.supernet_extremes} shapes the supernet's training; "
                              "it needs supernet_epochs > 0")
+        if not math.isfinite(self.capacity_weight) or self.capacity_weight < 0:
+            raise ValueError(f"capacity_weight must be a finite number >= 0, got {self.capacity_weight}")
+        if self.capacity_weight and self.flops_target is None and self.latency_target is None:
+            raise ValueError(f"capacity_weight={self.capacity_weight} prices what a budget leaves unused; it needs "
+                             "--flops-target or --latency-target")
         if self.reward_model not in REWARD_MODELS:
             raise ValueError(f"reward_model {self.reward_model!r} is unknown; expected one of {REWARD_MODELS}")
         if self.reward_model == "dense" and self.env == "layer" and not self.supernet_epochs:
@@ -227,6 +236,7 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             **({"finetune_steps": config.reward_finetune_steps} if config.reward_finetune_steps else {}),
             **({"supernet_epochs": config.supernet_epochs} if config.supernet_epochs else {}),
             **({"supernet_extremes": config.supernet_extremes} if config.supernet_extremes else {}),
+            **({"capacity_weight": config.capacity_weight} if config.capacity_weight else {}),
             **({"reward_model": config.reward_model} if config.reward_model != "supernet" else {})}
 
 

@@ -66,8 +66,10 @@ class LayerPruningEnv(gym.Env):
     recalibration on ``recalibration_batches`` train batches (with ``finetune_steps``: of the pruned
     model after that short-term fine-tune), and ``density`` the kept fraction of
     the dense FLOPs (or parameters, channels, or predicted CPU latency: ``density=``). With a budget
-    (``flops_target``, ``latency_target``) the reward is ``-task_loss``: the budget is enforced by
-    the action clamp instead.
+    (``flops_target``, ``latency_target``) the reward is ``-task_loss + capacity_weight * flops_ratio``:
+    the budget is enforced by the action clamp instead, and the capacity term (0 unless asked for)
+    prefers, among candidates the task loss does not separate, the one that keeps more of the
+    network's computation.
 
     ## Episode End
     The episode terminates after one step per channel group; it is never truncated. The final
@@ -117,6 +119,11 @@ class LayerPruningEnv(gym.Env):
     - ``supernet_extremes``: how often the supernet's training puts a group at its narrowest or its
       widest (half each) instead of a uniformly drawn width (``sample_keep_counts``). Mixed shapes,
       one stage at its floor beside whole stages, are then trained, and score what they are worth.
+    - ``capacity_weight``: κ >= 0, with a budget only: the reward adds ``κ * flops_ratio``. Under a
+      latency budget the same latency is met by a thin network or by a wider one whose widths the
+      kernels run efficiently; the loss before fine-tuning barely separates them while fine-tuning
+      recovers both alike, so the loss alone settles on whichever it finds first. The term asks for
+      the most FLOPs the budgets allow (what the latency-greedy baseline maximises, HALP's objective).
     - ``reward_model``: with a supernet, which model scores a candidate: ``supernet`` (its prefix
       sub-network, the model the winner is cut from) or ``dense`` (the trained dense model
       soft-masked at its importance order, AMC's reward; the winner is still cut from the
@@ -148,8 +155,15 @@ class LayerPruningEnv(gym.Env):
         supernet_epochs: int = 0,
         reward_model: str = "supernet",
         supernet_extremes: float = 0.0,
+        capacity_weight: float = 0.0,
     ):
         check_lam(lam)
+        if (isinstance(capacity_weight, bool) or not isinstance(capacity_weight, int | float)
+                or not math.isfinite(capacity_weight) or capacity_weight < 0):
+            raise ValueError(f"capacity_weight must be a finite number >= 0, got {capacity_weight!r}")
+        if capacity_weight and flops_target is None and latency_target is None:
+            raise ValueError(f"capacity_weight={capacity_weight!r} prices what a budget leaves unused; it needs "
+                             "flops_target or latency_target (without a budget the reward prices density with lam)")
         if density not in DENSITY_KINDS:
             raise ValueError(f"density must be one of {DENSITY_KINDS}, got {density!r}")
         if not isinstance(min_keep, int | float) or not 0 < min_keep <= 1:
@@ -214,6 +228,7 @@ class LayerPruningEnv(gym.Env):
         self.flops_target = None if flops_target is None else float(flops_target)
         self.latency_target = None if latency_target is None else float(latency_target)
         self.budgeted = self.flops_target is not None or self.latency_target is not None
+        self.capacity_weight = float(capacity_weight)
         self.min_keep = float(min_keep)
         self.action_levels = action_levels
         self.seed_value = int(seed)
@@ -403,8 +418,10 @@ class LayerPruningEnv(gym.Env):
             return self._get_obs(), 0.0, False, False, info
         metrics = self.evaluate_counts(self._counts)
         info.update(metrics)
-        price = 0.0 if self.budgeted else self.lam * metrics["density"]
-        reward = -metrics["loss"] - price
+        if self.budgeted:
+            reward = -metrics["loss"] + self.capacity_weight * metrics["flops_ratio"]
+        else:
+            reward = -metrics["loss"] - self.lam * metrics["density"]
         # The observation after the last step is never acted on; it repeats the last group's.
         self._step = self.num_groups
         obs = self._static[-1].astype(np.float32)

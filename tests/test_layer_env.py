@@ -282,6 +282,15 @@ def test_budget_mode_never_exceeds_the_target(target):
     env.close()
 
 
+def test_capacity_weight_adds_flops_ratio_to_a_budgeted_reward():
+    env = _make(flops_target=0.5, capacity_weight=0.5)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        info = (traj := _episode(env, lambda t: rng.uniform(-1, 1, 1).astype(np.float32)))["infos"][-1]
+        assert traj["rewards"][-1] == pytest.approx(-info["loss"] + 0.5 * info["flops_ratio"], abs=1e-12)
+    env.close()
+
+
 def test_budget_below_reachable_minimum_raises():
     with pytest.raises(ValueError, match="flops_target"):
         _make(flops_target=0.01)
@@ -328,6 +337,9 @@ def test_one_action_level_raises():
         ({"finetune_steps": 1.5}, "finetune_steps"),
         ({"finetune_lr": 0}, "finetune_lr"),
         ({"finetune_lr": math.inf}, "finetune_lr"),
+        ({"capacity_weight": -0.5, "flops_target": 0.5}, "capacity_weight"),
+        ({"capacity_weight": math.nan, "flops_target": 0.5}, "capacity_weight"),
+        ({"capacity_weight": 0.5}, "capacity_weight"),  # without a budget, lam prices density
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
