@@ -185,3 +185,23 @@ def measure_input_latency(model: nn.Module, inputs: torch.Tensor, *, repeats: in
                 times[i].append(time.perf_counter() - start)
     model.train(was_training)
     return statistics.fmean(statistics.median(t) for t in times)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights (the builder's init) and random batch-norm statistics and affine parameters.
+
+    Latency does not depend on the values, but a fresh BN (mean 0, variance 1, scale 1, shift 0) is
+    an identity no trained network has; random ones keep the outputs ordinary.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            n = m.num_features
+            if m.track_running_stats:
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            if m.affine:
+                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+    return model.eval()

@@ -1,0 +1,277 @@
+"""How well the candidate evaluations a search can use rank allocations, and how long the fine-tune
+after a search must be: the benchmarks behind ``scripts/bench.py --what proxy`` and ``--what finetune``.
+
+``bench_proxy`` samples random allocations at a FLOPs budget (EagleEye's sampler), fine-tunes each
+with the report's recipe, and scores each with every evaluation a search could reward (BN
+recalibration on a few or all batches, a short-term fine-tune, the distillation loss; on the dense
+model and on the supernet); ``proxy_table`` gives each evaluation's Spearman rank correlation with
+the fine-tuned test accuracy and loss. ``bench_finetune`` measures one allocation's test accuracy
+against the fine-tune's length over fine-tune seeds. Both print figures and assert nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunegym.compression.channels import ChannelGraph, L1Importance
+from prunegym.compression.checkpoint import read_json, write_json
+
+__all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "format_proxy", "bench_finetune",
+           "format_finetune"]
+
+PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
+PROXY_SOURCES = ("dense", "supernet")  # the models candidates are pruned from
+
+
+def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
+                   min_keep: float, device: torch.device) -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
+    """The splits, and each model candidates are pruned from: its channel graph and ranking."""
+    from prunegym.compression.data import load_dataset
+    from prunegym.compression.supernet import prefix_kept, supernet_model
+    from prunegym.compression.training import base_model
+
+    splits = load_dataset(dataset, seed)
+    example = splits.train.x[:1].to(device)
+    dense = base_model(model_name, splits, seed, epochs=base_epochs, device=device).eval()
+    graph = ChannelGraph(dense, example)
+    sources = {"dense": (dense, graph, graph.rankings(L1Importance()))}
+    if supernet_epochs:
+        supernet, _ = supernet_model(model_name, dense, splits, seed, base_epochs=base_epochs, epochs=supernet_epochs,
+                                  min_keep=min_keep, importance=L1Importance(), device=device)
+        supernet_graph = ChannelGraph(supernet, example)
+        sources["supernet"] = (supernet, supernet_graph, prefix_kept(supernet_graph.num_channels))
+    return splits, sources
+
+
+def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -> tuple[float, float, float]:
+    """``compute()`` (test accuracy and loss) and the seconds it took, or what was saved for the same
+    ``settings`` in ``cells`` (then saved there): an interrupted benchmark continues where it stopped.
+    A cell saved with other settings is refused; one saved without the loss is measured again."""
+    started = time.perf_counter()
+    path = None
+    if cells is not None:
+        name = "__".join(f"{k}{v}" for k, v in settings.items()
+                         if k in ("source", "budget", "candidate", "finetune_seed"))
+        path = cells / f"{name}.json"
+        if path.is_file():
+            saved = read_json(path)
+            if saved.get("settings") != settings:
+                raise ValueError(f"{path} was measured with other settings ({saved.get('settings')}, not {settings}); "
+                                 "pass another --cells folder")
+            if "loss" in saved:
+                return float(saved["accuracy"]), float(saved["loss"]), float(saved["seconds"])
+    accuracy, loss = map(float, compute())
+    seconds = time.perf_counter() - started
+    if path is not None:
+        write_json(path, {"settings": settings, "accuracy": accuracy, "loss": loss, "seconds": seconds})
+    return accuracy, loss, seconds
+
+
+def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
+                finetune_lr: float, supernet_epochs: int, finetune_steps: list[int], min_keep: float,
+                base_epochs: int, device: str, finetune_seeds: list[int], cells: Path | None = None,
+                finetune_from: Sequence[str] = PROXY_SOURCES, log: Any = print) -> dict[str, Any]:
+    """Sample ``candidates`` random allocations at ``budget`` (EagleEye's sampler), fine-tune each
+    with the report's recipe once per fine-tune seed (pruned from each model in ``finetune_from``:
+    the dense model, the supernet), and score each with every candidate evaluation a search can use;
+    returns every score and the fine-tuned accuracies. With ``cells``, each fine-tuned accuracy is
+    saved there as it is measured and read back by a rerun with the same settings."""
+    import math
+
+    from prunegym.compression.channels import prune_channels as prune
+    from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator
+    from prunegym.compression.sparsity import random_keep_counts
+    from prunegym.compression.supernet import width_choices
+    from prunegym.compression.training import evaluate, resolve_device, train_classifier
+
+    unknown = [s for s in finetune_from if s not in PROXY_SOURCES]
+    if unknown or not finetune_from:
+        raise ValueError(f"finetune_from must name some of {PROXY_SOURCES}, got {list(finetune_from)!r}")
+    if "supernet" in finetune_from and not supernet_epochs:
+        raise ValueError("fine-tuning candidates cut from the supernet needs supernet_epochs > 0")
+    device = resolve_device(device)
+    splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device)
+    _, graph, _ = sources["dense"]
+    rng = np.random.default_rng([seed, round(budget * 1e6)])
+    choices = width_choices(graph, min_keep)
+    allocations = [random_keep_counts(graph, budget, choices, rng) for _ in range(candidates)]
+    all_batches = math.ceil(len(splits.train) / RECALIBRATION_BATCH)
+    proxies = []
+    for source in sources:
+        prefix = "" if source == "dense" else "supernet, "
+        proxies += [(f"{prefix}BN 2 batches", source, {"recalibration_batches": 2}),
+                    (f"{prefix}BN {all_batches} batches (adaptive BN)", source,
+                     {"recalibration_batches": all_batches})]
+        proxies += [(f"{prefix}fine-tune {n} steps", source, {"recalibration_batches": 0, "finetune_steps": n})
+                    for n in finetune_steps]
+
+    def finetuned(model: nn.Module, graph: ChannelGraph, kept: list[torch.Tensor],
+                  finetune_seed: int) -> tuple[float, float]:
+        pruned = train_classifier(prune(model, graph, kept), splits.train, epochs=finetune_epochs, lr=finetune_lr,
+                                  seed=finetune_seed, device=device)
+        loss, accuracy = evaluate(pruned, splits.test, device=device)
+        return accuracy, loss
+
+    # source -> per candidate, the accuracy after each fine-tune seed; candidate by candidate, every
+    # source in turn, so that an interrupted run (--cells) leaves the same candidates for each source
+    truth: dict[str, list[list[float]]] = {source: [] for source in sources if source in finetune_from}
+    truth_loss: dict[str, list[list[float]]] = {source: [] for source in truth}
+    spent: dict[str, list[float]] = {source: [] for source in truth}
+    for i, counts in enumerate(allocations):
+        for source in truth:
+            model, source_graph, ranking = sources[source]
+            kept = source_graph.kept_channels(ranking, counts)
+            truth[source].append([])
+            truth_loss[source].append([])
+            for s in finetune_seeds:
+                settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
+                            "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
+                            "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
+                            "budget": budget, "candidate": i, "finetune_seed": s, "keep_counts": counts.tolist()}
+                accuracy, loss, seconds = _finetune_cell(cells, settings,
+                                                         partial(finetuned, model, source_graph, kept, s))
+                truth[source][-1].append(accuracy)
+                truth_loss[source][-1].append(loss)
+                spent[source].append(seconds)
+            log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
+                f"{np.round(truth[source][-1], 4).tolist()}")
+    truth_seconds = {source: float(np.mean(seconds)) for source, seconds in spent.items()}  # as measured
+    rows = []
+    for name, source, kwargs in proxies:
+        model, source_graph, ranking = sources[source]
+        evaluator = ProxyEvaluator(model, source_graph, ranking, splits.train, finetune_lr=1e-3, seed=seed,
+                                   device=device, **kwargs)
+        scores, started = [], time.perf_counter()
+        for counts in allocations:
+            scores.append(evaluator(counts, splits.reward))
+        seconds = (time.perf_counter() - started) / candidates
+        evaluator.close()
+        log(f"  {name}: {seconds:.3f} s per candidate")
+        rows.append({"proxy": name, "source": source, "seconds": seconds, "scores": scores})
+    return {"model": model_name, "dataset": dataset, "budget": budget, "candidates": candidates, "seed": seed,
+            "min_keep": min_keep, "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr,
+            "supernet_epochs": supernet_epochs, "finetune_seeds": finetune_seeds,
+            "keep_counts": [c.tolist() for c in allocations],
+            "flops_ratios": [float(graph.flops(c)) / graph.dense_flops for c in allocations],
+            "finetuned_accuracy": truth, "finetuned_loss": truth_loss, "finetune_seconds": truth_seconds,
+            "proxies": rows}
+
+
+def _mean_truth(r: dict[str, Any], measure: str = "accuracy") -> dict[str, np.ndarray]:
+    """Each source's fine-tuned test accuracy (or loss) per candidate, averaged over the fine-tune
+    seeds; no loss in results measured before it was recorded."""
+    return {source: np.asarray(v).mean(axis=1) for source, v in r.get(f"finetuned_{measure}", {}).items()}
+
+
+def proxy_reliability(r: dict[str, Any]) -> dict[str, float]:
+    """Per source, Spearman between the candidates' accuracies after two fine-tune seeds (the first
+    two): how well the fine-tuned accuracy ranks candidates itself, the ceiling for any proxy."""
+    from prunegym.compression.statistics import spearman
+
+    return {source: spearman(np.asarray(acc)[:, 0], np.asarray(acc)[:, 1])
+            for source, acc in r["finetuned_accuracy"].items() if np.asarray(acc).shape[1] > 1}
+
+
+def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per proxy and metric: Spearman with each source's fine-tuned test accuracy and with its
+    negated test loss (means over the fine-tune seeds; the loss ranks candidates whose accuracies tie
+    on a small test split), and the fine-tuned accuracy of the candidate it ranks first."""
+    from prunegym.compression.statistics import spearman
+
+    truth, truth_loss = _mean_truth(r), _mean_truth(r, "loss")
+    table = []
+    for row in r["proxies"]:
+        for metric, sign in PROXY_METRICS:
+            score = [sign * s[metric] for s in row["scores"]]
+            entry = {"proxy": row["proxy"], "metric": metric, "source": row["source"], "seconds": row["seconds"]}
+            for source, accuracy in truth.items():
+                entry[f"spearman_{source}"] = spearman(score, accuracy)
+            for source, loss in truth_loss.items():
+                entry[f"spearman_{source}_loss"] = spearman(score, -loss)
+            entry["top1_accuracy"] = (float(truth[row["source"]][int(np.argmax(score))]) if row["source"] in truth
+                                      else float("nan"))  # its own model's candidates were not fine-tuned
+            table.append(entry)
+    return table
+
+
+def format_proxy(r: dict[str, Any]) -> str:
+    sources = list(r["finetuned_accuracy"])
+    columns = [(f"ρ {s}", f"spearman_{s}") for s in sources] + [(f"ρ {s} loss", f"spearman_{s}_loss")
+                                                                 for s in r.get("finetuned_loss", {})]
+    truth, reliability = _mean_truth(r), proxy_reliability(r)
+    lines = [f"proxy fidelity: {r['model']} on {r['dataset']}, {r['candidates']} random allocations at FLOPs "
+             f"{r['budget']:g} (ratios {min(r['flops_ratios']):.3f}-{max(r['flops_ratios']):.3f}), seed {r['seed']}, "
+             f"min_keep {r['min_keep']:g}; each fine-tuned {r['finetune_epochs']} epochs at lr {r['finetune_lr']:g} "
+             f"with fine-tune seeds {r['finetune_seeds']}"
+             + (f"; supernet trained {r['supernet_epochs']} epochs" if r["supernet_epochs"] else "")]
+    for source in sources:
+        acc = 100 * truth[source]
+        spread = 100 * np.asarray(r["finetuned_accuracy"][source]).std(axis=1, ddof=1).mean() \
+            if len(r["finetune_seeds"]) > 1 else float("nan")
+        lines.append(f"fine-tuned from {source}: test accuracy over candidates {acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
+                     f" (min {acc.min():.2f}, max {acc.max():.2f}); over fine-tune seeds ± {spread:.2f}; "
+                     f"ρ between two fine-tune seeds {reliability.get(source, float('nan')):.2f}; "
+                     f"{r['finetune_seconds'][source]:.1f} s per fine-tune")
+    header = f"{'candidate evaluation':<40}{'score':>14}" + "".join(f"{c:>17}" for c, _ in columns) + \
+        f"{'top-1 acc':>11}{'s/eval':>9}"
+    lines += [header, "-" * len(header)]
+    for e in proxy_table(r):
+        score = ("-" if e["metric"] != "accuracy" else "") + e["metric"]
+        lines.append(f"{e['proxy']:<40}{score:>14}" + "".join(f"{e[key]:>17.2f}" for _, key in columns)
+                     + f"{100 * e['top1_accuracy']:>11.2f}{e['seconds']:>9.3f}")
+    lines.append("ρ: Spearman rank correlation of the score with the test accuracy (ρ ... loss: the negated test "
+                 "loss) after the fine-tune, for candidates "
+                 "pruned from that model; top-1 acc: the fine-tuned accuracy of the candidate the score ranks first "
+                 "(from the model the evaluation prunes); scores on the reward split.")
+    return "\n".join(lines)
+
+
+# ---- fine-tune length: where test accuracy stops moving ------------------------------------------
+def bench_finetune(model_name: str, dataset: str, budget: float, epochs: list[int], finetune_seeds: list[int],
+                   seed: int, finetune_lr: float, base_epochs: int, device: str, log: Any = print) -> dict[str, Any]:
+    """Test accuracy of one allocation (uniform L1 at ``budget``) after fine-tunes of each length in
+    ``epochs``, for each fine-tune seed (the order of the batches; base model and split fixed by ``seed``)."""
+    from prunegym.compression.channels import prune_channels as prune
+    from prunegym.compression.data import load_dataset
+    from prunegym.compression.sparsity import uniform_keep_counts
+    from prunegym.compression.training import base_model, evaluate, resolve_device, train_classifier
+
+    device = resolve_device(device)
+    splits = load_dataset(dataset, seed)
+    dense = base_model(model_name, splits, seed, epochs=base_epochs, device=device).eval()
+    graph = ChannelGraph(dense, splits.train.x[:1].to(device))
+    counts = uniform_keep_counts(graph, budget)
+    kept = graph.kept_channels(L1Importance(), counts)
+    rows = []
+    for n in epochs:
+        accuracies, started = [], time.perf_counter()
+        for s in finetune_seeds:
+            pruned = train_classifier(prune(dense, graph, kept), splits.train, epochs=n, lr=finetune_lr, seed=s,
+                                      device=device)
+            accuracies.append(evaluate(pruned, splits.test, device=device)[1])
+        rows.append({"epochs": n, "accuracies": accuracies,
+                     "seconds": (time.perf_counter() - started) / len(finetune_seeds)})
+        log(f"  {n} epochs: {np.round(100 * np.asarray(accuracies), 2).tolist()}")
+    return {"model": model_name, "dataset": dataset, "budget": budget, "seed": seed, "finetune_lr": finetune_lr,
+            "finetune_seeds": finetune_seeds, "keep_counts": counts.tolist(),
+            "flops_ratio": float(graph.flops(counts)) / graph.dense_flops, "rows": rows}
+
+
+def format_finetune(r: dict[str, Any]) -> str:
+    lines = [f"fine-tune length: {r['model']} on {r['dataset']} (seed {r['seed']}), uniform L1 at FLOPs "
+             f"{r['flops_ratio']:.3f}, lr {r['finetune_lr']:g}, fine-tune seeds {r['finetune_seeds']}",
+             f"{'epochs':>7}{'test acc %':>16}{'min':>8}{'max':>8}{'s/fine-tune':>13}"]
+    for row in r["rows"]:
+        acc = 100 * np.asarray(row["accuracies"])
+        std = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        lines.append(f"{row['epochs']:>7}{f'{acc.mean():.2f} ± {std:.2f}':>16}{acc.min():>8.2f}{acc.max():>8.2f}"
+                     f"{row['seconds']:>13.1f}")
+    return "\n".join(lines)
