@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-__all__ = ["optional_int", "optional_float", "json_dict", "train_setting"]
+__all__ = ["optional_int", "optional_float", "json_dict", "train_setting", "failure_status"]
 
 
 def _optional(kind: type, name: str):
@@ -57,3 +58,13 @@ def train_setting(name: str, text: str):
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") \
             from err
+
+
+def failure_status(failed: list, what: str, retry: str = "") -> int:
+    """A grid's exit status: 0, or 1 with a line on stderr saying how many ``what`` failed and that the
+    same command (with ``retry`` added) runs them again."""
+    if not failed:
+        return 0
+    print(f"error: {len(failed)} {what}(s) failed (listed above); run the same command again{retry} to retry them",
+          file=sys.stderr)
+    return 1

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from .config import CONFIG_FORMAT, ENVS, RunDirError, TrainConfig, changed_setti
 from .factory import ALGORITHMS, make_agent
 
 __all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "REPORT_ROUNDS", "batch_of_64", "check_resumable",
-           "distillation", "measure_model", "measure_models", "release_run_dir", "search", "static_latency"]
+           "distillation", "finish_report", "measure_model", "measure_models", "release_run_dir", "results_table",
+           "search", "static_latency"]
 
 
 REPORT_ROUNDS = 3  # the report's models take turns this many times at each latency measurement
@@ -88,6 +90,26 @@ def add_ratios(result: dict[str, Any], dense: dict[str, Any]) -> None:
         result.setdefault("flops_ratio", result["flops"] / dense["flops"])
     for b in ("b1", "b64"):
         result.setdefault(f"latency_ratio_{b}", result[f"latency_{b}_ms"] / dense[f"latency_{b}_ms"])
+
+
+def finish_report(run_dir: Path, report: dict[str, Any], started: float, text: Any, log: Any) -> dict[str, Any]:
+    """Complete a job: its wall time since ``started`` into ``report``, ``report.json`` written (last: a
+    run is complete exactly when it exists), and ``text(report)``, the terminal table, logged."""
+    report["seconds"] = time.perf_counter() - started
+    write_json(run_dir / "report.json", report)
+    log(text(report))
+    return report
+
+
+def results_table(results: dict[str, dict[str, Any]], columns: list[tuple[str, str, int, str]],
+                  name_width: int = 8) -> list[str]:
+    """A report's models as terminal lines: a header, a rule, one line per model. ``columns`` are
+    (title, key in each result, width, format spec such as ``.3f``)."""
+    header = f"{'model':<{name_width}}" + "".join(f"{title:>{width}}" for title, _, width, _ in columns)
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        lines.append(f"{name:<{name_width}}" + "".join(f"{r[key]:>{width}{spec}}" for _, key, width, spec in columns))
+    return lines
 
 
 def _write_config(config: TrainConfig, run_dir: Path) -> None:

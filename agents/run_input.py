@@ -17,7 +17,7 @@ import torch
 from stable_baselines3.common.vec_env import VecMonitor
 
 from prunegym.compression.channels import make_importance
-from prunegym.compression.checkpoint import describe_architecture, save_checkpoint, write_json
+from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
 from prunegym.compression.dynamic import DynamicNetwork, evaluate_dynamic
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.gates import dynamic_inference, train_dynamic, train_gates
@@ -28,7 +28,7 @@ from prunegym.envs.input_pruning import make_setup
 from .callbacks import InputPruningCallback
 from .config import env_kwargs
 from .gated import PolicyDecider
-from .job import REPORT_ROUNDS, add_ratios, batch_of_64, distillation, search
+from .job import REPORT_ROUNDS, add_ratios, batch_of_64, distillation, finish_report, results_table, search
 from .vec_env import BatchedInputPruningVecEnv
 
 __all__ = ["train_input", "format_input_report"]
@@ -159,22 +159,18 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
                  f"models trained {max(1, config.finetune_epochs)} epochs after the base model (the network "
                  "fine-tuned with the policy deciding; gates and network jointly)"
                  + (", distilled from the dense model." if config.distill else "."),
-        "seconds": time.perf_counter() - started,
     }
-    write_json(run_dir / "report.json", report)
-    log(format_input_report(report))
     vec.close()
-    return report
+    return finish_report(run_dir, report, started, format_input_report, log)
 
 
 def format_input_report(report: dict[str, Any]) -> str:
     """The per-input report as a table for the terminal."""
-    header = (f"{'model':<8}{'test acc':>10}{'density':>9}{'± std':>8}{'b1 ms':>9}{'b1 ratio':>10}"
-              f"{'b1/density':>12}{'b64 ms':>9}{'b64 ratio':>11}")
-    lines = [header, "-" * len(header)]
-    for name, r in report["results"].items():
-        lines.append(f"{name:<8}{r['test_accuracy']:>10.4f}{r['density_mean']:>9.3f}{r['density_std']:>8.3f}"
-                     f"{r['latency_b1_ms']:>9.3f}{r['latency_ratio_b1']:>10.3f}{r['latency_over_density_b1']:>12.3f}"
-                     f"{r['latency_b64_ms']:>9.3f}{r['latency_ratio_b64']:>11.3f}")
+    lines = results_table(report["results"], [
+        ("test acc", "test_accuracy", 10, ".4f"), ("density", "density_mean", 9, ".3f"),
+        ("± std", "density_std", 8, ".3f"),
+        ("b1 ms", "latency_b1_ms", 9, ".3f"), ("b1 ratio", "latency_ratio_b1", 10, ".3f"),
+        ("b1/density", "latency_over_density_b1", 12, ".3f"), ("b64 ms", "latency_b64_ms", 9, ".3f"),
+        ("b64 ratio", "latency_ratio_b64", 11, ".3f")])
     lines.append(report["notes"])
     return "\n".join(lines)

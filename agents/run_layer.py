@@ -20,7 +20,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from prunegym.compression.channels import prune_channels
-from prunegym.compression.checkpoint import describe_architecture, save_checkpoint, write_json
+from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
 from prunegym.compression.latency import widest_within
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import resolve_device, train_classifier
@@ -28,7 +28,7 @@ from prunegym.envs import LayerPruningEnv
 
 from .callbacks import PruningCallback
 from .config import TrainConfig, env_kwargs
-from .job import REPORT_ROUNDS, add_ratios, distillation, measure_models, search
+from .job import REPORT_ROUNDS, add_ratios, distillation, finish_report, measure_models, results_table, search
 
 __all__ = ["format_report", "parallel_envs", "train_layer"]
 
@@ -132,24 +132,18 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                  f"{config.threads} thread(s), the models timed in {REPORT_ROUNDS} alternating rounds; accuracy "
                  f"on the test split after {config.finetune_epochs} fine-tune epochs for every pruned model"
                  + (" (distilled from the dense model)." if config.distill else "."),
-        "seconds": time.perf_counter() - started,
     }
-    write_json(run_dir / "report.json", report)
-    log(format_report(report))
     env.close()
-    return report
+    return finish_report(run_dir, report, started, format_report, log)
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a table for the terminal."""
     width = max(10, *(len(name) + 2 for name in report["results"]))
-    header = (f"{'model':<{width}}{'test acc':>10}{'FLOPs':>12}{'ratio':>8}{'params':>10}{'bytes':>10}"
-              f"{'b1 ms':>9}{'b64 ms':>9}{'b64 ratio':>11}")
-    lines = [header, "-" * len(header)]
-    for name, r in report["results"].items():
-        lines.append(f"{name:<{width}}{r['test_accuracy']:>10.4f}{r['flops']:>12,}{r['flops_ratio']:>8.3f}"
-                     f"{r['params']:>10,}{r['bytes']:>10,}{r['latency_b1_ms']:>9.3f}{r['latency_b64_ms']:>9.3f}"
-                     f"{r['latency_ratio_b64']:>11.3f}")
+    lines = results_table(report["results"], [
+        ("test acc", "test_accuracy", 10, ".4f"), ("FLOPs", "flops", 12, ","), ("ratio", "flops_ratio", 8, ".3f"),
+        ("params", "params", 10, ","), ("bytes", "bytes", 10, ","), ("b1 ms", "latency_b1_ms", 9, ".3f"),
+        ("b64 ms", "latency_b64_ms", 9, ".3f"), ("b64 ratio", "latency_ratio_b64", 11, ".3f")], name_width=width)
     search = report.get("search", {})
     if "seconds" in search:
         supernet = search.get("supernet_seconds") or 0.0

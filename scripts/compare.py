@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import sys
 
-from prunegym.agents.cli import optional_int
+from prunegym.agents.cli import failure_status, optional_int
 from prunegym.agents.compare import CompareConfig, compare
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunDirError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if results["failed"]:
-        print(f"error: {len(results['failed'])} cell(s) failed (see the notes above); run the same command again "
-              "to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return failure_status(results["failed"], "cell")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prunegym.agents.cli import train_setting
+from prunegym.agents.cli import failure_status, train_setting
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.sweep import DISTRIBUTIONS, SweepConfig, sweep
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunDirError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if results["failed"]:
-        print(f"error: {len(results['failed'])} trial(s) failed (listed above); run the same command again with "
-              "--trust-sweep to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return failure_status(results["failed"], "trial", " with --trust-sweep")
 
 
 if __name__ == "__main__":
