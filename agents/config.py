@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prunegym.compression.channels import IMPORTANCES
 from prunegym.compression.checkpoint import read_json
+from prunegym.compression.importance import IMPORTANCES
 from prunegym.compression.models import MODELS
 from prunegym.compression.training import BASE_EPOCHS, check_seed, resolve_device
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS

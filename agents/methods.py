@@ -17,17 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunegym.compression.channels import (
-    BNScaleImportance,
-    ChannelGraph,
-    L1Importance,
-    L2Importance,
-    make_importance,
-    prune_channels,
-)
+from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.data import load_dataset
 from prunegym.compression.distillation import Distillation, student_model
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.importance import BNScaleImportance, L1Importance, L2Importance, make_importance
 from prunegym.compression.metrics import (
     count_flops,
     count_layer_flops,

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunegym.compression.channels import ChannelGraph, L1Importance
+from prunegym.compression.channels import ChannelGraph
 from prunegym.compression.checkpoint import read_json, write_json
+from prunegym.compression.importance import L1Importance
 
 __all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "format_proxy", "bench_finetune",
            "format_finetune"]

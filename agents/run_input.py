@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env import VecMonitor
 
-from prunegym.compression.channels import make_importance
 from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
 from prunegym.compression.dynamic import DynamicNetwork, evaluate_dynamic
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.gates import dynamic_inference, train_dynamic, train_gates
+from prunegym.compression.importance import make_importance
 from prunegym.compression.metrics import count_flops, count_params, measure_latency_rounds, model_bytes
 from prunegym.compression.training import base_model, evaluate, resolve_device
 from prunegym.envs.input_pruning import make_setup

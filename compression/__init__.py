@@ -1,22 +1,10 @@
 """The compression core: data, models, training, channel machinery and metrics. Knows nothing of RL."""
 
-from .channels import (
-    IMPORTANCES,
-    BNScaleImportance,
-    ChannelGraph,
-    ChannelGroup,
-    Importance,
-    L1Importance,
-    L2Importance,
-    SoftMask,
-    make_importance,
-    prune_channels,
-    recalibrate_bn,
-    reorder_channels,
-)
+from .channels import ChannelGraph, ChannelGroup, SoftMask, prune_channels, recalibrate_bn, reorder_channels
 from .checkpoint import build_from_architecture, describe_architecture, load_checkpoint, save_checkpoint
 from .data import DATASETS, Split, Splits, load_dataset
 from .fusion import fold_batchnorm, inference_form
+from .importance import IMPORTANCES, BNScaleImportance, Importance, L1Importance, L2Importance, make_importance
 from .latency import LatencyTable
 from .metrics import count_flops, count_layer_flops, count_params, measure_latency, model_bytes
 from .models import MODELS, build_model

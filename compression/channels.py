@@ -1,9 +1,9 @@
-"""Channel machinery: prunable channel groups, importance criteria, soft masks, hard pruning.
+"""Channel machinery: prunable channel groups, soft masks, hard pruning.
 
 Channel groups come from torch-pruning's dependency graph, which traces the network and couples
 every layer that must lose the same channels (the convs and BNs feeding one residual add, the
 consumers reading them). A group is pruned as a unit; which of its channels go is the importance
-criterion's choice.
+criterion's choice (``prunegym.compression.importance``).
 
 Soft masks multiply the *inputs of a group's consumers* by a 0/1 vector. A zeroed input channel
 contributes nothing to any consumer, and the group's channels reach nothing else, so the soft-masked
@@ -23,6 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .importance import Importance
 from .metrics import count_layer_flops
 
 __all__ = [
@@ -31,12 +32,6 @@ __all__ = [
     "nearest_count",
     "in_channels",
     "out_channels",
-    "Importance",
-    "L1Importance",
-    "L2Importance",
-    "BNScaleImportance",
-    "IMPORTANCES",
-    "make_importance",
     "SoftMask",
     "prune_channels",
     "reorder_channels",
@@ -284,67 +279,6 @@ class ChannelGraph:
                 raise ValueError(f"group {group.name!r} has {group.num_channels} channels, cannot keep {k}")
             kept.append(torch.sort(ranking[: int(k)]).values)
         return kept
-
-
-# ---- importance criteria -----------------------------------------------------------------------
-class Importance:
-    """Scores a group's channels; higher means more important. Subclasses implement ``__call__``."""
-
-    name = "base"
-
-    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class _NormImportance(Importance):
-    p: int = 1
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-        modules = dict(model.named_modules())
-        score = torch.zeros(group.num_channels)
-        for name in group.producers:
-            weight = modules[name].weight.detach().float().flatten(1)
-            # Normalise per producer so that coupled layers of different fan-in weigh alike.
-            norms = weight.norm(p=self.p, dim=1) / weight.shape[1]
-            score += norms.cpu()
-        return score
-
-
-class L1Importance(_NormImportance):
-    """Li et al. 2017: the L1 norm of each output filter, summed over the group's producers."""
-
-    name = "l1"
-    p = 1
-
-
-class L2Importance(_NormImportance):
-    """The L2 norm of each output filter, summed over the group's producers."""
-
-    name = "l2"
-    p = 2
-
-
-class BNScaleImportance(Importance):
-    """Network slimming: |gamma| of the batch norms over the group's channels, summed."""
-
-    name = "bn_scale"
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-        if not group.norms:
-            raise ValueError(f"group {group.name!r} has no batch norm; use the l1 or l2 criterion")
-        modules = dict(model.named_modules())
-        return sum(modules[n].weight.detach().abs().float().cpu() for n in group.norms)
-
-
-IMPORTANCES: dict[str, type[Importance]] = {"l1": L1Importance, "l2": L2Importance, "bn_scale": BNScaleImportance}
-
-
-def make_importance(name: str) -> Importance:
-    if name not in IMPORTANCES:
-        raise ValueError(f"unknown importance {name!r}; expected one of {sorted(IMPORTANCES)}")
-    return IMPORTANCES[name]()
 
 
 # ---- soft masks ---------------------------------------------------------------------------------

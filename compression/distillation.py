@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .channels import ChannelGraph, L1Importance, prune_channels
+from .channels import ChannelGraph, prune_channels
+from .importance import L1Importance
 
 __all__ = ["Distillation", "kd_loss", "student_model"]
 

@@ -32,9 +32,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .channels import ChannelGraph, Importance, L1Importance, reorder_channels
+from .channels import ChannelGraph, reorder_channels
 from .dynamic_layer import DynamicLayer, compute_layer
 from .gated_layers import DynamicSpec, dynamic_spec
+from .importance import Importance, L1Importance
 
 __all__ = ["DynamicNetwork", "build_dynamic", "EXECUTION_MODES", "evaluate_dynamic"]
 

@@ -25,7 +25,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .channels import ChannelGraph, Importance
+from .channels import ChannelGraph
+from .importance import Importance
 from .metrics import count_flops, saved_bytes
 
 __all__ = [

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .channels import ChannelGraph, Importance, SoftMask, recalibrate_bn, reorder_channels
+from .channels import ChannelGraph, SoftMask, recalibrate_bn, reorder_channels
 from .checkpoint import describe_architecture, load_checkpoint, save_checkpoint
 from .data import Split, Splits
 from .distillation import kd_loss
+from .importance import Importance
 from .proxy import RECALIBRATION_BATCH
 from .training import cache_dir, cache_key, train_classifier
 

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 
-from prunegym.compression.channels import make_importance
 from prunegym.compression.data import Split, Splits, load_dataset
 from prunegym.compression.deciders import FEATURE_CLIP, Observation
 from prunegym.compression.dynamic import DynamicNetwork, build_dynamic
 from prunegym.compression.gated_layers import DynamicSpec
+from prunegym.compression.importance import make_importance
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
 from .reward import check_lam

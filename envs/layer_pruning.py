@@ -13,8 +13,9 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
-from prunegym.compression.channels import ChannelGraph, make_importance, nearest_count
+from prunegym.compression.channels import ChannelGraph, nearest_count
 from prunegym.compression.data import Splits, load_dataset
+from prunegym.compression.importance import make_importance
 from prunegym.compression.latency import LatencyTable
 from prunegym.compression.proxy import ProxyEvaluator
 from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model, width_choices

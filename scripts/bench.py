@@ -35,9 +35,10 @@ import torch
 from prunegym.agents.config import ENVS, TrainConfig
 from prunegym.agents.dynamic_bench import IMAGE_SIZE, bench_dynamic, format_dynamic
 from prunegym.agents.proxy_bench import PROXY_SOURCES, bench_finetune, bench_proxy, format_finetune, format_proxy
-from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
+from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.checkpoint import write_json
 from prunegym.compression.fusion import fold_batchnorm
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.latency import LatencyTable
 from prunegym.compression.metrics import (
     count_flops,

@@ -9,19 +9,15 @@ from helpers import randomize_bn
 from torch import nn
 
 from prunegym.compression.channels import (
-    IMPORTANCES,
-    BNScaleImportance,
     ChannelGraph,
-    L1Importance,
-    L2Importance,
     SoftMask,
     bn_state,
     load_bn_state,
-    make_importance,
     prune_channels,
     recalibrate_bn,
     reorder_channels,
 )
+from prunegym.compression.importance import IMPORTANCES, BNScaleImportance, L1Importance, L2Importance, make_importance
 from prunegym.compression.metrics import count_flops, count_params
 from prunegym.compression.models import build_model
 

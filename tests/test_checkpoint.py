@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
+from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.checkpoint import (
     atomic_path,
     build_from_architecture,
@@ -22,6 +22,7 @@ from prunegym.compression.checkpoint import (
     save_checkpoint,
     write_json,
 )
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.models import build_model
 
 SIZE = 8

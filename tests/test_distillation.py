@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from helpers import randomize_bn, trained_digits_cnn
 from torch import nn
 
-from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
+from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.data import Split, load_dataset
 from prunegym.compression.distillation import Distillation, kd_loss, student_model
 from prunegym.compression.dynamic import build_dynamic
 from prunegym.compression.gates import GateDecider, train_dynamic
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.metrics import count_flops
 from prunegym.compression.models import build_model
 from prunegym.compression.sparsity import slimming_penalty, uniform_keep_counts

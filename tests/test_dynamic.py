@@ -617,7 +617,8 @@ class _Branchy(nn.Module):
 
 
 def test_a_depthwise_conv_leaves_its_group_ungated_and_is_refused_by_name_in_reordering():
-    from prunegym.compression.channels import L1Importance, reorder_channels
+    from prunegym.compression.channels import reorder_channels
+    from prunegym.compression.importance import L1Importance
 
     class _Depthwise(nn.Module):
         def __init__(self):

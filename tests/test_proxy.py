@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import trained_digits_cnn
 
-from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels, recalibrate_bn
+from prunegym.compression.channels import ChannelGraph, prune_channels, recalibrate_bn
 from prunegym.compression.data import load_dataset
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator
 from prunegym.compression.sparsity import random_keep_counts
 from prunegym.compression.supernet import width_choices

@@ -11,10 +11,11 @@ import torch
 from helpers import randomize_bn, trained_digits_cnn
 from torch import nn
 
-from prunegym.compression.channels import ChannelGraph, L1Importance, prune_channels
+from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.checkpoint import describe_architecture
 from prunegym.compression.data import load_dataset
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.metrics import model_bytes, saved_bytes
 from prunegym.compression.models import build_model
 from prunegym.compression.quantization import (

@@ -13,8 +13,9 @@ import torch
 from helpers import randomize_bn, trained_digits_cnn
 from torch import nn
 
-from prunegym.compression.channels import BNScaleImportance, ChannelGraph, L1Importance, L2Importance, prune_channels
+from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.data import Split, load_dataset
+from prunegym.compression.importance import BNScaleImportance, L1Importance, L2Importance
 from prunegym.compression.metrics import count_flops, model_bytes
 from prunegym.compression.models import build_model
 from prunegym.compression.sparsity import (

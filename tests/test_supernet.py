@@ -8,8 +8,9 @@ import pytest
 import torch
 from helpers import trained_digits_cnn
 
-from prunegym.compression.channels import ChannelGraph, L1Importance, SoftMask, recalibrate_bn
+from prunegym.compression.channels import ChannelGraph, SoftMask, recalibrate_bn
 from prunegym.compression.data import load_dataset
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.supernet import (
     make_supernet,
     prefix_kept,
