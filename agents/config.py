@@ -175,8 +175,7 @@ class TrainConfig:
         if self.supernet_extremes and not self.supernet_epochs:
             raise ValueError(f"supernet_extremes={self.supernet_extremes} shapes the supernet's training; "
                              "it needs supernet_epochs > 0")
-        if not math.isfinite(self.capacity_weight) or self.capacity_weight < 0:
-            raise ValueError(f"capacity_weight must be a finite number >= 0, got {self.capacity_weight}")
+        check_lam(self.capacity_weight, "capacity_weight")
         if self.capacity_weight and self.flops_target is None and self.latency_target is None:
             raise ValueError(f"capacity_weight={self.capacity_weight} prices what a budget leaves unused; it needs "
                              "--flops-target or --latency-target")

@@ -159,9 +159,7 @@ class LayerPruningEnv(gym.Env):
         capacity_weight: float = 0.0,
     ):
         check_lam(lam)
-        if (isinstance(capacity_weight, bool) or not isinstance(capacity_weight, int | float)
-                or not math.isfinite(capacity_weight) or capacity_weight < 0):
-            raise ValueError(f"capacity_weight must be a finite number >= 0, got {capacity_weight!r}")
+        check_lam(capacity_weight, "capacity_weight")
         if capacity_weight and flops_target is None and latency_target is None:
             raise ValueError(f"capacity_weight={capacity_weight!r} prices what a budget leaves unused; it needs "
                              "flops_target or latency_target (without a budget the reward prices density with lam)")
