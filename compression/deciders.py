@@ -105,6 +105,9 @@ class PooledMLP:
         self.extras = first.shape[0] - channels - 1
         self.steps = [(layer.detach().float().numpy().copy(), None) if isinstance(layer, torch.Tensor)
                       else (None, _NUMPY_ACTIVATIONS[type(layer)]) for layer in (first, *layers)]
+        # what each step is: "matrix", or the activation's name ("tanh", "relu")
+        self.kinds = ["matrix" if isinstance(layer, torch.Tensor) else type(layer).__name__.lower()
+                      for layer in (first, *layers)]
         self.bounds = None if low is None else (low.float().numpy().copy(), high.float().numpy().copy())
         self._vectors: dict[int, tuple[Any, ...]] = {}
 
@@ -155,7 +158,11 @@ class FoldedDecider(nn.Module):
     decision after anything that may change them: ``to``, ``load_state_dict``, ``train`` and
     ``eval``. Call ``refresh()`` after editing a weight in place. ``folded(key, build)`` is what
     ``build()`` returns, built once per ``key`` until then; ``pooled(gate, features)`` is the
-    subclass's ``_pooled_mlp`` for one input's features, or None where the torch path decides."""
+    subclass's ``_pooled_mlp`` for one input's features, or None where the torch path decides.
+    ``decision`` says how an action follows from that MLP's outputs: ``argmax`` (a policy) or
+    ``leading_positive`` (the gates: the number of leading outputs above 0)."""
+
+    decision = "argmax"
 
     def refresh(self) -> None:
         self.__dict__["_folded"] = {}

@@ -62,6 +62,8 @@ class GateDecider(FoldedDecider):
     for a batch of one, a ``[B]`` tensor otherwise.
     """
 
+    decision = "leading_positive"
+
     def __init__(self, spec: DynamicSpec, hidden: int = 16):
         super().__init__()
         self.hidden = hidden

@@ -6,6 +6,12 @@ with torch.jit.load, no prunegym needed), onnx (model.onnx, dynamic batch axis; 
 package: pip install onnx). Every file is loaded back and checked against the model before the
 script reports success; ONNX outputs are compared too when onnxruntime is installed.
 
+A per-input run (`--env input`) exports as state_dict (the run's checkpoint: network, spec and
+decider; reload with prunegym.agents.load_inference_model's loader, load_dynamic) and torchscript
+(a scripted program with its control flow: each input's decisions made inside it; torch.jit.load
+runs it without prunegym and it returns (logits, actions, density)). Its check runs many inputs
+with different decisions against the Python model, one input at a time. ONNX is not offered for it.
+
 The ONNX file is written by torch's TorchScript-based exporter (torch.onnx.export(dynamo=False)),
 which needs only `onnx`; the newer torch.export-based exporter (the default) also needs `onnxscript`
 and is used only where the first is missing.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -25,7 +32,10 @@ import torch
 from torch import nn
 
 from prunegym.agents import load_inference_model
+from prunegym.agents.loading import load_dynamic
 from prunegym.compression.checkpoint import atomic_path, describe_architecture, load_checkpoint, save_checkpoint
+from prunegym.compression.dynamic import DynamicNetwork
+from prunegym.compression.dynamic_script import script_dynamic
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 FILE_NAMES = {"state_dict": "model_state.pt", "torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
@@ -86,6 +96,47 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, chec
         reloaded = torch.jit.load(str(path), map_location="cpu")
     for x in checks:
         _check_close(path.name, model(x), reloaded(x))
+
+
+def _varied_inputs(example: torch.Tensor, count: int = 64) -> torch.Tensor:
+    """``count`` random inputs of ``example``'s shape at scales from 0.1 to 10, so that a per-input
+    model's deciders see features of many sizes and take different decisions."""
+    generator = torch.Generator().manual_seed(1)
+    scales = torch.logspace(-1, 1, count).view(-1, *([1] * (example.dim() - 1)))
+    return torch.randn((count, *example.shape[1:]), generator=generator) * scales
+
+
+@torch.no_grad()
+def export_dynamic_state_dict(run_checkpoint: Path, path: Path, run_dir: Path, checks: torch.Tensor,
+                              trust_factory: bool = False) -> None:
+    """A per-input run's checkpoint (its unfolded network, spec and decider), checked by loading it back."""
+    model, arch, metadata = load_checkpoint(run_checkpoint, trust_factory=trust_factory)
+    save_checkpoint(path, model, arch, {**metadata, "exported_from": str(run_dir)})
+    original = load_dynamic(model, metadata)
+    reloaded_model, _, reloaded_metadata = load_checkpoint(path, trust_factory=trust_factory)
+    _check_close(path.name, original(checks, mode="loop"), load_dynamic(reloaded_model, reloaded_metadata)(
+        checks, mode="loop"))
+
+
+@torch.no_grad()
+def export_dynamic_torchscript(model: DynamicNetwork, path: Path, checks: torch.Tensor) -> int:
+    """Write the scripted per-input program and check its logits, decisions and densities against the
+    Python model run one input at a time; return how many distinct decision paths the check saw."""
+    scripted = script_dynamic(model, checks[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp))
+        reloaded = torch.jit.load(str(path), map_location="cpu")
+    expected = model(checks, mode="loop")
+    actions = torch.stack([torch.as_tensor(a) for a in model.last_actions], dim=1)
+    logits, got_actions, density = reloaded(checks)
+    _check_close(path.name, expected, logits)
+    if not torch.equal(got_actions, actions):
+        rows = int((got_actions != actions).any(dim=1).sum())
+        raise ExportError(f"{path.name} decides differently from the model on {rows} of {len(checks)} inputs")
+    _check_close(f"{path.name} (density)", model.last_density.double(), density)
+    return len({tuple(row) for row in actions.tolist()})
 
 
 def _onnx_legacy(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -166,15 +217,28 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
                                 "directory")
     model = load_inference_model(run_dir, trust_factory=trust_factory)  # BN folded: the architecture is the folded one
     _, trained_arch, metadata = load_checkpoint(checkpoint, trust_factory=trust_factory)
-    arch = describe_architecture(model, trained_arch["model"], trained_arch["in_channels"],
+    arch = describe_architecture(model if not isinstance(model, DynamicNetwork) else nn.Identity(),
+                                 trained_arch["model"], trained_arch["in_channels"],
                                  trained_arch["num_classes"], trained_arch["image_size"])
     example, batch = _inputs(arch)
     checks = (example, batch)
+    dynamic = isinstance(model, DynamicNetwork)
+    if dynamic and "onnx" in formats:
+        raise ValueError("a per-input run exports as state_dict or torchscript; ONNX is not offered for its "
+                         "per-input decisions")
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for fmt in formats:
         path = out / FILE_NAMES[fmt]
-        if fmt == "state_dict":
+        if dynamic and fmt == "state_dict":
+            export_dynamic_state_dict(checkpoint, path, run_dir, _varied_inputs(example), trust_factory)
+            note = "the run's per-input checkpoint; reloads with load_checkpoint and load_dynamic"
+        elif dynamic:
+            varied = _varied_inputs(example)
+            paths = export_dynamic_torchscript(model, path, varied)
+            note = (f"scripted with its decisions; reloaded and checked on {len(varied)} inputs one at a time "
+                    f"({paths} distinct decision paths): logits, actions and density")
+        elif fmt == "state_dict":
             export_state_dict(model, arch, {**metadata, "exported_from": str(run_dir)}, path, checks, trust_factory)
             note = "reloads with load_checkpoint"
         elif fmt == "torchscript":
@@ -187,11 +251,22 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
     return written
 
 
+def _is_per_input(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a per-input run (False where it cannot be read: export names the problem)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text())["config"]["env"] == "input"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     formats = list(FORMATS) if args.format == "all" else [args.format]
     if args.format == "all" and _optional_import("onnx") is None:
         print("note: skipping onnx: the onnx package is not installed (pip install onnx)")
+        formats.remove("onnx")
+    elif args.format == "all" and _is_per_input(args.run_dir):
+        print("note: skipping onnx: a per-input run exports as state_dict and torchscript")
         formats.remove("onnx")
     out = args.out if args.out is not None else args.run_dir / "export"
     try:

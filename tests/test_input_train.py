@@ -266,6 +266,29 @@ def test_resume_with_more_timesteps_continues(run_dir, tmp_path):
     assert len({f.parent for f in (target / "tb").rglob("events.out.tfevents.*")}) == 1
 
 
+# ---- export ----------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load
+def test_export_writes_a_scripted_per_input_model_that_decides_as_the_run_does(run_dir, tmp_path):
+    out = tmp_path / "export"
+    result = ok(subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--run-dir", str(run_dir),
+                                "--out", str(out)], capture_output=True, text=True, timeout=300))
+    assert "skipping onnx" in result.stdout and "decision paths" in result.stdout
+    scripted = torch.jit.load(str(out / "model.torchscript.pt"))
+    net = load_inference_model(run_dir)
+    scales = torch.logspace(-1, 1, 16).view(-1, 1, 1, 1)  # inputs whose features move the decisions
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * scales
+    with torch.no_grad():
+        expected = net(x, mode="loop")
+        logits, actions, density = scripted(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(actions, torch.stack([torch.as_tensor(a) for a in net.last_actions], dim=1))
+    torch.testing.assert_close(density, net.last_density.double())
+    refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--run-dir", str(run_dir),
+                              "--format", "onnx", "--out", str(tmp_path / "onnx")], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "ONNX is not offered" in refused.stderr
+
+
 # ---- command-line behaviour ----------------------------------------------------------------------
 def test_help_mentions_the_input_flags():
     result = ok(run_train("--help"))
