@@ -142,7 +142,7 @@ class PolicyDecider(FoldedDecider):
         (the same sums in another order, so equal up to float rounding)."""
         mlp = None if isinstance(spent, torch.Tensor) else self.pooled(gate, features)
         if mlp is not None:
-            return int(mlp(features, float(spent)).argmax())
+            return self.action(mlp(features, float(spent)))
         mean, std, weight, bias, spent_column, steps = self.folded((gate, features.shape[1]),
                                                                    lambda: self._fold(gate, features.shape[1]))
         if isinstance(spent, torch.Tensor):

@@ -179,14 +179,30 @@ class FoldedDecider(nn.Module):
         ``_pooled_mlp`` gives one."""
         if features.shape[0] != 1:
             return None
-        key = (gate, features.shape, features.dtype, features.device)
+        key = (gate, features.shape, features.dtype, features.is_cpu)
         cache = self.__dict__.setdefault("_folded", {})
         mlp = cache.get(key, False)  # at batch 1 this runs at every gated layer: one lookup
         if mlp is False:
-            _, shape, dtype, device = key
-            single = len(shape) == 4 and dtype == torch.float32 and device.type == "cpu"
+            _, shape, dtype, cpu = key
+            single = len(shape) == 4 and dtype == torch.float32 and cpu
             mlp = cache[key] = self._pooled_mlp(gate, shape) if single else None
         return mlp
+
+    def action(self, outputs: np.ndarray) -> int:
+        """The action from a ``PooledMLP``'s outputs, as ``decision`` says."""
+        if self.decision == "argmax":
+            return int(outputs.argmax())
+        opened = outputs > 0
+        return len(opened) if opened.all() else int(opened.argmin())
+
+    def decide_one(self, gate: int, features: torch.Tensor, spent: float) -> int:
+        """The action at gated layer ``gate`` for one input's ``features``, as an int: what ``forward``
+        decides (eval mode), by the ``PooledMLP`` where there is one. The batch-1 path calls this
+        directly: at batch 1 a module call costs as much as a decision's arithmetic."""
+        mlp = self.pooled(gate, features)
+        if mlp is None:
+            return int(self.forward(gate, features, spent))
+        return self.action(mlp(features, spent) if mlp.extras else mlp(features))
 
     def _pooled_mlp(self, gate: int, shape: torch.Size) -> PooledMLP | None:
         """The decision at ``gate`` as a ``PooledMLP`` for one input's features of ``shape``, or None."""

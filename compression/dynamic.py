@@ -10,9 +10,9 @@ single-input deciders).
 
 Execution runs in one of three ways:
 
-- ``slice`` (eval mode): one action per batch computes only the kept channels. A batch whose
-  inputs chose differently computes each layer at the batch's largest choice and zeroes the
-  channels an input did not keep where its consumers read them (exact, and one call per layer).
+- ``slice`` (eval mode): computes only the kept channels. A batch whose inputs chose differently
+  runs each layer in groups of inputs that chose alike, each at its own widths (a conv called once
+  per group); the channels an input did not keep are zeros in the layer's output.
 - ``loop``: a mixed batch run one input at a time through the slice path.
 - ``mask`` (train mode): every channel is computed and the consumers' inputs are multiplied by
   the keep mask, which may carry gradients (the gate baseline trains through it).
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .channels import ChannelGraph, reorder_channels
+from .deciders import FoldedDecider
 from .dynamic_layer import DynamicLayer, compute_layer
 from .gated_layers import DynamicSpec, dynamic_spec
 from .importance import Importance, L1Importance
@@ -60,6 +61,9 @@ class _Plan:
         self.net = net
         self.actions: list[Any] = list(actions) if actions is not None else [None] * len(net.spec.layers)
         self.decider = decider
+        # a single input's int decision, without the module call, where that decides the same
+        self.decide_one = decider.decide_one if isinstance(decider, FoldedDecider) and not decider.training \
+            and _without_hooks(decider) else None
         self.fractions: list[Any] = [None] * len(net.spec.layers)
         self.spent: Any = 0.0
         self._next_term = 0
@@ -97,8 +101,28 @@ def _add_into(a: torch.Tensor, b: Any) -> torch.Tensor:
     return a + b
 
 
+def _without_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module.forward`` does what calling ``module`` does: no hook of its own or global."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                    "_global_backward_pre_hooks")
+    return not any(getattr(module, name, None) for name in hooks) \
+        and not any(getattr(torch_module, name, None) for name in global_hooks)
+
+
 def _decide_one(plan: _Plan, gate: int, x: torch.Tensor) -> int:
     """The decision at gated layer ``gate`` for a single input, as the int to slice at."""
+    if plan.decide_one is not None and plan.actions[gate] is None:  # the decider's own fast path
+        plan._spend_until(gate)
+        action = plan.decide_one(gate, x, plan.spent)
+        fractions = plan.net._fractions[gate]
+        if not 0 <= action < len(fractions):
+            plan.net._check_action(gate, action)  # raises, naming the layer
+        plan.actions[gate] = action
+        plan.fractions[gate] = fractions[action]
+        return action
     action = plan.decide(gate, x)
     if isinstance(action, int):
         return action
@@ -184,6 +208,7 @@ class DynamicNetwork(nn.Module):
             ((order.get(name, len(spec.layers)), flops / spec.dense_flops, g_in, g_out)
              for name, flops, g_in, g_out in spec.costs), key=operator.itemgetter(0))
         self.register_buffer("_counts", torch.tensor([layer.counts for layer in spec.layers]), persistent=False)
+        self._fractions = [[count / layer.channels for count in layer.counts] for layer in spec.layers]
         self._plan: _Plan | None = None
         self._mode = "slice"
         self.last_actions: list[Any] = []

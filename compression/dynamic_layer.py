@@ -1,7 +1,9 @@
 """One conv or linear layer of a per-input network (``prunegym.compression.dynamic``), computed at
 the widths its gated layers keep: contiguous weight slices cut once per (kept outputs, kept inputs)
-pair, the batch-1 kernel chosen per slice (ATen, NNPACK, oneDNN), and in a mixed batch the channels
-an input did not keep zeroed where they are read."""
+pair, the batch-1 kernel chosen per slice (ATen, NNPACK, oneDNN). A mixed batch (inputs that chose
+differently) is computed in groups of inputs that chose alike, each group at its own widths; the
+channels an input did not keep are zeros in the layer's output. In mask mode (training) every
+channel is computed and those an input did not keep are zeroed where they are read."""
 
 from __future__ import annotations
 
@@ -107,13 +109,47 @@ class DynamicLayer(nn.Module):
             return self.layer(x)
         if self.gate_in < 0 and self.gate_out < 0:
             return self.layer(x) if mode == "mask" else self.compute(x, DENSE_KEY)
-        x, a_in = self.masked_input(x)
-        a_out = 0
-        if self.gate_out >= 0:
-            a_out, _ = net._resolve(plan, self.gate_out, mode, decide_from=x)
         if mode == "mask":
+            x, _ = self.masked_input(x)
+            if self.gate_out >= 0:
+                net._resolve(plan, self.gate_out, mode, decide_from=x)
             return self.layer(x)
-        return self.compute(x, (a_out, a_in))
+        a_in = _slice_action(plan.actions[self.gate_in]) if self.gate_in >= 0 else 0
+        a_out = _slice_action(plan.decide(self.gate_out, x)) if self.gate_out >= 0 else 0
+        if isinstance(a_out, int) and isinstance(a_in, int):
+            return self.compute(x, (a_out, a_in))
+        return self.compute_groups(x, a_out, a_in)
+
+    def compute_groups(self, x: torch.Tensor, a_out: Any, a_in: Any) -> torch.Tensor:
+        """A mixed batch: each group of inputs with the same (output, input) actions computed at its
+        own weight slice, reading the first inputs its slice has; the outputs as wide as the widest
+        group's, with zeros where an input's group kept fewer."""
+        batch = x.shape[0]
+        inputs = 1 + max(key[1] for key in self._slices)
+        key = torch.as_tensor(a_out) * inputs + torch.as_tensor(a_in)
+        key = key.expand(batch) if key.dim() == 0 else key
+        groups = [(divmod(int(k), inputs), (key == k).nonzero().squeeze(1)) for k in torch.unique(key)]
+        widths = [self._slices[actions][0].shape[0] for actions, _ in groups]
+        out = None
+        for (actions, rows), width in zip(groups, widths, strict=True):
+            part = self.compute(x[:, : self._slices[actions][0].shape[1]].index_select(0, rows), actions)
+            if out is None:
+                shape = (batch, max(widths), *part.shape[2:])
+                out = part.new_zeros(shape) if min(widths) < max(widths) else part.new_empty(shape)
+            (out if width == out.shape[1] else out[:, :width]).index_copy_(0, rows, part)
+        return out
+
+
+def _slice_action(action: Any) -> Any:
+    """An action to compute slices at: an int (the whole batch) or a ``[B]`` long tensor of
+    different actions (one that is the same for every input becomes that int)."""
+    if not isinstance(action, torch.Tensor):
+        return action
+    if action.dtype.is_floating_point:
+        raise ValueError("a keep mask over channel groups needs mask mode (train mode)")
+    if action.numel() > 0 and int(action.min()) == int(action.max()):
+        return int(action.reshape(-1)[0])
+    return action
 
 
 def compute_layer(layer: nn.Module, x: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:

@@ -86,8 +86,7 @@ class GateDecider(FoldedDecider):
         if not self.training:  # the number of leading open gates (logit > 0); no sigmoid
             mlp = self.pooled(gate, features)
             if mlp is not None:
-                opened = mlp(features) > 0
-                return int(opened.argmin()) if not opened.all() else len(opened)
+                return self.action(mlp(features))
             kept = (self.gates[gate].logits(features) > 0).cumprod(dim=1).sum(dim=1)
             return int(kept) if kept.shape[0] == 1 else kept
         logits = self.gates[gate].logits(features)

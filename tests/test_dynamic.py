@@ -279,6 +279,51 @@ def test_slice_loop_and_mask_modes_agree_on_a_mixed_batch(zoo, name):
     assert len(set(expected_density.round(9))) > 1  # ...and differently per input
 
 
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet20"])
+def test_a_mixed_batch_runs_in_groups_that_chose_alike_and_equals_each_input_alone(name, monkeypatch):
+    """64 inputs whose decider picks by their features: each layer computes every group of inputs with
+    the same (output, input) actions once, at that group's weight slice, and the outputs, actions
+    and densities are those of running each input alone."""
+    from prunegym.compression.dynamic_layer import DynamicLayer
+
+    def decider(gate, features, spent):  # from each input's own features; zero channels add nothing
+        level = features.flatten(1).sum(dim=1) / features[0, 0].numel()
+        return (level.abs() * 10).long() % 4
+
+    model = _zoo_model(name)
+    net, _, spec = build_dynamic(model, _inputs(name, 1), decider=decider)
+    net.eval()
+    x = _inputs(name, 64, seed=4) * torch.linspace(0.2, 3.0, 64).view(-1, 1, 1, 1)
+    calls = []
+    compute = DynamicLayer.compute
+
+    def recorded(self, xs, key):
+        calls.append((self, key, xs.shape[0]))
+        return compute(self, xs, key)
+
+    with torch.no_grad():
+        rows, expected_actions, expected_density = [], [], []
+        for i in range(64):
+            rows.append(net(x[i:i + 1]))
+            expected_actions.append([int(a) for a in net.last_actions])
+            expected_density.append(float(net.last_density))
+        monkeypatch.setattr(DynamicLayer, "compute", recorded)
+        out = net(x)
+    actions = torch.stack([torch.as_tensor(a).expand(64) for a in net.last_actions], dim=1)
+    torch.testing.assert_close(out, torch.cat(rows), atol=1e-5, rtol=1e-5)
+    assert actions.tolist() == expected_actions
+    np.testing.assert_allclose(np.asarray(net.last_density), expected_density, rtol=1e-6)
+    mixed = [g for g in range(len(spec.layers)) if len(set(actions[:, g].tolist())) > 1]
+    assert mixed, "the decider must split the batch somewhere"
+    for layer in {call[0] for call in calls}:
+        keys = [(key, n) for owner, key, n in calls if owner is layer]
+        a_out = actions[:, layer.gate_out] if layer.gate_out >= 0 else torch.zeros(64, dtype=torch.long)
+        a_in = actions[:, layer.gate_in] if layer.gate_in >= 0 else torch.zeros(64, dtype=torch.long)
+        pairs = list(zip(a_out.tolist(), a_in.tolist(), strict=True))
+        expected_groups = {pair: pairs.count(pair) for pair in set(pairs)}
+        assert dict(keys) == expected_groups and len(keys) == len(expected_groups)
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "resnet20", "vgg_small"])
 def test_slice_output_equals_the_physically_pruned_model(zoo, name):
     _, net, reordered, spec = zoo[name]
