@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "saved_bytes", "measure_latency",
-           "measure_latency_rounds", "measure_input_latency", "num_threads", "keep_freed_memory"]
+           "measure_latency_rounds", "latency_rounds", "measure_input_latency", "num_threads", "keep_freed_memory"]
 
 
 @torch.no_grad()
@@ -142,49 +142,60 @@ def measure_latency(
 def measure_latency_rounds(models: list[nn.Module], example_input: torch.Tensor, *, rounds: int = 3,
                            repeats: int = 50, warmup: int = 10, threads: int | None = None,
                            per_input: bool = False) -> list[float]:
-    """Each model's latency for comparing them: ``measure_latency`` (or, with ``per_input``,
-    ``measure_input_latency``: each input of ``example_input`` alone, as a batch of one) in
-    ``rounds`` rounds over all the models, the order reversed every other round, and the median of
-    each model's round results.
-
-    A slow spell of the machine then lands on every model's rounds alike instead of on whichever
-    model was being timed, so their ratios hold even when their absolute times drift.
-    """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    measure = measure_input_latency if per_input else measure_latency
-    results: list[list[float]] = [[] for _ in models]
-    order = list(range(len(models)))
-    for r in range(rounds):
-        for i in order if r % 2 == 0 else order[::-1]:
-            results[i].append(measure(models[i], example_input, repeats=repeats, warmup=warmup, threads=threads))
-    return [statistics.median(m) for m in results]
+    """Each model's latency for comparing them: the median over ``rounds`` of ``latency_rounds``."""
+    return [statistics.median(r) for r in latency_rounds(models, example_input, rounds=rounds, repeats=repeats,
+                                                         warmup=warmup, threads=threads, per_input=per_input)]
 
 
 @torch.no_grad()
+def latency_rounds(models: list[nn.Module], example_input: torch.Tensor, *, rounds: int = 3, repeats: int = 50,
+                   warmup: int = 10, threads: int | None = None, per_input: bool = False) -> list[list[float]]:
+    """Each model's latency in seconds in each of ``rounds`` rounds (``[model][round]``), the models
+    interleaved call by call: in a round each input is run ``repeats`` times by every model in turn,
+    the order rotating from call to call, so that a slow spell of the machine lands on every model
+    alike and their ratios hold even when absolute times drift. The input is ``example_input`` as
+    one batch, or with ``per_input`` each of its inputs alone (a batch of one: for models whose work
+    depends on the input). A model's round result is the median of its calls on each input,
+    averaged over the inputs. ``warmup`` untimed calls of each model on each input come first."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if repeats < 1 or warmup < 0 or len(example_input) < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and inputs, got repeats={repeats}, warmup={warmup}, "
+                         f"{len(example_input)} inputs")
+    inputs = [x[None] for x in example_input] if per_input else [example_input]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    results: list[list[float]] = [[] for _ in models]
+    try:
+        with num_threads(threads):
+            for _ in range(warmup):
+                for x in inputs:
+                    for m in models:
+                        m(x)
+            for _ in range(rounds):
+                times: list[list[list[float]]] = [[[] for _ in inputs] for _ in models]
+                for rep in range(repeats):
+                    for j, x in enumerate(inputs):
+                        first = (rep + j) % len(models)
+                        for i in [*range(first, len(models)), *range(first)]:
+                            start = time.perf_counter()
+                            models[i](x)
+                            times[i][j].append(time.perf_counter() - start)
+                for i, per_model in enumerate(times):
+                    results[i].append(statistics.fmean(statistics.median(t) for t in per_model))
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    return results
+
+
 def measure_input_latency(model: nn.Module, inputs: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
                           threads: int | None = None) -> float:
     """Batch-1 latency of a model whose work depends on its input: the mean over ``inputs`` (each
-    run alone, as a batch of one) of the median wall-clock seconds of its forward pass. Rounds go
-    over every input in turn, so a slow spell of the machine spreads over all of them."""
-    if repeats < 1 or warmup < 0 or len(inputs) < 1:
-        raise ValueError(f"need repeats >= 1, warmup >= 0 and inputs, got repeats={repeats}, warmup={warmup}, "
-                         f"{len(inputs)} inputs")
-    was_training = model.training
-    model.eval()
-    singles = [x[None] for x in inputs]
-    times: list[list[float]] = [[] for _ in singles]
-    with num_threads(threads):
-        for _ in range(warmup):
-            for x in singles:
-                model(x)
-        for _ in range(repeats):
-            for i, x in enumerate(singles):
-                start = time.perf_counter()
-                model(x)
-                times[i].append(time.perf_counter() - start)
-    model.train(was_training)
-    return statistics.fmean(statistics.median(t) for t in times)
+    run alone, as a batch of one) of the median wall-clock seconds of its forward pass."""
+    return latency_rounds([model], inputs, rounds=1, repeats=repeats, warmup=warmup, threads=threads,
+                          per_input=True)[0][0]
 
 
 @torch.no_grad()

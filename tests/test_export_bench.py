@@ -234,3 +234,20 @@ def test_export_to_a_file_is_refused_by_name(run_dir: Path, tmp_path: Path, cach
     target.write_text("x")
     done = _run("export.py", "--run-dir", run_dir, "--out", target, cache=cache, cwd=tmp_path)
     assert done.returncode == 2 and str(target) in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bench_dynamic_reports_each_ratio_with_its_spread_over_rounds():
+    from prunegym.agents.dynamic_bench import bench_dynamic, format_dynamic
+
+    r = bench_dynamic("digits_cnn", 4, 1, inputs=2, repeats=1, rounds=2, seed=0, tune=False, batch=8,
+                      batch_repeats=1)
+    for prefix, rows in (("b1", r["rows"]), ("b8", r["batch_rows"])):
+        for row in rows:
+            assert row[f"{prefix}_ratio_low"] <= row[f"{prefix}_ratio"] <= row[f"{prefix}_ratio_high"]
+            assert row[f"{prefix}_ratio_over_density"] == pytest.approx(row[f"{prefix}_ratio"] / row["density_mean"])
+            assert 0 < row["density_mean"] <= 1
+    export = r["rows"][-1]
+    assert export["model"].endswith("TorchScript export") and export["density_mean"] == r["rows"][1]["density_mean"]
+    assert r["batch_rows"][0]["density_std"] > 0  # random per-input actions: a mixed batch
+    text = format_dynamic(r)
+    assert "batch 1" in text and "batch 8, one mixed batch" in text and "spread" in text

@@ -92,27 +92,41 @@ def test_measure_latency_returns_a_positive_float():
     assert model.training  # the flag comes back
 
 
-def test_measure_latency_rounds_times_every_model_in_every_round(monkeypatch):
-    """Rounds alternate the order (a, b, then b, a, ...) and each model gets the median of its rounds."""
+class _Timed(nn.Module):
+    """A model that advances a fake clock by ``cost`` per input (times its first value, if ``scaled``)."""
+
+    def __init__(self, name: str, cost: float, clock: list[float], calls: list[str], scaled: bool = False):
+        super().__init__()
+        self.name, self.cost, self.clock, self.calls, self.scaled = name, cost, clock, calls, scaled
+
+    def forward(self, x):
+        self.calls.append(self.name)
+        self.clock[0] += self.cost * (float(x.reshape(-1)[0]) if self.scaled else x.shape[0])
+        return x
+
+
+def test_latency_rounds_interleave_the_models_call_by_call(monkeypatch):
+    """Every call of one model is followed by one of the other, the order rotating; a model's round
+    result is its median per input, averaged over the inputs; the rounds' median is the latency."""
+    import types
+
     import prunegym.compression.metrics as metrics
 
-    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    calls, fake = [], iter([1.0, 5.0, 6.0, 2.0, 3.0, 4.0])  # a: 1, 2, 3; b: 5, 6, 4
-
-    def timed(model, x, **kwargs):
-        calls.append("a" if model is a else "b")
-        return next(fake)
-
-    monkeypatch.setattr(metrics, "measure_latency", timed)
-    assert metrics.measure_latency_rounds([a, b], torch.randn(1, 2), rounds=3) == [2.0, 5.0]
-    assert calls == ["a", "b", "b", "a", "a", "b"]
+    clock, calls = [0.0], []
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    a, b = _Timed("a", 2.0, clock, calls), _Timed("b", 5.0, clock, calls)
+    assert metrics.latency_rounds([a, b], torch.ones(1, 2), rounds=2, repeats=3, warmup=1) == [[2.0, 2.0], [5.0, 5.0]]
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"] * 2
+    assert metrics.measure_latency_rounds([a, b], torch.ones(1, 2), rounds=3, repeats=2, warmup=0) == [2.0, 5.0]
+    inputs = torch.tensor([[1.0], [3.0]])  # per input: each alone; a scaled model costs cost * its value
+    c = _Timed("c", 1.0, clock, calls, scaled=True)
+    assert metrics.latency_rounds([c, a], inputs, rounds=1, repeats=2, warmup=0, per_input=True) == [[2.0], [2.0]]
+    assert metrics.measure_input_latency(c, inputs, repeats=1, warmup=0) == 2.0
     with pytest.raises(ValueError, match="rounds"):
-        metrics.measure_latency_rounds([a], torch.randn(1, 2), rounds=0)
-    calls.clear()
-    fake = iter([7.0, 8.0])
-    monkeypatch.setattr(metrics, "measure_input_latency", timed)  # per input: each input alone
-    assert metrics.measure_latency_rounds([a, b], torch.randn(4, 2), rounds=1, per_input=True) == [7.0, 8.0]
-    assert calls == ["a", "b"]
+        metrics.latency_rounds([a], torch.ones(1, 2), rounds=0)
+    with pytest.raises(ValueError, match="repeats=0"):
+        metrics.latency_rounds([a], torch.ones(1, 2), repeats=0)
+    assert a.training  # the mode each came in
 
 
 @pytest.mark.parametrize(("repeats", "warmup"), [(0, 1), (-1, 0), (3, -1)])
