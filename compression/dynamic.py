@@ -33,104 +33,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .channels import ChannelGraph, reorder_channels
-from .deciders import FoldedDecider
 from .dynamic_layer import DynamicLayer, compute_layer
+from .dynamic_plan import Decider, Plan, decide_one
 from .gated_layers import DynamicSpec, dynamic_spec
 from .importance import Importance, L1Importance
 
 __all__ = ["DynamicNetwork", "build_dynamic", "EXECUTION_MODES", "evaluate_dynamic"]
 
 EXECUTION_MODES = ("slice", "loop", "mask")
-Decider = Callable[[int, torch.Tensor, Any], Any]
-
-
-def _as_action(action: Any) -> Any:
-    """An int, a tensor, or None, from whatever a caller passed (numpy scalars and arrays too)."""
-    if isinstance(action, np.integer):
-        return int(action)
-    if isinstance(action, np.ndarray):
-        return torch.from_numpy(action)
-    return action
-
-
-class _Plan:
-    """The decisions of one forward pass: per gated layer the action (an int for the whole batch,
-    a ``[B]`` tensor, or a ``[B, G]`` keep mask over channel groups), and the FLOPs spent so far."""
-
-    def __init__(self, net: DynamicNetwork, actions: Sequence[Any] | None, decider: Decider | None):
-        self.net = net
-        self.actions: list[Any] = list(actions) if actions is not None else [None] * len(net.spec.layers)
-        self.decider = decider
-        # a single input's int decision, without the module call, where that decides the same
-        self.decide_one = decider.decide_one if isinstance(decider, FoldedDecider) and not decider.training \
-            and _without_hooks(decider) else None
-        self.fractions: list[Any] = [None] * len(net.spec.layers)
-        self.spent: Any = 0.0
-        self._next_term = 0
-
-    def _spend_until(self, gate: int) -> None:
-        terms = self.net._terms
-        while self._next_term < len(terms) and terms[self._next_term][0] < gate:
-            _, weight, g_in, g_out = terms[self._next_term]
-            f_in = 1.0 if g_in < 0 else self.fractions[g_in]
-            f_out = 1.0 if g_out < 0 else self.fractions[g_out]
-            self.spent = self.spent + weight * f_in * f_out
-            self._next_term += 1
-
-    def decide(self, gate: int, x: torch.Tensor) -> Any:
-        self._spend_until(gate)
-        action = _as_action(self.actions[gate])
-        if action is None:
-            if self.decider is None:
-                raise ValueError(f"no action for gated layer {gate} and no decider")
-            action = _as_action(self.decider(gate, x, self.spent))
-        self.net._check_action(gate, action)
-        self.actions[gate] = action
-        self.fractions[gate] = self.net._fraction(gate, action)
-        return action
-
-    def density(self) -> Any:
-        self._spend_until(len(self.net.spec.layers) + 1)
-        return self.spent
-
-
 def _add_into(a: torch.Tensor, b: Any) -> torch.Tensor:
     """``a + b``, written into ``a`` (a tensor nothing else reads) when that gives the same result."""
     if isinstance(b, torch.Tensor) and b.shape == a.shape and b.dtype == a.dtype:
         return a.add_(b)
     return a + b
-
-
-def _without_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module.forward`` does what calling ``module`` does: no hook of its own or global."""
-    from torch.nn.modules import module as torch_module
-
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                    "_global_backward_pre_hooks")
-    return not any(getattr(module, name, None) for name in hooks) \
-        and not any(getattr(torch_module, name, None) for name in global_hooks)
-
-
-def _decide_one(plan: _Plan, gate: int, x: torch.Tensor) -> int:
-    """The decision at gated layer ``gate`` for a single input, as the int to slice at."""
-    if plan.decide_one is not None and plan.actions[gate] is None:  # the decider's own fast path
-        plan._spend_until(gate)
-        action = plan.decide_one(gate, x, plan.spent)
-        fractions = plan.net._fractions[gate]
-        if not 0 <= action < len(fractions):
-            plan.net._check_action(gate, action)  # raises, naming the layer
-        plan.actions[gate] = action
-        plan.fractions[gate] = fractions[action]
-        return action
-    action = plan.decide(gate, x)
-    if isinstance(action, int):
-        return action
-    if action.dtype.is_floating_point:
-        raise ValueError("a keep mask over channel groups needs mask mode (train mode)")
-    if action.numel() != 1:
-        raise ValueError(f"one input needs one action per gated layer; gated layer {gate} got {action.numel()}")
-    return int(action.reshape(-1)[0])
 
 
 def _attach_children(module: nn.Module) -> None:
@@ -209,7 +124,7 @@ class DynamicNetwork(nn.Module):
              for name, flops, g_in, g_out in spec.costs), key=operator.itemgetter(0))
         self.register_buffer("_counts", torch.tensor([layer.counts for layer in spec.layers]), persistent=False)
         self._fractions = [[count / layer.channels for count in layer.counts] for layer in spec.layers]
-        self._plan: _Plan | None = None
+        self._plan: Plan | None = None
         self._mode = "slice"
         self.last_actions: list[Any] = []
         self.last_density: Any = None
@@ -245,7 +160,7 @@ class DynamicNetwork(nn.Module):
             return action @ sizes / layer.channels
         return self._counts[gate][action].to(torch.get_default_dtype()) / layer.channels
 
-    def _resolve(self, plan: _Plan, gate: int, mode: str, decide_from: torch.Tensor | None = None):
+    def _resolve(self, plan: Plan, gate: int, mode: str, decide_from: torch.Tensor | None = None):
         """(action index to slice at, per-input keep factors over channels or None)."""
         action = plan.decide(gate, decide_from) if decide_from is not None else plan.actions[gate]
         layer = self.spec.layers[gate]
@@ -269,9 +184,9 @@ class DynamicNetwork(nn.Module):
         keep = (torch.arange(layer.counts[top]) < self._counts[gate][action][:, None]).to(torch.get_default_dtype())
         return top, keep
 
-    def _batch1(self) -> Callable[[torch.fx.GraphModule, torch.Tensor, _Plan], torch.Tensor]:
+    def _batch1(self) -> Callable[[torch.fx.GraphModule, torch.Tensor, Plan], torch.Tensor]:
         """The slice path for a single input as straight-line code, built once: each gated layer's
-        decision is a call (``_decide_one``) whose int result the layers that produce and read its
+        decision is a call (``decide_one``) whose int result the layers that produce and read its
         channels slice their weights at, and a ReLU or residual add whose input only it reads
         writes into that input. At batch 1 an operator costs a few microseconds of dispatch, so the
         general path's per-layer plan lookups (``DynamicLayer.forward``) and extra allocations are
@@ -296,7 +211,7 @@ class DynamicNetwork(nn.Module):
             if isinstance(layer, DynamicLayer):
                 x = env[node.args[0]]
                 if layer.gate_out >= 0:
-                    decided[layer.gate_out] = graph.call_function(_decide_one, (plan, layer.gate_out, x))
+                    decided[layer.gate_out] = graph.call_function(decide_one, (plan, layer.gate_out, x))
                 key = tuple(decided[g] if g >= 0 else 0 for g in (layer.gate_out, layer.gate_in))
                 env[node] = graph.call_function(compute_layer, (graph.get_attr(node.target), x, key))
             elif owned and ((node.op == "call_function" and node.target in (torch.relu, F.relu))
@@ -421,7 +336,7 @@ class DynamicNetwork(nn.Module):
             return torch.cat(outs)
         if mode == "loop":
             mode = "slice"
-        plan = _Plan(self, actions, self.decider)
+        plan = Plan(self, actions, self.decider)
         if mode == "slice" and x.shape[0] == 1:
             out = self._batch1()(self.net, x, plan)
         else:
@@ -439,7 +354,7 @@ class DynamicNetwork(nn.Module):
         spent so far)`` and takes the action for it through ``send``; returns the logits (in
         ``StopIteration.value``), with ``last_actions`` and ``last_density`` set as by ``forward``.
         This is how an environment walks an input through the network."""
-        plan = _Plan(self, None, None)
+        plan = Plan(self, None, None)
         env: dict[torch.fx.Node, Any] = {}
         modules = self._called
 
