@@ -57,8 +57,8 @@ def batch_of_64(x: torch.Tensor) -> torch.Tensor:
 def static_latency(models: list[torch.nn.Module], x: torch.Tensor, threads: int,
                    rounds: int = 1) -> list[dict[str, float]]:
     """Batch-1 and batch-64 latency (median ms on the CPU) of each model, whose cost does not depend
-    on the input; with several models and ``rounds`` > 1 timed in alternating rounds
-    (``measure_latency_rounds``), so that their ratios hold when the machine has a slow spell."""
+    on the input; several models are timed interleaved call by call, the median of ``rounds``
+    rounds (``measure_latency_rounds``), so that their ratios hold when the machine has a slow spell."""
     b1 = measure_latency_rounds(models, x[:1], rounds=rounds, repeats=200, warmup=20, threads=threads)
     b64 = measure_latency_rounds(models, batch_of_64(x), rounds=rounds, repeats=50, warmup=5, threads=threads)
     return [{"latency_b1_ms": 1e3 * a, "latency_b64_ms": 1e3 * b} for a, b in zip(b1, b64, strict=True)]

@@ -38,7 +38,7 @@ LATENCY_INPUTS = 32  # test inputs the batch-1 latency is averaged over
 
 def _latencies(models: dict[str, torch.nn.Module], x: torch.Tensor, threads: int) -> dict[str, dict[str, float]]:
     """Batch-1 (averaged over the first ``LATENCY_INPUTS`` inputs) and batch-64 latency of each model,
-    the models timed in alternating rounds."""
+    the models timed interleaved call by call (``latency_rounds``)."""
     b1 = measure_latency_rounds(list(models.values()), x[:LATENCY_INPUTS], rounds=REPORT_ROUNDS, repeats=15,
                                 warmup=2, threads=threads, per_input=True)
     b64 = measure_latency_rounds(list(models.values()), batch_of_64(x), rounds=REPORT_ROUNDS, repeats=30,
@@ -153,7 +153,8 @@ def train_input(config, *, resume: bool = False, progress_bar: bool = False, log
         "notes": f"Dense model in its inference form ({folding}); the gated models run BN-folded with only "
                  "the kept channels computed. density = FLOPs kept per input / dense FLOPs (2 per multiply-add), "
                  "mean ± std over the test split. Latency: median ms on the CPU, "
-                 f"{config.threads} thread(s), the models timed in {REPORT_ROUNDS} alternating rounds; batch 1 "
+                 f"{config.threads} thread(s), the models timed interleaved call by call in {REPORT_ROUNDS} rounds; "
+                 "batch 1 "
                  f"averaged over {LATENCY_INPUTS} test inputs, and b1/density is the b1 ratio over those inputs' "
                  "mean density. Both gated "
                  f"models trained {max(1, config.finetune_epochs)} epochs after the base model (the network "

@@ -129,7 +129,8 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                    "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups]},
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
-                 f"{config.threads} thread(s), the models timed in {REPORT_ROUNDS} alternating rounds; accuracy "
+                 f"{config.threads} thread(s), the models timed interleaved call by call in {REPORT_ROUNDS} rounds; "
+                 "accuracy "
                  f"on the test split after {config.finetune_epochs} fine-tune epochs for every pruned model"
                  + (" (distilled from the dense model)." if config.distill else "."),
     }

@@ -8,9 +8,9 @@ episodes.
 
 latency: a zoo model (ResNet-20 by default) with random weights and random batch-norm statistics at
 32x32, pruned with one uniform keep ratio per FLOPs target (L1 importance), timed on the CPU at batch
-1 and batch 64 in this process with one thread count. Dense and pruned models are timed in
-alternating rounds and each model's latency is the median of its per-round medians, so drift on
-the machine does not bias the ratios. A ratio of latency ratio to FLOPs ratio of 1 means the
+1 and batch 64 in this process with one thread count. Dense and pruned models are timed
+interleaved call by call and each model's latency is the median of its per-round medians, so
+drift on the machine does not bias the ratios. A ratio of latency ratio to FLOPs ratio of 1 means the
 pruned model is as much faster as it is smaller; above 1 it gains less than its FLOPs promise.
 
 dynamic: batch-1 latency of per-input models against their mean FLOPs density
@@ -233,7 +233,7 @@ def format_latency(r: dict[str, Any]) -> str:
     if r["channel_multiple"] > 1:
         folded += f", channel counts multiples of {r['channel_multiple']}"
     lines = [f"latency vs FLOPs: {r['model']} (random weights and BN statistics; {folded}), input {r['input']}, CPU, "
-             f"{r['threads']} thread(s), median of {r['rounds']} alternating rounds of "
+             f"{r['threads']} thread(s), median of {r['rounds']} interleaved rounds of "
              f"{r['repeats_b1']} (b1) / {r['repeats_b64']} (b64) timed passes",
              f"dense: {d['flops']:,} FLOPs, {d['params']:,} params, b1 {d['latency_b1_ms']:.3f} ms, "
              f"b64 {d['latency_b64_ms']:.3f} ms"]
@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="proxy: save each fine-tuned accuracy in this folder as it is measured; a rerun with the "
                             "same folder and settings continues from them")
     parser.add_argument("--rounds", type=_positive_int, default=3,
-                        help="alternating rounds: dense and pruned models, or wrapped and bare env, take turns "
-                             "this many times (default: 3)")
+                        help="rounds: dense and pruned models (interleaved call by call), or wrapped and bare env "
+                             "(in alternating chunks), are timed this many times (default: 3)")
     return parser
 
 
