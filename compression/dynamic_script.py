@@ -41,8 +41,9 @@ class _SlicedLayer(nn.Module):
         self.inputs = max(k[1] for k in keys) + 1
         if keys != [(o, i) for o in range(len(keys) // self.inputs) for i in range(self.inputs)]:
             raise ValueError(f"the weight slices of a layer are not a full grid of actions: {keys}")
-        self.weights = [layer._slices[k][0].detach().clone() for k in keys]
-        self.biases = [torch.zeros(w.shape[0]) if layer._slices[k][1] is None else layer._slices[k][1].detach().clone()
+        # the slices as cut: those that keep every input are views of one weight, saved once
+        self.weights = [layer._slices[k][0].detach() for k in keys]
+        self.biases = [torch.zeros(w.shape[0]) if layer._slices[k][1] is None else layer._slices[k][1].detach()
                        for k, w in zip(keys, self.weights, strict=True)]
         self.conv = layer.conv
         inner = layer.layer
@@ -229,7 +230,9 @@ def _program(net: DynamicNetwork, decider: _Decider) -> torch.fx.GraphModule:
 def script_dynamic(net: DynamicNetwork, example: torch.Tensor) -> torch.jit.ScriptModule:
     """``net`` (eval mode, BN folded, a policy or gate decider) as a TorchScript program; see the
     module's docstring. ``example`` is an input of the network's shape (its batch size does not
-    matter); it fixes the spatial size the decision MLPs' pooling is folded for."""
+    matter); it fixes the spatial size the decision MLPs' pooling is folded for. The program holds
+    ``net``'s weight slices, sharing memory with those that are views of a weight: script again
+    after changing ``net``'s weights."""
     if not isinstance(net, DynamicNetwork):
         raise ValueError(f"script_dynamic needs a DynamicNetwork, got {type(net).__name__}")
     if net.training:
