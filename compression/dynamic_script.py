@@ -119,10 +119,9 @@ class _Decider(nn.Module):
 class _PerInput(nn.Module):
     """Runs a batch one input at a time through the single-input program."""
 
-    def __init__(self, single: torch.jit.ScriptModule, layers: int):
+    def __init__(self, single: torch.jit.ScriptModule):
         super().__init__()
         self.single = single
-        self.layers = layers
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits: list[torch.Tensor] = []
@@ -247,4 +246,4 @@ def script_dynamic(net: DynamicNetwork, example: torch.Tensor) -> torch.jit.Scri
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is marked deprecated; C++ still loads it
         # raised on torch.fx.GraphModule's own __init__, which scripting reads: nothing of ours
         warnings.filterwarnings("ignore", "The TorchScript type system doesn't support instance-level annotations")
-        return torch.jit.script(_PerInput(torch.jit.script(program), len(net.spec.layers)))
+        return torch.jit.script(_PerInput(torch.jit.script(program)))
