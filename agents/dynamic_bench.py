@@ -110,13 +110,13 @@ def bench_dynamic(model_name: str, groups: int, threads: int, inputs: int, repea
     for label, decider in deciders:
         models.append(network(decider))
         rows.append({"model": label, **_densities(models[-1], [x[i:i + 1] for i in range(inputs)])})
-    half = models[1 + min(1, groups - 1)]  # the policy preferring half the groups (or all, with fewer groups)
-    models.append(script_dynamic(half, x[:1]))
-    rows.append({**rows[min(1, groups - 1)], "model": f"{rows[min(1, groups - 1)]['model']}, TorchScript export"})
+    half = min(1, groups - 1)  # the row of the policy preferring half the groups (or all, with fewer groups)
+    models.append(script_dynamic(models[1 + half], x[:1]))
+    rows.append({**rows[half], "model": f"{rows[half]['model']}, TorchScript export"})
     if tune:  # the fair dense reference runs the same kernels: the dynamic path keeping everything
         models[0] = network(lambda g, f, s: groups - 1)
-    dense_b1 = _ratio_rows(rows, latency_rounds(models, x, rounds=rounds, repeats=repeats, warmup=2, threads=threads,
-                                     per_input=True), "b1")
+    timed = latency_rounds(models, x, rounds=rounds, repeats=repeats, warmup=2, threads=threads, per_input=True)
+    dense_b1 = _ratio_rows(rows, timed, "b1")
 
     # a mixed batch: inputs that decide differently at every gated layer
     xb = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)

@@ -36,6 +36,7 @@ class DynamicLayer(nn.Module):
             self.register_buffer("in_channel_of", in_channel_of, persistent=False)
         self._net = [net]  # a list, so the network is not registered as a submodule of itself
         self._slices: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.in_actions = 1  # how many input actions the slices are cut for (``refresh``)
         self.kernel: dict[tuple[int, int], str] = {}  # batch-1 kernel per slice when not ATen's (``tune``)
         self._channels_last: dict[tuple[int, int], torch.Tensor] = {}  # weights for the oneDNN kernel
         self.input_shape: tuple[int, ...] | None = None  # of a dense forward, recorded by ``tune``
@@ -55,6 +56,7 @@ class DynamicLayer(nn.Module):
         else:
             ins = (self.layer.weight.shape[1],)
         weight, bias = self.layer.weight.detach(), self.layer.bias
+        self.in_actions = len(ins)
         self._slices = {
             (a_out, a_in): (weight[:k_out, :k_in].contiguous(),
                             None if bias is None else bias.detach()[:k_out].contiguous())
@@ -125,7 +127,7 @@ class DynamicLayer(nn.Module):
         own weight slice, reading the first inputs its slice has; the outputs as wide as the widest
         group's, with zeros where an input's group kept fewer."""
         batch = x.shape[0]
-        inputs = 1 + max(key[1] for key in self._slices)
+        inputs = self.in_actions
         key = torch.as_tensor(a_out) * inputs + torch.as_tensor(a_in)
         key = key.expand(batch) if key.dim() == 0 else key
         groups = [(divmod(int(k), inputs), (key == k).nonzero().squeeze(1)) for k in torch.unique(key)]

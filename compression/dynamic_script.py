@@ -37,10 +37,8 @@ class _SlicedLayer(nn.Module):
 
     def __init__(self, layer: DynamicLayer):
         super().__init__()
-        keys = sorted(layer.keys())
-        self.inputs = max(k[1] for k in keys) + 1
-        if keys != [(o, i) for o in range(len(keys) // self.inputs) for i in range(self.inputs)]:
-            raise ValueError(f"the weight slices of a layer are not a full grid of actions: {keys}")
+        keys = sorted(layer.keys())  # every (output action, input action) pair: ``DynamicLayer.refresh``
+        self.inputs = layer.in_actions
         # the slices as cut: those that keep every input are views of one weight, saved once
         self.weights = [layer._slices[k][0].detach() for k in keys]
         self.biases = [torch.zeros(w.shape[0]) if layer._slices[k][1] is None else layer._slices[k][1].detach()

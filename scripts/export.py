@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from prunegym.agents import load_inference_model
+from prunegym.agents.config import load_config
 from prunegym.agents.loading import load_dynamic
 from prunegym.compression.checkpoint import atomic_path, describe_architecture, load_checkpoint, save_checkpoint
 from prunegym.compression.dynamic import DynamicNetwork
@@ -107,10 +107,10 @@ def _varied_inputs(example: torch.Tensor, count: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_dynamic_state_dict(run_checkpoint: Path, path: Path, run_dir: Path, checks: torch.Tensor,
-                              trust_factory: bool = False) -> None:
-    """A per-input run's checkpoint (its unfolded network, spec and decider), checked by loading it back."""
-    model, arch, metadata = load_checkpoint(run_checkpoint, trust_factory=trust_factory)
+def export_dynamic_state_dict(model: nn.Module, arch: dict[str, Any], metadata: dict[str, Any], path: Path,
+                              run_dir: Path, checks: torch.Tensor, trust_factory: bool = False) -> None:
+    """A per-input run's checkpoint as loaded (its unfolded network, spec and decider), checked by
+    loading it back."""
     save_checkpoint(path, model, arch, {**metadata, "exported_from": str(run_dir)})
     original = load_dynamic(model, metadata)
     reloaded_model, _, reloaded_metadata = load_checkpoint(path, trust_factory=trust_factory)
@@ -216,13 +216,14 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
         raise FileNotFoundError(f"{checkpoint} does not exist: the run is not finished, or {run_dir} is not a run "
                                 "directory")
     model = load_inference_model(run_dir, trust_factory=trust_factory)  # BN folded: the architecture is the folded one
-    _, trained_arch, metadata = load_checkpoint(checkpoint, trust_factory=trust_factory)
-    arch = describe_architecture(model if not isinstance(model, DynamicNetwork) else nn.Identity(),
-                                 trained_arch["model"], trained_arch["in_channels"],
-                                 trained_arch["num_classes"], trained_arch["image_size"])
+    trained, trained_arch, metadata = load_checkpoint(checkpoint, trust_factory=trust_factory)
+    dynamic = isinstance(model, DynamicNetwork)
+    arch = trained_arch if dynamic else describe_architecture(
+        model, trained_arch["model"], trained_arch["in_channels"], trained_arch["num_classes"],
+        trained_arch["image_size"])
     example, batch = _inputs(arch)
     checks = (example, batch)
-    dynamic = isinstance(model, DynamicNetwork)
+    varied = _varied_inputs(example)
     if dynamic and "onnx" in formats:
         raise ValueError("a per-input run exports as state_dict or torchscript; ONNX is not offered for its "
                          "per-input decisions")
@@ -231,10 +232,9 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
     for fmt in formats:
         path = out / FILE_NAMES[fmt]
         if dynamic and fmt == "state_dict":
-            export_dynamic_state_dict(checkpoint, path, run_dir, _varied_inputs(example), trust_factory)
+            export_dynamic_state_dict(trained, trained_arch, metadata, path, run_dir, varied, trust_factory)
             note = "the run's per-input checkpoint; reloads with load_checkpoint and load_dynamic"
         elif dynamic:
-            varied = _varied_inputs(example)
             paths = export_dynamic_torchscript(model, path, varied)
             note = (f"scripted with its decisions; reloaded and checked on {len(varied)} inputs one at a time "
                     f"({paths} distinct decision paths): logits, actions and density")
@@ -254,7 +254,7 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
 def _is_per_input(run_dir: Path) -> bool:
     """Whether ``run_dir`` is a per-input run (False where it cannot be read: export names the problem)."""
     try:
-        return json.loads((run_dir / "config.json").read_text())["config"]["env"] == "input"
+        return load_config(run_dir).env == "input"
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
