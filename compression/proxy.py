@@ -3,11 +3,15 @@
 A candidate is one keep count per channel group; its channels are the group's ``ranking`` prefix.
 ``ProxyEvaluator`` scores it on a split (the reward split, in a search) in one of two ways:
 
-- soft-masked (``finetune_steps=0``): the model with the candidate's channels masked, its batch-norm
-  statistics re-estimated on ``recalibration_batches`` train batches. The soft-masked model computes
-  exactly what the hard-pruned one does, so with many batches this is EagleEye's "adaptive BN".
-- short-term fine-tuned (NetAdapt): the candidate pruned for real and trained ``finetune_steps``
-  batches of 64 on the train split, the same batches for every candidate.
+- BN-recalibrated (``finetune_steps=0``): the candidate's sub-network with its batch-norm statistics
+  re-estimated on ``recalibration_batches`` train batches; with many batches this is EagleEye's
+  "adaptive BN".
+- short-term fine-tuned (NetAdapt): the candidate's sub-network trained ``finetune_steps`` batches
+  of 64 on the train split, the same batches for every candidate.
+
+The sub-network is sliced from the model (``ChannelSlicer``), so a candidate costs what its width
+costs; a model with layers the slicer cannot slice is soft-masked instead (``SoftMask``), which
+computes the same outputs at the full width's cost.
 
 Either way it reports the cross-entropy (``loss``), the ``accuracy``, and the ``distillation`` loss:
 the KL divergence from the full model's predictions on the same images (T = 1).
@@ -25,6 +29,7 @@ from torch import nn
 
 from .channels import ChannelGraph, SoftMask, bn_state, load_bn_state, prune_channels, recalibrate_bn
 from .data import Split
+from .slicing import ChannelSlicer, unsliceable
 from .training import train_classifier
 
 __all__ = ["ProxyEvaluator", "RECALIBRATION_BATCH"]
@@ -54,7 +59,8 @@ class ProxyEvaluator:
         self.finetune_lr = float(finetune_lr)
         self.seed = int(seed)
         self.device = device or next(model.parameters()).device
-        self._mask = SoftMask(model, graph)
+        self._slicer = None if unsliceable(model) else ChannelSlicer(model, graph)
+        self._mask = SoftMask(model, graph) if self._slicer is None else None
         self._bn_state = bn_state(model)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
         b = RECALIBRATION_BATCH
@@ -97,11 +103,15 @@ class ProxyEvaluator:
         kept = self.kept_channels(keep_counts)
         self._teacher_log_probs(split)  # computed with no mask, before any candidate's
         if self.finetune_steps:
-            pruned = prune_channels(self.model, self.graph, kept)
+            pruned = self._slicer(kept) if self._slicer else prune_channels(self.model, self.graph, kept)
             with torch.enable_grad():
                 train_classifier(pruned, self.train, epochs=0, lr=self.finetune_lr, seed=self.seed,
                                  device=self.device, max_steps=self.finetune_steps)
             return self._scores(pruned, split)
+        if self._slicer:
+            sub = self._slicer(kept)
+            recalibrate_bn(sub, self._recalibration)
+            return self._scores(sub, split)
         self._mask.set(kept)
         try:
             recalibrate_bn(self.model, self._recalibration)
@@ -111,6 +121,7 @@ class ProxyEvaluator:
             load_bn_state(self.model, self._bn_state)
 
     def close(self) -> None:
-        """Detach the soft-mask hooks from the model; the evaluator scores nothing after."""
-        self._mask.remove()
+        """Detach the soft-mask hooks from the model, if any; the evaluator scores nothing after."""
+        if self._mask is not None:
+            self._mask.remove()
         self.closed = True
