@@ -17,10 +17,12 @@ convolution, a PReLU), for which ``prune_channels`` or the soft mask is the way.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .channels import ChannelGraph, _remove_soft_mask_hooks, in_channels
 
@@ -80,37 +82,63 @@ class ChannelSlicer:
             keep[positions[dropped[channels]]] = False
         return keep.nonzero().flatten()
 
-    @torch.no_grad()
-    def __call__(self, kept: Sequence[torch.Tensor]) -> nn.Module:
+    def _check(self, kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(kept) != len(self.graph.groups):
             raise ValueError(f"need kept channels for {len(self.graph.groups)} groups, got {len(kept)}")
         kept = [torch.as_tensor(k, dtype=torch.long).sort().values for k in kept]
         for group, k in zip(self.graph.groups, kept, strict=True):
             if len(k) == 0:
                 raise ValueError(f"cannot prune every channel of group {group.name!r}")
-        sub = _shell(self._template)
-        targets = dict(sub.named_modules())
+        return kept
+
+    def _slices(self, kept: list[torch.Tensor]) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
+        """(layer, attribute, the model's tensor, its slice) for every tensor of every layer; a slice
+        of a parameter keeps its autograd history (gradients reach the model), an unsliced tensor
+        is the model's own."""
         for name in self._layers:
-            source, target = self._sources[name], targets[name]
+            source = self._sources[name]
             group = self._producers.get(name)
             device = _device(source)
             out_idx = None if group is None else kept[group.index].to(device)
             in_idx = self._input_positions(name, kept)
             in_idx = None if in_idx is None else in_idx.to(device)
-            for store, own in ((target._parameters, source._parameters), (target._buffers, source._buffers)):
-                for attr, tensor in own.items():
-                    if tensor is None:
-                        continue
-                    value, sliced = tensor.detach(), False
-                    if out_idx is not None and value.dim() > 0:
-                        value, sliced = value.index_select(0, out_idx), True
-                    if in_idx is not None and value.dim() > 1:
-                        value, sliced = value.index_select(1, in_idx), True
-                    value = value if sliced else value.clone()
-                    store[attr] = nn.Parameter(value, tensor.requires_grad) if store is target._parameters else value
-            _set_widths(target)
+            for attr, tensor in (*source._parameters.items(), *source._buffers.items()):
+                if tensor is None:
+                    continue
+                value = tensor
+                if out_idx is not None and value.dim() > 0:
+                    value = value.index_select(0, out_idx)
+                if in_idx is not None and value.dim() > 1:
+                    value = value.index_select(1, in_idx)
+                yield name, attr, tensor, value
+
+    @torch.no_grad()
+    def __call__(self, kept: Sequence[torch.Tensor]) -> nn.Module:
+        sub = _shell(self._template)
+        targets = dict(sub.named_modules())
+        for name, attr, tensor, value in self._slices(self._check(kept)):
+            target = targets[name]
+            value = value.clone() if value is tensor else value  # a slice is a new tensor already
+            if attr in target._parameters:
+                target._parameters[attr] = nn.Parameter(value, tensor.requires_grad)
+            else:
+                target._buffers[attr] = value
+        for name in self._layers:
+            _set_widths(targets[name])
         sub.train(self.model.training)
         return sub
+
+    def forward(self, kept: Sequence[torch.Tensor], *args: Any) -> Any:
+        """The candidate's sub-network applied to ``args``, differentiable with respect to the model's
+        parameters: how a supernet trains its widths at each width's cost. In training mode its
+        batch norms use the batch's statistics and leave the model's running statistics as they are."""
+        tensors = {}
+        for name, attr, _, value in self._slices(self._check(kept)):
+            if attr not in self._sources[name]._parameters:
+                value = value.detach().clone()  # running statistics: the call's own
+            tensors[f"{name}.{attr}" if name else attr] = value
+        self._template.train(self.model.training)
+        return functional_call(self._template, tensors, args)
 
 
 def _device(module: nn.Module) -> torch.device:

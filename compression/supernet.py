@@ -12,8 +12,9 @@ candidate, evaluated with its batch-norm statistics re-estimated (``recalibrate_
 to what it is worth, and the pruned model is the candidate's prefix of the supernet's weights,
 fine-tuned.
 
-The widths are sampled through the channel core's soft masks, so any model the channel graph
-understands trains as a supernet, at the dense model's cost per width.
+Each sampled width runs as its sliced sub-network (``ChannelSlicer.forward``), at its own cost, with
+gradients reaching the shared weights; a model with layers the slicer cannot slice runs its widths
+soft-masked, at the full width's cost, with the same gradients.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .data import Split, Splits
 from .distillation import kd_loss
 from .importance import Importance
 from .proxy import RECALIBRATION_BATCH
+from .slicing import ChannelSlicer, unsliceable
 from .training import cache_dir, cache_key, train_classifier
 
 __all__ = ["SUPERNET_LR", "SUPERNET_CANDIDATES", "prefix_kept", "width_choices", "sample_keep_counts",
@@ -91,23 +93,32 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
     choices = width_choices(graph, min_keep)
     narrowest = prefix_kept([c[0] for c in choices])
     rng = np.random.default_rng(seed)
-    mask = SoftMask(model, graph)
+    # A width trains on its sliced sub-network, at its own cost; a model the slicer cannot slice soft-masked.
+    slicer = None if unsliceable(model) else ChannelSlicer(model, graph)
+    mask = SoftMask(model, graph) if slicer is None else None
+
+    def at_width(net: nn.Module, kept: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if slicer is not None:
+            return slicer.forward(kept, x)
+        mask.set(kept)
+        try:
+            return net(x)
+        finally:
+            mask.set(None)
 
     def sandwich(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        mask.set(None)
         logits = net(x)
         loss = nn.functional.cross_entropy(logits, y)
         target = logits.detach()
         for kept in [narrowest] + [prefix_kept(sample_keep_counts(choices, rng, extremes)) for _ in range(candidates)]:
-            mask.set(kept)
-            loss = loss + kd_loss(net(x), target, y, temperature=1.0, alpha=1.0)
-        mask.set(None)
+            loss = loss + kd_loss(at_width(net, kept, x), target, y, temperature=1.0, alpha=1.0)
         return loss
 
     try:
         train_classifier(model, split, epochs=epochs, lr=lr, seed=seed, device=device, loss_fn=sandwich)
     finally:
-        mask.remove()
+        if mask is not None:
+            mask.remove()
     if epochs == 0:
         return model.eval()
     # Training mixed every width into the running statistics; the full width gets its own back.

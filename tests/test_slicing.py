@@ -114,3 +114,30 @@ def test_bad_candidates_are_refused():
     kept[1] = torch.arange(0)
     with pytest.raises(ValueError, match=f"cannot prune every channel of group '{graph.groups[1].name}'"):
         slicer(kept)
+
+
+@pytest.mark.parametrize("name,channels,size", [("digits_cnn", 1, 8), ("resnet20", 3, 16)])
+def test_forward_at_a_width_has_the_soft_masked_gradients(name, channels, size):
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(name, channels, 10), 0).train()
+    x, y = torch.randn(6, channels, size, size), torch.randint(0, 10, (6,))
+    graph = ChannelGraph(model, x[:1])
+    kept = [torch.arange(max(1, n // 3)) for n in graph.num_channels]
+    running = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    sliced = gradients(nn.functional.cross_entropy(ChannelSlicer(model, graph).forward(kept, x), y))
+    for k, v in model.state_dict().items():  # the sub-network's batch statistics stay its own
+        if "running" in k:
+            assert torch.equal(v, running[k]), k
+    mask = SoftMask(model, graph)
+    mask.set(kept)
+    masked = gradients(nn.functional.cross_entropy(model(x), y))
+    mask.remove()
+    for (n, _), a, b in zip(model.named_parameters(), sliced, masked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+    assert any(g.abs().sum() > 0 for g in sliced)
