@@ -41,7 +41,10 @@ class ProxyEvaluator:
     """Scores keep counts of ``model`` (whose channel graph is ``graph``) on a split.
 
     ``ranking[g]`` lists group g's channels, most important first; a candidate keeps its prefix.
-    ``model`` is left as it was after every call (masks off, batch-norm statistics restored).
+    ``model`` is left as it was after every call (masks off, batch-norm statistics restored), and
+    must not change while the evaluator is in use: its full-width predictions and every candidate's
+    scores are remembered, so a candidate a search visits again costs nothing (``evaluations``
+    counts the candidates computed).
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, ranking: Sequence[torch.Tensor], train: Split, *,
@@ -67,6 +70,8 @@ class ProxyEvaluator:
         self._recalibration = [train.x[order[i * b:(i + 1) * b]].to(self.device)
                                for i in range(self.recalibration_batches) if i * b < len(train)]
         self._teacher: dict[Split, torch.Tensor] = {}  # the full model's log-probabilities, per split
+        self._scored: dict[tuple[Split, tuple[int, ...]], dict[str, float]] = {}
+        self.evaluations = 0
         self.closed = False
 
     def kept_channels(self, keep_counts: Sequence[int] | np.ndarray) -> list[torch.Tensor]:
@@ -100,6 +105,13 @@ class ProxyEvaluator:
         """``loss``, ``accuracy`` and ``distillation`` of the candidate on ``split``."""
         if self.closed:
             raise RuntimeError("this ProxyEvaluator was closed: its masks are off the model")
+        key = (split, tuple(int(k) for k in keep_counts))
+        if key not in self._scored:
+            self._scored[key] = self._compute(keep_counts, split)
+            self.evaluations += 1
+        return dict(self._scored[key])
+
+    def _compute(self, keep_counts: Sequence[int] | np.ndarray, split: Split) -> dict[str, float]:
         kept = self.kept_channels(keep_counts)
         self._teacher_log_probs(split)  # computed with no mask, before any candidate's
         if self.finetune_steps:

@@ -46,6 +46,22 @@ def test_soft_masked_score_is_the_hard_pruned_model_recalibrated(setup):
     proxy.close()
 
 
+def test_a_candidate_seen_before_is_not_scored_again(setup):
+    splits, model, graph, ranking = setup
+    proxy = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=2)
+    first = proxy(np.array([5, 9, 12, 20]), splits.reward)
+    first["loss"] = -1.0  # the caller's copy
+    again = proxy([5, 9, 12, 20], splits.reward)
+    assert proxy.evaluations == 1 and again["loss"] > 0
+    fresh = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=2)
+    assert fresh([5, 9, 12, 20], splits.reward) == again  # what computing it again gives
+    proxy([5, 9, 12, 20], splits.test)
+    proxy([5, 9, 12, 19], splits.reward)
+    assert proxy.evaluations == 3
+    proxy.close()
+    fresh.close()
+
+
 def test_distillation_is_zero_for_the_full_model_and_grows_as_it_narrows(setup):
     splits, model, graph, ranking = setup
     unchanged = ProxyEvaluator(model, graph, ranking, splits.train, recalibration_batches=0)
