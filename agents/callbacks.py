@@ -15,7 +15,9 @@ __all__ = ["PruningCallback", "InputPruningCallback", "ResumableCheckpointCallba
 
 
 class PruningCallback(BaseCallback):
-    """Logs every finished pruning episode and remembers the best one (AMC exports the best episode).
+    """Logs every finished pruning episode and remembers the best one (AMC exports the best episode),
+    and the ``top`` best distinct allocations, for a job that checks them against a measurement
+    before it keeps one (a latency budget measured, not predicted).
 
     Scalars, averaged over the episodes between two dumps: ``pruning/episode_reward``,
     ``pruning/accuracy``, ``pruning/loss``, ``pruning/density``, ``pruning/flops_ratio``; and
@@ -23,12 +25,17 @@ class PruningCallback(BaseCallback):
     ``hparams`` are logged once, at the start of training.
     """
 
-    def __init__(self, group_names: list[str], hparams: dict[str, Any] | None = None, verbose: int = 0):
+    def __init__(self, group_names: list[str], hparams: dict[str, Any] | None = None, verbose: int = 0,
+                 top: int = 10):
         super().__init__(verbose)
+        if not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be an int >= 1, got {top!r}")
         self.group_names = group_names
         self.hparams = hparams or {}
         self.episodes = 0
         self.best: dict[str, Any] | None = None  # info of the best episode, with its reward
+        self.keep = top
+        self.top: list[dict[str, Any]] = []  # the best episodes of distinct keep counts, best first
 
     def _on_training_start(self) -> None:
         if self.hparams and self.episodes == 0:
@@ -49,10 +56,13 @@ class PruningCallback(BaseCallback):
             self.logger.record_mean("pruning/episode_reward", reward)
             for key in ("accuracy", "loss", "density", "flops_ratio"):
                 self.logger.record_mean(f"pruning/{key}", float(info[key]))
+            episode = {"reward": reward, "episode": self.episodes, "timestep": int(self.num_timesteps),
+                       **{k: info[k] for k in ("accuracy", "loss", "density", "flops", "flops_ratio",
+                                               "params", "keep_ratios", "keep_counts")},
+                       **({"latency_ratio": info["latency_ratio"]} if "latency_ratio" in info else {})}
             if self.best is None or reward > self.best["reward"]:
-                self.best = {"reward": reward, "episode": self.episodes, "timestep": int(self.num_timesteps),
-                             **{k: info[k] for k in ("accuracy", "loss", "density", "flops", "flops_ratio",
-                                                     "params", "keep_ratios", "keep_counts")}}
+                self.best = episode
+            self._remember(episode)
         if ended:  # the best episode can only change when an episode ends
             self.logger.record("pruning/best_reward", self.best["reward"])
             self.logger.record("pruning/episodes", self.episodes)
@@ -63,12 +73,25 @@ class PruningCallback(BaseCallback):
     def _on_training_end(self) -> None:
         self.logger.dump(self.num_timesteps)
 
+    def _remember(self, episode: dict[str, Any]) -> None:
+        counts = list(episode["keep_counts"])
+        same = next((i for i, e in enumerate(self.top) if list(e["keep_counts"]) == counts), None)
+        if same is not None:
+            if self.top[same]["reward"] >= episode["reward"]:
+                return
+            del self.top[same]
+        self.top.append(episode)
+        self.top.sort(key=lambda e: -e["reward"])  # stable: of equal rewards, the earlier first
+        del self.top[self.keep:]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"episodes": self.episodes, "best": self.best}
+        return {"episodes": self.episodes, "best": self.best, "top": self.top}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.episodes = int(state["episodes"])
         self.best = state["best"]
+        # A run saved before the list was kept resumes with its best episode as the list.
+        self.top = list(state.get("top", [] if self.best is None else [self.best]))
 
 
 class InputPruningCallback(BaseCallback):

@@ -8,6 +8,7 @@ budget also ``latency_greedy.pt``, the widest counts the latency table fits in t
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -21,16 +22,29 @@ from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from prunegym.compression.channels import prune_channels
 from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
+from prunegym.compression.fusion import inference_form
 from prunegym.compression.latency import widest_within
+from prunegym.compression.metrics import measure_latency_rounds
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import resolve_device, train_classifier
 from prunegym.envs import LayerPruningEnv
 
 from .callbacks import PruningCallback
 from .config import TrainConfig, env_kwargs
-from .job import REPORT_ROUNDS, add_ratios, distillation, finish_report, measure_models, results_table, search
+from .job import (
+    REPORT_ROUNDS,
+    add_ratios,
+    batch_of_64,
+    distillation,
+    finish_report,
+    measure_models,
+    results_table,
+    search,
+)
 
-__all__ = ["format_report", "parallel_envs", "train_layer"]
+__all__ = ["format_report", "measured_latency_check", "parallel_envs", "train_layer"]
+
+LATENCY_CHECK_ROUNDS = 3
 
 
 def _layer_env(kwargs: dict[str, Any], device: str, threads: int) -> Monitor:
@@ -43,6 +57,48 @@ def parallel_envs(kwargs: dict[str, Any], n: int, device: torch.device) -> Subpr
     the CPUs, stepped together (SB3's ``SubprocVecEnv``; SB3 seeds copy i with the agent's seed + i)."""
     threads = max(1, (os.cpu_count() or 1) // n)
     return SubprocVecEnv([functools.partial(_layer_env, kwargs, str(device), threads) for _ in range(n)])
+
+
+def _candidates(final: tuple[str, float, dict[str, Any]], top: list[dict[str, Any]]) -> list[tuple[str, float, dict]]:
+    """The final deterministic policy and the search's best distinct allocations, best reward first
+    (of equal rewards, the final policy), each allocation once."""
+    candidates = [final] + [("best search episode" if i == 0 else f"search episode {e['episode']}", e["reward"], e)
+                            for i, e in enumerate(top)]
+    candidates.sort(key=lambda c: -c[1])
+    seen: set[tuple[int, ...]] = set()
+    unique = []
+    for c in candidates:
+        counts = tuple(int(k) for k in c[2]["keep_counts"])
+        if counts not in seen:
+            seen.add(counts)
+            unique.append(c)
+    return unique
+
+
+def measured_latency_check(env: LayerPruningEnv, candidates: list[tuple[str, float, dict]], threads: int,
+                           log: Any) -> dict[str, Any]:
+    """Measure the batch-64 latency ratio of each candidate (best reward first; pruned from the
+    searched model, in its inference form) to the dense model's, all timed together, and choose the
+    first within ``env.latency_target``: the latency table predicts a candidate's latency from its
+    layers timed alone, and a candidate it puts inside the budget can run outside it (NetAdapt
+    measures instead). When none is within it, the one measured fastest, said so in the log."""
+    dense, _ = inference_form(copy.deepcopy(env.dense))
+    forms = [inference_form(prune_channels(env.model, env.graph, env.kept_channels(np.asarray(info["keep_counts"]))))[0]
+             for _, _, info in candidates]
+    seconds = measure_latency_rounds([dense, *forms], batch_of_64(env.splits.train.x), rounds=LATENCY_CHECK_ROUNDS,
+                                     repeats=10, warmup=2, threads=threads)
+    ratios = [s / seconds[0] for s in seconds[1:]]
+    within = [i for i, r in enumerate(ratios) if r <= env.latency_target]
+    chosen = within[0] if within else int(np.argmin(ratios))
+    log(f"latency check: {len(candidates)} best allocations of the search timed (batch 64, {threads} thread(s)): "
+        + ", ".join(f"{r:.3f}" for r in ratios) + " of the dense latency; "
+        + (f"keeping #{chosen + 1}, the best reward within the budget {env.latency_target}" if within else
+           f"none within the budget {env.latency_target}: keeping the fastest, #{chosen + 1}"))
+    return {"target": env.latency_target, "threads": threads, "chosen": chosen, "within": bool(within),
+            "candidates": [{"source": source, "reward": reward, "keep_counts": list(info["keep_counts"]),
+                            "flops_ratio": info["flops_ratio"], "predicted_latency_ratio": info.get("latency_ratio"),
+                            "measured_latency_ratio": ratio}
+                           for (source, reward, info), ratio in zip(candidates, ratios, strict=True)]}
 
 
 def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: Any, trust_run: bool) -> dict[str, Any]:
@@ -76,17 +132,19 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
         if config.num_envs > 1:
             searched.close()
     search_seconds = time.perf_counter() - search_started
+    scored = env.proxy.evaluations if config.num_envs == 1 else None  # distinct candidates; the copies' are theirs
 
     # 3. The best policy found: the best episode of the search, or the final deterministic policy.
+    # Under a latency budget, the best of them whose latency, measured, is within it.
     obs, _ = env.reset()
     done = False
     while not done:
         action, _ = agent.predict(obs, deterministic=True)
         obs, reward, done, _, info = env.step(action)
-    candidates = [("final deterministic policy", float(reward), info)]
-    if pruning_cb.best is not None:
-        candidates.append(("best search episode", pruning_cb.best["reward"], pruning_cb.best))
-    source, best_reward, best = max(candidates, key=lambda c: c[1])
+    candidates = _candidates(("final deterministic policy", float(reward), info), pruning_cb.top)
+    latency_check = None if env.latency_target is None else measured_latency_check(env, candidates, config.threads,
+                                                                                   log)
+    source, best_reward, best = candidates[0 if latency_check is None else latency_check["chosen"]]
     counts = np.asarray(best["keep_counts"], dtype=np.int64)
     log(f"best policy ({source}): reward {best_reward:.4f}, FLOPs ratio {best['flops_ratio']:.3f}, "
         f"keep ratios {np.round(best['keep_ratios'], 3).tolist()}")
@@ -125,8 +183,10 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
         "results": results,
         "search": {"source": source, "best_reward": best_reward, "episodes": pruning_cb.episodes,
                    "timesteps": int(agent.num_timesteps), "seconds": search_seconds,
+                   **({} if scored is None else {"candidates_scored": scored}),
                    "supernet_seconds": env.supernet_seconds,
-                   "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups]},
+                   "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups],
+                   **({} if latency_check is None else {"latency_check": latency_check})},
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
                  f"{config.threads} thread(s), the models timed interleaved call by call in {REPORT_ROUNDS} rounds; "
@@ -149,6 +209,8 @@ def format_report(report: dict[str, Any]) -> str:
     if "seconds" in search:
         supernet = search.get("supernet_seconds") or 0.0
         lines.append(f"search: {search['episodes']} episodes in {search['seconds']:.1f} s"
+                     + (f", {search['candidates_scored']} distinct candidates scored (a candidate seen before "
+                        "is not scored again)" if "candidates_scored" in search else "")
                      + (f" (its supernet took {supernet:.1f} s to train, once per model and seed)" if supernet else ""))
     lines.append(report["notes"])
     return "\n".join(lines)

@@ -120,7 +120,11 @@ def test_pruning_callback_writes_tensorboard_scalars(env, tmp_path):
     assert callback.best is not None
     assert callback.best["reward"] == pytest.approx(max(episode_rewards), rel=1e-6)
     assert len(callback.best["keep_ratios"]) == env.num_groups
-    assert callback.state_dict() == {"episodes": callback.episodes, "best": callback.best}
+    assert callback.state_dict() == {"episodes": callback.episodes, "best": callback.best, "top": callback.top}
+    assert callback.top[0] == callback.best
+    rewards = [e["reward"] for e in callback.top]
+    assert rewards == sorted(rewards, reverse=True) and 1 <= len(rewards) <= 10
+    assert len({tuple(e["keep_counts"]) for e in callback.top}) == len(callback.top)
 
     scalars = _scalars(tmp_path)
     for tag in ("pruning/episode_reward", "pruning/accuracy", "pruning/loss", "pruning/density",
@@ -138,11 +142,25 @@ def test_pruning_callback_writes_tensorboard_scalars(env, tmp_path):
 
 def test_pruning_callback_state_round_trip():
     first = PruningCallback(["a", "b"])
-    first.episodes, first.best = 7, {"reward": -1.5, "keep_ratios": [0.5, 1.0]}
+    first.episodes, first.best = 7, {"reward": -1.5, "keep_ratios": [0.5, 1.0], "keep_counts": [2, 4]}
+    first.top = [first.best]
     second = PruningCallback(["a", "b"])
     second.load_state_dict(first.state_dict())
     assert second.episodes == 7
-    assert second.best == first.best
+    assert second.best == first.best and second.top == first.top
+    older = PruningCallback(["a", "b"])  # a run saved before the top list: its best episode is the list
+    older.load_state_dict({"episodes": 7, "best": first.best})
+    assert older.top == [first.best]
+
+
+def test_pruning_callback_keeps_the_best_distinct_allocations():
+    callback = PruningCallback(["a", "b"], top=3)
+    for reward, counts in [(-3, [1, 1]), (-1, [2, 2]), (-2, [1, 1]), (-5, [3, 3]), (-4, [4, 4]), (-1.5, [2, 2]),
+                           (-0.5, [5, 5])]:
+        callback._remember({"reward": reward, "keep_counts": counts})
+    assert [(e["reward"], e["keep_counts"]) for e in callback.top] == [(-0.5, [5, 5]), (-1, [2, 2]), (-2, [1, 1])]
+    with pytest.raises(ValueError, match="top must be an int >= 1, got 0"):
+        PruningCallback(["a"], top=0)
 
 
 # ---- ResumableCheckpointCallback and latest_checkpoint ------------------------------------------

@@ -250,3 +250,42 @@ def test_a_latency_budgeted_run_reports_the_latency_greedy_baseline(prunegym_cac
     from prunegym.agents import load_inference_model
 
     assert load_inference_model(target, name="latency_greedy") is not None
+
+
+def test_the_job_keeps_the_best_allocation_whose_measured_latency_is_within_the_budget(fake_timer, monkeypatch):
+    from prunegym.agents import run_layer
+
+    env = gymnasium.make(LAYER_PRUNING_ID, latency_target=0.9, **SMALL).unwrapped
+    full = env.graph.num_channels
+    infos = [env.evaluate_counts(np.maximum(1, full * k // 8)) for k in (7, 5, 3)]
+    final = ("final deterministic policy", -0.3, infos[0])
+    top = [{"episode": 4, "reward": r, **info} for r, info in ((-0.2, infos[1]), (-0.5, infos[2]), (-0.6, infos[0]))]
+    candidates = run_layer._candidates(final, top)
+    assert [(c[0], c[1]) for c in candidates] == [("best search episode", -0.2), ("final deterministic policy", -0.3),
+                                                  ("search episode 4", -0.5)]  # the repeated allocation once
+    logged = []
+
+    real = run_layer.measure_latency_rounds(*_timed_together(env, candidates), repeats=2, warmup=1, threads=1)
+    assert len(real) == 4 and all(s > 0 for s in real)
+    monkeypatch.setattr(run_layer, "measure_latency_rounds", lambda models, *a, **k: [1.0, 0.9, 0.7, 0.5])
+    check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert check["chosen"] == 0 and check["within"]  # the best reward is within 0.9
+    env.latency_target = 0.8
+    check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert check["chosen"] == 1 and check["within"]
+    assert [c["measured_latency_ratio"] for c in check["candidates"]] == pytest.approx([0.9, 0.7, 0.5])
+    assert all(0 < c["predicted_latency_ratio"] <= 1 for c in check["candidates"])
+    env.latency_target = 0.4
+    check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert check["chosen"] == 2 and not check["within"]  # none within: the fastest, said so
+    assert "none within the budget 0.4: keeping the fastest, #3" in logged[-1]
+    env.close()
+
+
+def _timed_together(env, candidates):
+    from prunegym.agents.job import batch_of_64
+    from prunegym.compression.channels import prune_channels
+
+    models = [env.dense] + [prune_channels(env.model, env.graph, env.kept_channels(np.asarray(c[2]["keep_counts"])))
+                            for c in candidates]
+    return [m.eval() for m in models], batch_of_64(env.splits.train.x)
