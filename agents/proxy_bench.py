@@ -6,7 +6,9 @@ with the report's recipe, and scores each with every evaluation a search could r
 recalibration on a few or all batches, a short-term fine-tune, the distillation loss; on the dense
 model and on the supernet); ``proxy_table`` gives each evaluation's Spearman rank correlation with
 the fine-tuned test accuracy and loss. ``bench_finetune`` measures one allocation's test accuracy
-against the fine-tune's length over fine-tune seeds. Both print figures and assert nothing.
+against the fine-tune's length over fine-tune seeds. ``bench_scoring`` times the search's reward
+(one candidate BN-recalibrated and scored) on the sliced sub-network and soft-masked at full width.
+They print figures and assert nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.importance import L1Importance
 
 __all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "format_proxy", "bench_finetune",
-           "format_finetune"]
+           "format_finetune", "bench_scoring", "format_scoring"]
 
 PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
 PROXY_SOURCES = ("dense", "supernet")  # the models candidates are pruned from
@@ -275,4 +277,57 @@ def format_finetune(r: dict[str, Any]) -> str:
         std = acc.std(ddof=1) if len(acc) > 1 else 0.0
         lines.append(f"{row['epochs']:>7}{f'{acc.mean():.2f} ± {std:.2f}':>16}{acc.min():>8.2f}{acc.max():>8.2f}"
                      f"{row['seconds']:>13.1f}")
+    return "\n".join(lines)
+
+
+def bench_scoring(model_name: str, dataset: str, budgets: Sequence[float], candidates: int, seed: int,
+                  base_epochs: int, min_keep: float) -> dict[str, Any]:
+    """Seconds to score one candidate the way the layer env's reward does (BN statistics re-estimated
+    on 2 train batches, then the reward split), on its sliced sub-network and soft-masked at full
+    width, for ``candidates`` random allocations per FLOPs budget (EagleEye's sampler) of the base
+    model; the two ways timed candidate by candidate, in alternating order. Also the largest
+    difference between their losses (the two compute the same network)."""
+    from prunegym.compression.data import load_dataset
+    from prunegym.compression.proxy import ProxyEvaluator
+    from prunegym.compression.sparsity import random_keep_counts
+    from prunegym.compression.supernet import width_choices
+    from prunegym.compression.training import base_model
+
+    splits = load_dataset(dataset, seed)
+    dense = base_model(model_name, splits, seed, epochs=base_epochs).eval()
+    graph = ChannelGraph(dense, splits.train.x[:1])
+    ranking = graph.rankings(L1Importance())
+    ways = {"sliced": True, "soft-masked": False}
+    rows = []
+    for budget in budgets:
+        rng = np.random.default_rng([seed, round(budget * 1e6)])
+        evaluators = {name: ProxyEvaluator(dense, graph, ranking, splits.train, seed=seed, sliced=sliced)
+                      for name, sliced in ways.items()}
+        for evaluator in evaluators.values():
+            evaluator(graph.num_channels, splits.reward)  # the full model's predictions, untimed
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
+        gap = 0.0
+        for i in range(candidates):
+            counts = random_keep_counts(graph, budget, width_choices(graph, min_keep), rng)
+            losses = {}
+            for name in list(ways) if i % 2 == 0 else list(ways)[::-1]:
+                started = time.perf_counter()
+                losses[name] = evaluators[name](counts, splits.reward)["loss"]
+                seconds[name].append(time.perf_counter() - started)
+            gap = max(gap, abs(losses["sliced"] - losses["soft-masked"]))
+        for evaluator in evaluators.values():
+            evaluator.close()
+        rows.append({"budget": budget, "max_loss_difference": gap,
+                     **{f"{name}_ms": 1e3 * float(np.median(s)) for name, s in seconds.items()}})
+    return {"model": model_name, "dataset": dataset, "candidates": candidates, "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def format_scoring(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']} on {r['dataset']}: one candidate scored as the search's reward, median over "
+             f"{r['candidates']} random allocations per budget, {r['threads']} thread(s)",
+             f"{'FLOPs budget':<14}{'sliced ms':>11}{'soft-masked ms':>16}{'speed-up':>10}{'max loss diff':>15}"]
+    for row in r["rows"]:
+        lines.append(f"{row['budget']:<14g}{row['sliced_ms']:>11.1f}{row['soft-masked_ms']:>16.1f}"
+                     f"{row['soft-masked_ms'] / row['sliced_ms']:>9.2f}x{row['max_loss_difference']:>15.2e}")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ A candidate is one keep count per channel group; its channels are the group's ``
 
 The sub-network is sliced from the model (``ChannelSlicer``), so a candidate costs what its width
 costs; a model with layers the slicer cannot slice is soft-masked instead (``SoftMask``), which
-computes the same outputs at the full width's cost.
+computes the same outputs at the full width's cost (``sliced=False`` asks for that too:
+``scripts/bench.py --what scoring`` times both ways).
 
 Either way it reports the cross-entropy (``loss``), the ``accuracy``, and the ``distillation`` loss:
 the KL divergence from the full model's predictions on the same images (T = 1).
@@ -49,7 +50,7 @@ class ProxyEvaluator:
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, ranking: Sequence[torch.Tensor], train: Split, *,
                  recalibration_batches: int = 2, finetune_steps: int = 0, finetune_lr: float = 1e-3, seed: int = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, sliced: bool = True):
         if not isinstance(recalibration_batches, int | np.integer) or recalibration_batches < 0:
             raise ValueError(f"recalibration_batches must be an int >= 0, got {recalibration_batches!r}")
         if not isinstance(finetune_steps, int | np.integer) or finetune_steps < 0:
@@ -62,7 +63,7 @@ class ProxyEvaluator:
         self.finetune_lr = float(finetune_lr)
         self.seed = int(seed)
         self.device = device or next(model.parameters()).device
-        self._slicer = None if unsliceable(model) else ChannelSlicer(model, graph)
+        self._slicer = ChannelSlicer(model, graph) if sliced and not unsliceable(model) else None
         self._mask = SoftMask(model, graph) if self._slicer is None else None
         self._bn_state = bn_state(model)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))

@@ -16,7 +16,8 @@ pruned model is as much faster as it is smaller; above 1 it gains less than its 
 dynamic: batch-1 latency of per-input models against their mean FLOPs density
 (prunegym.agents.dynamic_bench). proxy, finetune: how well each candidate evaluation ranks
 allocations, and test accuracy against the fine-tune's length (prunegym.agents.proxy_bench).
-parallel: episodes per second of the search with --num-envs copies of the env.
+parallel: episodes per second of the search with --num-envs copies of the env. scoring: the
+search's reward for one candidate, on its sliced sub-network and soft-masked at full width.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ import torch
 
 from prunegym.agents.config import ENVS, TrainConfig
 from prunegym.agents.dynamic_bench import IMAGE_SIZE, bench_dynamic, format_dynamic
-from prunegym.agents.proxy_bench import PROXY_SOURCES, bench_finetune, bench_proxy, format_finetune, format_proxy
+from prunegym.agents.proxy_bench import (
+    PROXY_SOURCES,
+    bench_finetune,
+    bench_proxy,
+    bench_scoring,
+    format_finetune,
+    format_proxy,
+    format_scoring,
+)
 from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.checkpoint import write_json
 from prunegym.compression.fusion import fold_batchnorm
@@ -293,9 +302,10 @@ def _counts(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all", "proxy", "finetune", "parallel"],
-                        default="all", help="what to run (default: all: env, latency and dynamic; proxy, finetune "
-                                            "and parallel run for minutes and only when named)")
+    parser.add_argument("--what", choices=["env", "latency", "dynamic", "all", "proxy", "finetune", "parallel",
+                                            "scoring"],
+                        default="all", help="what to run (default: all: env, latency and dynamic; proxy, finetune, "
+                                            "parallel and scoring run for minutes and only when named)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the actions, weights and inputs (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
     env = parser.add_argument_group("env")
@@ -333,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     dynamic.add_argument("--tune-kernels", action="store_true",
                          help="pick each conv slice's fastest batch-1 kernel (ATen, NNPACK, oneDNN) for the gated "
                               "models and a dense reference run through the same path")
-    proxy = parser.add_argument_group("proxy and finetune (also use --model, --seed, --base-epochs)")
+    proxy = parser.add_argument_group("proxy, finetune and scoring (also use --model, --seed, --base-epochs; "
+                                      "scoring: --dataset, --budgets, --candidates, --min-keep, --threads)")
     proxy.add_argument("--dataset", default="digits", help="dataset spec (default: digits)")
     proxy.add_argument("--budgets", type=_ratios, default=[0.25, 0.5],
                        help="proxy: FLOPs budgets the candidates are sampled at; finetune: the first is the "
@@ -414,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
                     args.finetune_lr, args.supernet_epochs, args.finetune_steps, args.min_keep, base_epochs,
                     args.device, args.finetune_seeds or [0, 1], args.cells, args.finetune_from))
                 print(format_proxy(figures["proxy"][-1]))
+        if args.what == "scoring":
+            torch.set_num_threads(args.threads)
+            figures["scoring"] = bench_scoring(args.model, args.dataset, args.budgets, args.candidates, args.seed,
+                                               BASE_EPOCHS if args.base_epochs is None else args.base_epochs,
+                                               args.min_keep)
+            print()
+            print(format_scoring(figures["scoring"]))
         if args.what == "finetune":
             base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs
             print("\nfine-tune length:")

@@ -190,6 +190,19 @@ def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Pat
     assert r["flops_ratio"] <= 0.3
 
 
+def test_bench_scoring_times_both_ways_of_scoring_the_same_network(tmp_path: Path, cache: Path):
+    out = tmp_path / "scoring.json"
+    done = _run("bench.py", "--what", "scoring", "--model", "digits_cnn", "--budgets", "0.3,0.6", "--candidates", "3",
+                "--base-epochs", "2", "--threads", "1", "--json", out, cache=cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "soft-masked ms" in done.stdout and "speed-up" in done.stdout
+    r = json.loads(out.read_text())["scoring"]
+    assert [row["budget"] for row in r["rows"]] == [0.3, 0.6] and r["threads"] == 1
+    for row in r["rows"]:
+        assert row["sliced_ms"] > 0 and row["soft-masked_ms"] > 0
+        assert row["max_loss_difference"] < 1e-4
+
+
 @pytest.mark.parametrize(("args", "message"), [(["--budgets", "1.5"], "FLOPs ratios"),
                                                (["--finetune-steps", "x"], "integers"),
                                                (["--finetune-from", "teacher"], "'teacher'")])
