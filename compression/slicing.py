@@ -63,8 +63,7 @@ class ChannelSlicer:
         self._template = copy.deepcopy(model)  # the structure; every tensor is replaced at each call
         _remove_soft_mask_hooks(self._template)
         self._sources = dict(model.named_modules())
-        self._targets = dict(self._template.named_modules())
-        self._layers = [name for name, m in self._targets.items() if _own_tensors(m)]
+        self._layers = [name for name, m in self._template.named_modules() if _own_tensors(m)]
         self._producers = {name: g for g in graph.groups for name in (*g.producers, *g.norms)}
         self._consumers = {}  # layer name -> [(group, its input positions, the group channel at each)]
         for g in graph.groups:
