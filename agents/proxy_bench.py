@@ -298,6 +298,7 @@ def bench_scoring(model_name: str, dataset: str, budgets: Sequence[float], candi
     graph = ChannelGraph(dense, splits.train.x[:1])
     ranking = graph.rankings(L1Importance())
     ways = {"sliced": True, "soft-masked": False}
+    choices = width_choices(graph, min_keep)
     rows = []
     for budget in budgets:
         rng = np.random.default_rng([seed, round(budget * 1e6)])
@@ -308,7 +309,7 @@ def bench_scoring(model_name: str, dataset: str, budgets: Sequence[float], candi
         seconds: dict[str, list[float]] = {name: [] for name in ways}
         gap = 0.0
         for i in range(candidates):
-            counts = random_keep_counts(graph, budget, width_choices(graph, min_keep), rng)
+            counts = random_keep_counts(graph, budget, choices, rng)
             losses = {}
             for name in list(ways) if i % 2 == 0 else list(ways)[::-1]:
                 started = time.perf_counter()

@@ -65,7 +65,7 @@ class ProxyEvaluator:
         self.device = device or next(model.parameters()).device
         self._slicer = ChannelSlicer(model, graph) if sliced and not unsliceable(model) else None
         self._mask = SoftMask(model, graph) if self._slicer is None else None
-        self._bn_state = bn_state(model)
+        self._bn_state = None if self._mask is None else bn_state(model)  # what the soft mask's recalibration restores
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
         b = RECALIBRATION_BATCH
         self._recalibration = [train.x[order[i * b:(i + 1) * b]].to(self.device)

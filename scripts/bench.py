@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['cpus_available']} available; torch.get_num_threads() = {m['torch_num_threads']}; "
           f"load average (1 min) {m['load_average_1min']}"
           f"; freed memory kept (glibc mallopt): {figures['keeps_freed_memory']}")
+    base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs  # proxy, finetune, scoring
     try:
         if args.what in ("env", "all"):
             figures["env"] = bench_env(args.episodes, args.warmup_episodes, args.rounds, args.seed,
@@ -416,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(format_parallel(figures["parallel"]))
         if args.what == "proxy":
-            base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs
             figures["proxy"] = []
             for budget in args.budgets:
                 print(f"\nproxy fidelity at FLOPs {budget:g}:")
@@ -428,12 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "scoring":
             torch.set_num_threads(args.threads)
             figures["scoring"] = bench_scoring(args.model, args.dataset, args.budgets, args.candidates, args.seed,
-                                               BASE_EPOCHS if args.base_epochs is None else args.base_epochs,
-                                               args.min_keep)
+                                               base_epochs, args.min_keep)
             print()
             print(format_scoring(figures["scoring"]))
         if args.what == "finetune":
-            base_epochs = BASE_EPOCHS if args.base_epochs is None else args.base_epochs
             print("\nfine-tune length:")
             figures["finetune"] = bench_finetune(args.model, args.dataset, args.budgets[0], args.epochs_list,
                                                  args.finetune_seeds or [0, 1, 2], args.seed, args.finetune_lr,

@@ -223,7 +223,7 @@ def export(run_dir: Path, formats: list[str], out: Path, log: Callable[[str], No
         trained_arch["image_size"])
     example, batch = _inputs(arch)
     checks = (example, batch)
-    varied = _varied_inputs(example)
+    varied = _varied_inputs(example) if dynamic else None  # the per-input checks' inputs
     if dynamic and "onnx" in formats:
         raise ValueError("a per-input run exports as state_dict or torchscript; ONNX is not offered for its "
                          "per-input decisions")
