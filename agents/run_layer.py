@@ -24,7 +24,7 @@ from prunegym.compression.channels import prune_channels
 from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.latency import widest_within
-from prunegym.compression.metrics import measure_latency_rounds
+from prunegym.compression.metrics import measure_latency_rounds, num_threads
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import resolve_device, train_classifier
 from prunegym.envs import LayerPruningEnv
@@ -124,10 +124,14 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     search_started = time.perf_counter()
     searched = Monitor(env) if config.num_envs == 1 else parallel_envs(env_kwargs(config), config.num_envs, device)
     try:
-        agent, pruning_cb, run_dir = search(
-            config, searched, env.num_groups,
-            lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp), device=device, resume=resume,
-            progress_bar=progress_bar, log=log, env_state=env if config.num_envs == 1 else None, trust_run=trust_run)
+        # the copies have the CPUs; this process's share of the search (the agent's small network,
+        # run while the copies wait) takes one thread, not the threads the copies compute on
+        with num_threads(1 if config.num_envs > 1 else None):
+            agent, pruning_cb, run_dir = search(
+                config, searched, env.num_groups,
+                lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp), device=device,
+                resume=resume, progress_bar=progress_bar, log=log, env_state=env if config.num_envs == 1 else None,
+                trust_run=trust_run)
     finally:
         if config.num_envs > 1:
             searched.close()

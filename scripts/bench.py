@@ -149,11 +149,13 @@ def bench_parallel(num_envs: list[int], timesteps: int, seed: int, base_epochs: 
     """The main job's search (PPO on the layer env, its default settings) with ``n`` copies of the env
     in parallel processes (``train.py --num-envs n``): episodes per second of ``agent.learn`` over
     ``timesteps``, after one untimed rollout that starts the processes."""
+    import gymnasium
     from stable_baselines3.common.monitor import Monitor
 
     from prunegym.agents.config import TrainConfig, env_kwargs
     from prunegym.agents.factory import make_agent
     from prunegym.agents.run_layer import parallel_envs
+    from prunegym.compression.metrics import num_threads
     from prunegym.envs import LayerPruningEnv
 
     if min(num_envs) < 1:
@@ -161,18 +163,31 @@ def bench_parallel(num_envs: list[int], timesteps: int, seed: int, base_epochs: 
     config = TrainConfig(seed=seed, **({} if base_epochs is None else {"base_epochs": base_epochs}))
     kwargs = env_kwargs(config)
     groups = LayerPruningEnv(**kwargs).num_groups  # trains or reads the base model and supernet, untimed
+    class StepTimer(gymnasium.Wrapper):  # one env's seconds in ``step``: what copies could share
+        seconds = 0.0
+
+        def step(self, action):
+            start = time.perf_counter()
+            try:
+                return self.env.step(action)
+            finally:
+                self.seconds += time.perf_counter() - start
+
     results: dict[str, Any] = {"kwargs": kwargs, "timesteps": timesteps, "steps_per_episode": groups, "runs": []}
     for n in num_envs:
-        env = Monitor(LayerPruningEnv(**kwargs)) if n == 1 else parallel_envs(kwargs, n, torch.device("cpu"))
+        env = StepTimer(Monitor(LayerPruningEnv(**kwargs))) if n == 1 else parallel_envs(kwargs, n, torch.device("cpu"))
         try:
-            agent = make_agent("ppo", env, episode_length=groups, seed=seed, device="cpu")
-            agent.learn(agent.n_steps * agent.n_envs)  # one rollout and update: processes started, caches read
-            start = time.perf_counter()
-            agent.learn(timesteps, reset_num_timesteps=False)
-            seconds = time.perf_counter() - start
+            with num_threads(1 if n > 1 else None):  # as train.py: the copies have the CPUs
+                agent = make_agent("ppo", env, episode_length=groups, seed=seed, device="cpu")
+                agent.learn(agent.n_steps * agent.n_envs)  # one rollout and update: processes started, caches read
+                env_started = env.seconds if n == 1 else 0.0
+                start = time.perf_counter()
+                agent.learn(timesteps, reset_num_timesteps=False)
+                seconds = time.perf_counter() - start
         finally:
             env.close()
-        results["runs"].append({"num_envs": n, "seconds": seconds, "episodes_per_s": timesteps / groups / seconds})
+        results["runs"].append({"num_envs": n, "seconds": seconds, "episodes_per_s": timesteps / groups / seconds,
+                                "env_step_seconds": env.seconds - env_started if n == 1 else None})
     return results
 
 
@@ -184,6 +199,13 @@ def format_parallel(r: dict[str, Any]) -> str:
     for x in r["runs"]:
         lines.append(f"{x['num_envs']:<10}{x['seconds']:>10.1f}{x['episodes_per_s']:>12.1f}"
                      f"{x['episodes_per_s'] / base:>9.2f}x")
+    one = next((x for x in r["runs"] if x["env_step_seconds"] is not None), None)
+    if one is not None:  # Amdahl: copies share the env's steps, not the agent's rollouts and updates
+        share = one["env_step_seconds"] / one["seconds"]
+        lines.append(f"one env: {one['env_step_seconds']:.1f} s of {one['seconds']:.1f} s in the env's steps "
+                     f"({share:.0%}); the rest is the agent's own work, which copies do not share: "
+                     + ", ".join(f"{n} copies at most {1 / (1 - share + share / n):.2f}x"
+                                 for n in sorted({x['num_envs'] for x in r['runs']} | {2, 4}) if n > 1))
     return "\n".join(lines)
 
 

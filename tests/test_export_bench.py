@@ -122,6 +122,16 @@ def test_bench_env_runs(tmp_path: Path, cache: Path, run_dir: Path):
     assert "steps/s" in done.stdout and "unwrapped" in done.stdout
 
 
+def test_bench_parallel_times_each_number_of_env_copies(tmp_path: Path, cache: Path, run_dir: Path):
+    # run_dir first: it caches the one-epoch base model and its supernet this reuses.
+    done = _run("bench.py", "--what", "parallel", "--num-envs", "1,2", "--timesteps", "32", "--base-epochs", "1",
+                cache=cache, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line[:1] in ("1", "2") and line.endswith("x")]
+    assert [r[0] for r in rows] == ["1", "2"] and rows[0][-1] == "1.00x"
+    assert "in the env's steps" in done.stdout and "2 copies at most" in done.stdout
+
+
 @pytest.mark.parametrize("script", ["export.py", "bench.py"])
 def test_help(script: str, tmp_path: Path, cache: Path):
     done = _run(script, "--help", cache=cache, cwd=tmp_path)
