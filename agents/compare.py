@@ -30,6 +30,7 @@ from prunegym.compression.metrics import (
     num_threads,
 )
 from prunegym.compression.models import MODELS
+from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.compression.training import (
     BASE_EPOCHS,
     cache_dir,
@@ -80,6 +81,9 @@ class CompareConfig:
     reward_model: str = "supernet"
     """RL per-layer and random search: the model their reward scores candidates on, ``supernet`` or
     ``dense`` (``train.py --reward-model``)"""
+    supernet_sampling: str = "uniform"
+    """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
+    ``budget``, one per seed and budget, trained on the candidates at that budget"""
     input_lam: float = 2.0
     """λ of the per-input search: its density is the agent's choice, not a budget"""
     distill: bool = False
@@ -118,6 +122,11 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+        if self.supernet_sampling not in SUPERNET_SAMPLING:
+            raise ValueError(f"supernet_sampling {self.supernet_sampling!r} is unknown; expected one of "
+                             f"{SUPERNET_SAMPLING}")
+        if self.supernet_sampling == "budget" and not self.supernet_epochs:
+            raise ValueError("supernet_sampling 'budget' trains a supernet per budget; it needs supernet_epochs > 0")
         if "uniform_supernet" in self.methods and not self.supernet_epochs:
             raise ValueError("method uniform_supernet prunes RL's supernet; it needs supernet_epochs > 0 "
                              "(or leave uniform_supernet out of the methods)")
@@ -186,7 +195,8 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
     resolve_device(config.device)
     started = time.perf_counter()
     lock = claim_output(Path(config.out), kind="comparison", settings=dataclasses.asdict(config), free=_HOW,
-                        outputs=("results.json", "results.md", "pareto.png"))
+                        outputs=("results.json", "results.md", "pareto.png"),
+                        defaults=dataclasses.asdict(CompareConfig()))
     try:
         return _compare(config, Path(config.out), started, progress=progress, log=log)
     finally:
@@ -212,7 +222,8 @@ def _prepare_seed(config: CompareConfig, seed: int) -> SeedState:
     with num_threads(config.threads):
         state = SeedState(config, seed, resolve_device(config.device))
         if config.supernet_epochs and any(METHODS[m].supernet for m in config.methods):
-            state.supernet()
+            for budget in config.budgets:  # one supernet, or one per budget
+                state.supernet(budget)
     return state
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from prunegym.compression.checkpoint import read_json
 from prunegym.compression.importance import IMPORTANCES
 from prunegym.compression.models import MODELS
+from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.compression.training import BASE_EPOCHS, check_seed, resolve_device
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS
 from prunegym.envs.reward import check_lam
@@ -83,6 +84,10 @@ class TrainConfig:
     """layer env with a supernet: how often its training puts a group at its narrowest or widest width
     instead of a uniform draw, so that mixed shapes (one stage thin beside whole ones, what a latency
     budget favours) are trained and scored as they deserve"""
+    supernet_sampling: str = "uniform"
+    """layer env with a supernet and --flops-target: ``uniform`` trains every width alike; ``budget`` trains
+    the candidates at the FLOPs budget (EagleEye's sampler; one supernet per budget), so that the
+    candidates the search compares, and the model cut for the winner, are the ones trained"""
     capacity_weight: float = 0.0
     """layer env in budget mode: κ, the reward becomes ``-task_loss + κ·flops_ratio``, so that among
     candidates the loss before fine-tuning does not separate the search keeps the most computation the
@@ -146,7 +151,7 @@ class TrainConfig:
             defaults = TrainConfig()
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
                                             "channel_multiple", "supernet_epochs", "reward_model",
-                                            "supernet_extremes", "capacity_weight")
+                                            "supernet_extremes", "supernet_sampling", "capacity_weight")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -175,6 +180,14 @@ class TrainConfig:
         if self.supernet_extremes and not self.supernet_epochs:
             raise ValueError(f"supernet_extremes={self.supernet_extremes} shapes the supernet's training; "
                              "it needs supernet_epochs > 0")
+        if self.supernet_sampling not in SUPERNET_SAMPLING:
+            raise ValueError(f"supernet_sampling {self.supernet_sampling!r} is unknown; expected one of "
+                             f"{SUPERNET_SAMPLING}")
+        if self.supernet_sampling == "budget" and (self.flops_target is None or not self.supernet_epochs
+                                                   or self.supernet_extremes):
+            raise ValueError("supernet_sampling 'budget' trains the supernet on the candidates at the FLOPs budget; it "
+                             f"needs --flops-target (got {self.flops_target}), --supernet-epochs > 0 (got "
+                             f"{self.supernet_epochs}) and no --supernet-extremes (got {self.supernet_extremes})")
         check_lam(self.capacity_weight, "capacity_weight")
         if self.capacity_weight and self.flops_target is None and self.latency_target is None:
             raise ValueError(f"capacity_weight={self.capacity_weight} prices what a budget leaves unused; it needs "
@@ -235,6 +248,7 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             **({"finetune_steps": config.reward_finetune_steps} if config.reward_finetune_steps else {}),
             **({"supernet_epochs": config.supernet_epochs} if config.supernet_epochs else {}),
             **({"supernet_extremes": config.supernet_extremes} if config.supernet_extremes else {}),
+            **({"supernet_sampling": config.supernet_sampling} if config.supernet_sampling != "uniform" else {}),
             **({"capacity_weight": config.capacity_weight} if config.capacity_weight else {}),
             **({"reward_model": config.reward_model} if config.reward_model != "supernet" else {})}
 

@@ -133,11 +133,12 @@ def check_resumable(config: TrainConfig) -> None:
 
 
 def claim_output(out: Path, *, kind: str, settings: dict[str, Any], free: tuple[str, ...],
-                 outputs: tuple[str, ...]) -> DirectoryLock:
+                 outputs: tuple[str, ...], defaults: dict[str, Any] | None = None) -> DirectoryLock:
     """Claim the output folder of a ``kind`` of job that many runs continue (a comparison, a sweep):
     one process at a time writes it; it must hold this job's ``settings`` (other than the ``free``
     ones, which say where and how it runs) or nothing; its final ``outputs`` go (incomplete until
-    written again) and ``config.json`` is written. The claim is returned, held."""
+    written again) and ``config.json`` is written. A setting the folder's ``config.json`` lacks (one
+    added since it was written) counts as its value in ``defaults``. The claim is returned, held."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for the {kind}")
     if out.exists() and not (out / "config.json").is_file() and any(p.name != LOCK_NAME for p in out.iterdir()):
@@ -150,7 +151,8 @@ def claim_output(out: Path, *, kind: str, settings: dict[str, Any], free: tuple[
     try:
         kept = {k: v for k, v in settings.items() if k not in free}
         if (out / "config.json").is_file():
-            before = {k: v for k, v in read_json(out / "config.json")["config"].items() if k not in free}
+            before = {**(defaults or {}), **read_json(out / "config.json")["config"]}
+            before = {k: v for k, v in before.items() if k not in free}
             changed = sorted(k for k in kept if before.get(k) != kept[k])
             if changed:
                 raise ValueError(f"{out} holds a {kind} with other settings ({changed}); choose another --out")

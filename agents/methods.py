@@ -68,7 +68,7 @@ class SeedState:
         self.graph = ChannelGraph(self.dense, self.splits.train.x[:1].to(device))
         self.calibration = [self.splits.train.x[i:i + 64] for i in range(0, min(512, len(self.splits.train)), 64)]
         self.teacher = distillation(config, self.dense)  # None unless config.distill
-        self._supernet: nn.Module | None = None
+        self._supernets: dict[float | None, nn.Module] = {}
 
     def _train_config(self, **overrides: Any):
         c = self.config
@@ -84,16 +84,18 @@ class SeedState:
         return train_classifier(model, self.splits.train, epochs=epochs, lr=self.config.finetune_lr, seed=self.seed,
                                 device=self.device, distill=self.teacher, **kwargs)
 
-    def supernet(self) -> nn.Module:
-        """The supernet RL per-layer searches (``supernet_epochs``; the same cached one its env trains)."""
-        if self._supernet is None:
+    def supernet(self, budget: float) -> nn.Module:
+        """The supernet RL per-layer searches at ``budget`` (``supernet_epochs``; the same cached one its
+        env trains): with ``supernet_sampling`` ``budget``, one per budget."""
+        trained_for = budget if self.config.supernet_sampling == "budget" else None
+        if trained_for not in self._supernets:
             defaults = TrainConfig()
-            self._supernet, _ = supernet_model(self.config.model, self.dense, self.splits, self.seed,
-                                               base_epochs=self.config.base_epochs,
-                                               epochs=self.config.supernet_epochs, min_keep=defaults.min_keep,
-                                               importance=make_importance(defaults.importance),
-                                               extremes=defaults.supernet_extremes, device=self.device)
-        return self._supernet
+            self._supernets[trained_for], _ = supernet_model(
+                self.config.model, self.dense, self.splits, self.seed, base_epochs=self.config.base_epochs,
+                epochs=self.config.supernet_epochs, min_keep=defaults.min_keep,
+                importance=make_importance(defaults.importance), extremes=defaults.supernet_extremes,
+                budget=trained_for, device=self.device)
+        return self._supernets[trained_for]
 
     def pruned(self, kept: list[torch.Tensor], source: nn.Module | None = None) -> nn.Module:
         return self.finetune(prune_channels(self.dense if source is None else source, self.graph, kept))
@@ -122,7 +124,7 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
         config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                      timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                      supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
-                                     run_dir=str(run_dir))
+                                     supernet_sampling=c.supernet_sampling, run_dir=str(run_dir))
     else:
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
@@ -251,7 +253,8 @@ def _random_search(state: SeedState, out: Path, budget: float) -> dict[str, Any]
     c = state.config
     config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                  timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
-                                 supernet_epochs=c.supernet_epochs, reward_model=c.reward_model)
+                                 supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
+                                 supernet_sampling=c.supernet_sampling)
     env = LayerPruningEnv(**env_kwargs(config), device=str(state.device))
     try:
         if "rl_layer" in c.methods:  # exactly as many reward evaluations as the agent's search made
@@ -272,7 +275,8 @@ def _uniform_supernet(state: SeedState, out: Path, budget: float) -> dict[str, A
     """Uniform L1's keep counts, taken from the supernet RL per-layer searches (its channels are in
     L1 order, so a prefix): the same weights as RL's, another allocation."""
     counts = uniform_keep_counts(state.graph, budget)
-    model = state.finetune(prune_channels(state.supernet(), state.graph, prefix_kept(counts)), from_supernet=True)
+    model = state.finetune(prune_channels(state.supernet(budget), state.graph, prefix_kept(counts)),
+                           from_supernet=True)
     return {**state.measure(model), **state.counts_result(counts)}
 
 

@@ -26,17 +26,20 @@ from torch import nn
 from prunegym.compression.channels import ChannelGraph
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.importance import L1Importance
+from prunegym.compression.supernet import SUPERNET_SAMPLING
 
-__all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "format_proxy", "bench_finetune",
-           "format_finetune", "bench_scoring", "format_scoring"]
+__all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "format_proxy",
+           "bench_finetune", "format_finetune", "bench_scoring", "format_scoring"]
 
 PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
 PROXY_SOURCES = ("dense", "supernet")  # the models candidates are pruned from
 
 
 def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
-                   min_keep: float, device: torch.device) -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
-    """The splits, and each model candidates are pruned from: its channel graph and ranking."""
+                   min_keep: float, device: torch.device,
+                   supernet_budget: float | None = None) -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
+    """The splits, and each model candidates are pruned from: its channel graph and ranking (the
+    supernet's widths sampled at ``supernet_budget``, when given)."""
     from prunegym.compression.data import load_dataset
     from prunegym.compression.supernet import prefix_kept, supernet_model
     from prunegym.compression.training import base_model
@@ -48,7 +51,8 @@ def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, s
     sources = {"dense": (dense, graph, graph.rankings(L1Importance()))}
     if supernet_epochs:
         supernet, _ = supernet_model(model_name, dense, splits, seed, base_epochs=base_epochs, epochs=supernet_epochs,
-                                  min_keep=min_keep, importance=L1Importance(), device=device)
+                                     min_keep=min_keep, importance=L1Importance(), budget=supernet_budget,
+                                     device=device)
         supernet_graph = ChannelGraph(supernet, example)
         sources["supernet"] = (supernet, supernet_graph, prefix_kept(supernet_graph.num_channels))
     return splits, sources
@@ -81,10 +85,12 @@ def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -
 def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
                 finetune_lr: float, supernet_epochs: int, finetune_steps: list[int], min_keep: float,
                 base_epochs: int, device: str, finetune_seeds: list[int], cells: Path | None = None,
-                finetune_from: Sequence[str] = PROXY_SOURCES, log: Any = print) -> dict[str, Any]:
+                finetune_from: Sequence[str] = PROXY_SOURCES, supernet_sampling: str = "uniform",
+                log: Any = print) -> dict[str, Any]:
     """Sample ``candidates`` random allocations at ``budget`` (EagleEye's sampler), fine-tune each
     with the report's recipe once per fine-tune seed (pruned from each model in ``finetune_from``:
-    the dense model, the supernet), and score each with every candidate evaluation a search can use;
+    the dense model, the supernet, whose widths are sampled as ``supernet_sampling`` says:
+    ``"uniform"`` or at the ``"budget"``), and score each with every candidate evaluation a search can use;
     returns every score and the fine-tuned accuracies. With ``cells``, each fine-tuned accuracy is
     saved there as it is measured and read back by a rerun with the same settings."""
     import math
@@ -100,8 +106,11 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         raise ValueError(f"finetune_from must name some of {PROXY_SOURCES}, got {list(finetune_from)!r}")
     if "supernet" in finetune_from and not supernet_epochs:
         raise ValueError("fine-tuning candidates cut from the supernet needs supernet_epochs > 0")
+    if supernet_sampling not in SUPERNET_SAMPLING:
+        raise ValueError(f"supernet_sampling must be one of {SUPERNET_SAMPLING}, got {supernet_sampling!r}")
     device = resolve_device(device)
-    splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device)
+    splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device,
+                                     budget if supernet_sampling == "budget" else None)
     _, graph, _ = sources["dense"]
     rng = np.random.default_rng([seed, round(budget * 1e6)])
     choices = width_choices(graph, min_keep)
@@ -139,6 +148,8 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
                             "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
                             "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
                             "budget": budget, "candidate": i, "finetune_seed": s, "keep_counts": counts.tolist()}
+                if source == "supernet" and supernet_sampling != "uniform":  # cells measured before it stay valid
+                    settings["supernet_sampling"] = supernet_sampling
                 accuracy, loss, seconds = _finetune_cell(cells, settings,
                                                          partial(finetuned, model, source_graph, kept, s))
                 truth[source][-1].append(accuracy)
@@ -161,7 +172,8 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         rows.append({"proxy": name, "source": source, "seconds": seconds, "scores": scores})
     return {"model": model_name, "dataset": dataset, "budget": budget, "candidates": candidates, "seed": seed,
             "min_keep": min_keep, "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr,
-            "supernet_epochs": supernet_epochs, "finetune_seeds": finetune_seeds,
+            "supernet_epochs": supernet_epochs, "supernet_sampling": supernet_sampling,
+            "finetune_seeds": finetune_seeds,
             "keep_counts": [c.tolist() for c in allocations],
             "flops_ratios": [float(graph.flops(c)) / graph.dense_flops for c in allocations],
             "finetuned_accuracy": truth, "finetuned_loss": truth_loss, "finetune_seconds": truth_seconds,
@@ -214,7 +226,9 @@ def format_proxy(r: dict[str, Any]) -> str:
              f"{r['budget']:g} (ratios {min(r['flops_ratios']):.3f}-{max(r['flops_ratios']):.3f}), seed {r['seed']}, "
              f"min_keep {r['min_keep']:g}; each fine-tuned {r['finetune_epochs']} epochs at lr {r['finetune_lr']:g} "
              f"with fine-tune seeds {r['finetune_seeds']}"
-             + (f"; supernet trained {r['supernet_epochs']} epochs" if r["supernet_epochs"] else "")]
+             + (f"; supernet trained {r['supernet_epochs']} epochs, widths sampled "
+                + ("at the budget" if r.get("supernet_sampling") == "budget" else "uniformly")
+                if r["supernet_epochs"] else "")]
     for source in sources:
         acc = 100 * truth[source]
         spread = 100 * np.asarray(r["finetuned_accuracy"][source]).std(axis=1, ddof=1).mean() \

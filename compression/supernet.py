@@ -7,7 +7,10 @@ candidate keeping k channels of a group keeps its first k, and every candidate i
 sub-network sharing the supernet's weights. Each batch trains by the sandwich rule (Yu & Huang
 2019): the full width on the labels, then the narrowest width and ``candidates`` random widths on
 the full width's soft targets (in-place distillation); ``extremes`` puts a random width's groups at
-their floor or their full width more often, so that mixed shapes are trained too. Afterwards any
+their floor or their full width more often, so that mixed shapes are trained too. With a FLOPs
+``budget`` the supernet is trained for one search: its random widths are the candidates a search at
+that budget chooses from (EagleEye's sampler, ``random_keep_counts``), and the narrowest width,
+which no such search keeps, is not trained. Afterwards any
 candidate, evaluated with its batch-norm statistics re-estimated (``recalibrate_bn``), scores close
 to what it is worth, and the pruned model is the candidate's prefix of the supernet's weights,
 fine-tuned.
@@ -33,13 +36,15 @@ from .distillation import kd_loss
 from .importance import Importance
 from .proxy import RECALIBRATION_BATCH
 from .slicing import ChannelSlicer, unsliceable
+from .sparsity import random_keep_counts
 from .training import cache_dir, cache_key, train_classifier
 
-__all__ = ["SUPERNET_LR", "SUPERNET_CANDIDATES", "prefix_kept", "width_choices", "sample_keep_counts",
-           "train_supernet", "make_supernet", "supernet_model"]
+__all__ = ["SUPERNET_LR", "SUPERNET_CANDIDATES", "SUPERNET_SAMPLING", "prefix_kept", "width_choices",
+           "sample_keep_counts", "train_supernet", "make_supernet", "supernet_model"]
 
 SUPERNET_LR = 1e-3
 SUPERNET_CANDIDATES = 2  # random widths per batch, besides the full and the narrowest (AutoSlim's n = 4 in all)
+SUPERNET_SAMPLING = ("uniform", "budget")  # a supernet's random widths: every width alike, or a search budget's
 _RECALIBRATION_BATCHES = 20
 
 
@@ -76,9 +81,18 @@ def sample_keep_counts(choices: Sequence[np.ndarray], rng: np.random.Generator, 
     return np.array(counts, dtype=np.int64)
 
 
+def _check_budget(budget: float | None, extremes: float) -> None:
+    if budget is None:
+        return
+    if not isinstance(budget, int | float) or not 0 < budget < 1:
+        raise ValueError(f"budget must be a FLOPs ratio in (0, 1) or None, got {budget!r}")
+    if extremes:
+        raise ValueError(f"budget={budget} and extremes={extremes} are two ways to sample widths; give one")
+
+
 def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epochs: int, min_keep: float,
-                   candidates: int = SUPERNET_CANDIDATES, extremes: float = 0.0, lr: float = SUPERNET_LR,
-                   seed: int = 0, device: torch.device | None = None) -> nn.Module:
+                   candidates: int = SUPERNET_CANDIDATES, extremes: float = 0.0, budget: float | None = None,
+                   lr: float = SUPERNET_LR, seed: int = 0, device: torch.device | None = None) -> nn.Module:
     """Train ``model`` in place as a supernet of its prefix widths (the sandwich rule, in-place
     distillation), then re-estimate its batch-norm statistics at full width; returns it in eval mode.
 
@@ -90,9 +104,15 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
     if not isinstance(candidates, int) or candidates < 0:
         raise ValueError(f"candidates must be an int >= 0, got {candidates!r}")
     _check_extremes(extremes)
+    _check_budget(budget, extremes)
     choices = width_choices(graph, min_keep)
-    narrowest = prefix_kept([c[0] for c in choices])
+    narrowest = [] if budget is not None else [prefix_kept([c[0] for c in choices])]
     rng = np.random.default_rng(seed)
+
+    def sample() -> np.ndarray:
+        if budget is not None:
+            return random_keep_counts(graph, budget, choices, rng)
+        return sample_keep_counts(choices, rng, extremes)
     # A width trains on its sliced sub-network, at its own cost; a model the slicer cannot slice soft-masked.
     slicer = None if unsliceable(model) else ChannelSlicer(model, graph)
     mask = SoftMask(model, graph) if slicer is None else None
@@ -110,7 +130,7 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
         logits = net(x)
         loss = nn.functional.cross_entropy(logits, y)
         target = logits.detach()
-        for kept in [narrowest] + [prefix_kept(sample_keep_counts(choices, rng, extremes)) for _ in range(candidates)]:
+        for kept in narrowest + [prefix_kept(sample()) for _ in range(candidates)]:
             loss = loss + kd_loss(at_width(net, kept, x), target, y, temperature=1.0, alpha=1.0)
         return loss
 
@@ -133,33 +153,35 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
 
 def make_supernet(model: nn.Module, example_input: torch.Tensor, split: Split, importance: Importance, *,
                   epochs: int, min_keep: float, candidates: int = SUPERNET_CANDIDATES, extremes: float = 0.0,
-                  lr: float = SUPERNET_LR, seed: int = 0, device: torch.device | None = None) -> nn.Module:
+                  budget: float | None = None, lr: float = SUPERNET_LR, seed: int = 0,
+                  device: torch.device | None = None) -> nn.Module:
     """A supernet trained from ``model`` (left unchanged): its channels put in ``importance`` order,
     then ``train_supernet``."""
     graph = ChannelGraph(model, example_input)
     supernet = reorder_channels(model, graph, importance)
     graph = ChannelGraph(supernet, example_input)
     return train_supernet(supernet, graph, split, epochs=epochs, min_keep=min_keep, candidates=candidates,
-                          extremes=extremes, lr=lr, seed=seed, device=device)
+                          extremes=extremes, budget=budget, lr=lr, seed=seed, device=device)
 
 
 def supernet_model(model_name: str, base: nn.Module, splits: Splits, seed: int, *, base_epochs: int, epochs: int,
                    min_keep: float, importance: Importance, candidates: int = SUPERNET_CANDIDATES,
-                   extremes: float = 0.0, lr: float = SUPERNET_LR, device: torch.device | None = None,
-                   use_cache: bool = True) -> tuple[nn.Module, float]:
+                   extremes: float = 0.0, budget: float | None = None, lr: float = SUPERNET_LR,
+                   device: torch.device | None = None, use_cache: bool = True) -> tuple[nn.Module, float]:
     """The supernet of the base model ``base`` (zoo name or import path ``model_name``, trained
     ``base_epochs`` on ``splits`` with ``seed``), trained once per setting and then read from the
     cache; and the seconds its training took (when it was trained, on that machine)."""
-    settings = (f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"
-                + (f"_x{extremes:g}" if extremes else ""))  # the keys of supernets trained before ``extremes``
+    _check_budget(budget, extremes)  # before the cache: a bad setting is refused even when cached
+    settings = (f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"  # the keys of supernets
+                + (f"_x{extremes:g}" if extremes else "") + (f"_b{budget:g}" if budget is not None else ""))
     path = cache_dir() / "supernet" / f"{cache_key(model_name, splits, seed, base_epochs)}__{settings}.pt"
     if use_cache and path.is_file():
         model, _, metadata = load_checkpoint(path, trust_factory=model_name)  # only the factory asked for
         return model.to(device or "cpu").eval(), float(metadata.get("seconds", float("nan")))
     started = time.perf_counter()
     supernet = make_supernet(base, splits.train.x[:1].to(device or "cpu"), splits.train, importance,
-                             epochs=epochs, min_keep=min_keep, candidates=candidates, extremes=extremes, lr=lr,
-                             seed=seed, device=device)
+                             epochs=epochs, min_keep=min_keep, candidates=candidates, extremes=extremes,
+                             budget=budget, lr=lr, seed=seed, device=device)
     seconds = time.perf_counter() - started
     if use_cache:
         arch = describe_architecture(supernet, model_name, splits.in_channels, splits.num_classes, splits.image_size)

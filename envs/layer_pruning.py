@@ -18,7 +18,7 @@ from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.importance import make_importance
 from prunegym.compression.latency import LatencyTable
 from prunegym.compression.proxy import ProxyEvaluator
-from prunegym.compression.supernet import make_supernet, prefix_kept, supernet_model, width_choices
+from prunegym.compression.supernet import SUPERNET_SAMPLING, make_supernet, prefix_kept, supernet_model, width_choices
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
 from .reward import check_lam
@@ -120,6 +120,11 @@ class LayerPruningEnv(gym.Env):
     - ``supernet_extremes``: how often the supernet's training puts a group at its narrowest or its
       widest (half each) instead of a uniformly drawn width (``sample_keep_counts``). Mixed shapes,
       one stage at its floor beside whole stages, are then trained, and score what they are worth.
+    - ``supernet_sampling``: how the supernet draws its random widths: ``uniform`` (each group's
+      width uniformly, every candidate of every budget alike) or ``budget`` (the candidates of this
+      search: allocations at ``flops_target``, EagleEye's sampler; a supernet per budget, the
+      narrowest width untrained). Training the candidates the search compares makes their scores
+      and the models cut for them better, at the cost of a supernet per budget.
     - ``capacity_weight``: κ >= 0, with a budget only: the reward adds ``κ * flops_ratio``. Under a
       latency budget the same latency is met by a thin network or by a wider one whose widths the
       kernels run efficiently; the loss before fine-tuning barely separates them while fine-tuning
@@ -157,6 +162,7 @@ class LayerPruningEnv(gym.Env):
         reward_model: str = "supernet",
         supernet_extremes: float = 0.0,
         capacity_weight: float = 0.0,
+        supernet_sampling: str = "uniform",
     ):
         check_lam(lam)
         check_lam(capacity_weight, "capacity_weight")
@@ -191,6 +197,13 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"supernet_extremes must be in [0, 1], got {supernet_extremes!r}")
         if reward_model not in REWARD_MODELS:
             raise ValueError(f"reward_model must be one of {REWARD_MODELS}, got {reward_model!r}")
+        if supernet_sampling not in SUPERNET_SAMPLING:
+            raise ValueError(f"supernet_sampling must be one of {SUPERNET_SAMPLING}, got {supernet_sampling!r}")
+        if supernet_sampling == "budget" and (flops_target is None or not supernet_epochs or supernet_extremes):
+            raise ValueError("supernet_sampling='budget' trains the supernet on the candidates at flops_target; "
+                             f"it needs flops_target (got {flops_target!r}), supernet_epochs > 0 "
+                             f"(got {supernet_epochs!r}) and no supernet_extremes (got {supernet_extremes!r})")
+        supernet_budget = flops_target if supernet_sampling == "budget" else None
         if reward_model == "dense" and not supernet_epochs:
             raise ValueError("reward_model='dense' scores candidates on the dense model instead of the supernet; "
                              f"it needs supernet_epochs > 0, got {supernet_epochs!r}")
@@ -214,12 +227,14 @@ class LayerPruningEnv(gym.Env):
             if isinstance(model, str):
                 self.model, self.supernet_seconds = supernet_model(
                     model, self.dense, self.splits, seed, base_epochs=base_epochs, epochs=self.supernet_epochs,
-                    min_keep=min_keep, importance=self.importance, extremes=supernet_extremes, device=self.device)
+                    min_keep=min_keep, importance=self.importance, extremes=supernet_extremes, budget=supernet_budget,
+                    device=self.device)
             else:
                 started = time.perf_counter()
                 self.model = make_supernet(self.dense, self.splits.train.x[:1].to(self.device), self.splits.train,
                                            self.importance, epochs=self.supernet_epochs, min_keep=min_keep,
-                                           extremes=supernet_extremes, seed=seed, device=self.device)
+                                           extremes=supernet_extremes, budget=supernet_budget, seed=seed,
+                                           device=self.device)
                 self.supernet_seconds = time.perf_counter() - started
 
         self.lam = float(lam)
@@ -262,6 +277,7 @@ class LayerPruningEnv(gym.Env):
                     f"{min_latency:.4f} (every group at min_keep={self.min_keep}, as the latency table predicts)"
                 )
         self.reward_model = reward_model
+        self.supernet_sampling = supernet_sampling
         if reward_model == "dense":  # the same channels: the supernet's prefixes are the dense model's ranking
             dense_graph = ChannelGraph(self.dense, example)
             scored = (self.dense, dense_graph, dense_graph.rankings(self.importance))

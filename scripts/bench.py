@@ -58,6 +58,7 @@ from prunegym.compression.metrics import (
 )
 from prunegym.compression.models import MODELS, build_model
 from prunegym.compression.sparsity import uniform_keep_counts
+from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.compression.training import BASE_EPOCHS
 
 ENV_ID = ENVS["layer"]
@@ -380,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--supernet-epochs", type=int, default=SUPERNET_EPOCHS,
                        help=f"proxy: epochs of the supernet the supernet evaluations prune from; 0: none "
                             f"(default: {SUPERNET_EPOCHS})")
+    proxy.add_argument("--supernet-sampling", choices=SUPERNET_SAMPLING, default="uniform",
+                       help="proxy: the supernet's random widths: uniform over every width, or candidates at the "
+                            "budget (EagleEye's sampler; one supernet per budget) (default: uniform)")
     proxy.add_argument("--finetune-steps", type=_counts, default=[20, 60],
                        help="proxy: lengths of the short-term fine-tune evaluation, in batches of 64 "
                             "(default: 20,60)")
@@ -445,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures["proxy"].append(bench_proxy(
                     args.model, args.dataset, budget, args.candidates, args.seed, args.finetune_epochs,
                     args.finetune_lr, args.supernet_epochs, args.finetune_steps, args.min_keep, base_epochs,
-                    args.device, args.finetune_seeds or [0, 1], args.cells, args.finetune_from))
+                    args.device, args.finetune_seeds or [0, 1], args.cells, args.finetune_from,
+                    args.supernet_sampling))
                 print(format_proxy(figures["proxy"][-1]))
         if args.what == "scoring":
             torch.set_num_threads(args.threads)

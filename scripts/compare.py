@@ -22,6 +22,7 @@ from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.factory import ALGORITHMS
 from prunegym.agents.methods import METHODS
 from prunegym.compression.metrics import keep_freed_memory
+from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.envs import REWARD_MODELS
 
 
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kind = optional_int if f.name.endswith("_timesteps") else type(default)
             parser.add_argument(flag, type=kind, default=default, help=help_text,
-                                choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS)}.get(f.name))
+                                choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS),
+                                         "supernet_sampling": list(SUPERNET_SAMPLING)}.get(f.name))
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show a progress bar over the cells (default: when the terminal is interactive)")
     return parser

@@ -19,6 +19,7 @@ from prunegym.agents.cli import train_setting
 from prunegym.agents.config import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.compression.metrics import keep_freed_memory
+from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.envs import DENSITY_KINDS, REWARD_MODELS
 
 
@@ -27,7 +28,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
     docs = field_docs(TrainConfig)
     choices = {"env": list(ENVS), "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
-               "importance": sorted(IMPORTANCES), "reward_model": list(REWARD_MODELS)}
+               "importance": sorted(IMPORTANCES), "reward_model": list(REWARD_MODELS),
+               "supernet_sampling": list(SUPERNET_SAMPLING)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = f"--{f.name.replace('_', '-')}"

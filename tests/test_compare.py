@@ -140,6 +140,13 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
     compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
     with pytest.raises(ValueError, match="other settings.*budgets"):
         compare(tiny(out, methods=["uniform_l1"], budgets=[0.25]), log=lambda text: None)
+    # A folder written before a setting existed continues with that setting at its default, not another.
+    saved = json.loads((out / "config.json").read_text())
+    del saved["config"]["supernet_sampling"]
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"other settings.*\['supernet_sampling'\]"):
+        compare(tiny(out, methods=["uniform_l1"], supernet_sampling="budget"), log=lambda text: None)
+    compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
 
 
 def test_a_foreign_folder_is_refused(tmp_path):
@@ -165,6 +172,8 @@ def test_a_foreign_folder_is_refused(tmp_path):
     ({"input_lam": float("nan")}, "input_lam"),
     ({"threads": 0}, "threads"),
     ({"device": "tpu"}, "tpu"),
+    ({"supernet_sampling": "layers"}, "supernet_sampling 'layers'"),
+    ({"supernet_sampling": "budget", "supernet_epochs": 0, "methods": ["rl_layer"]}, "budget.*supernet_epochs > 0"),
 ])
 def test_bad_settings_name_the_value(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -194,6 +203,22 @@ def test_summarize_pairs_rl_with_each_method_over_the_same_seeds():
 def test_uniform_supernet_needs_a_supernet(tmp_path):
     with pytest.raises(ValueError, match="supernet_epochs"):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
+
+
+def test_budget_sampling_gives_each_budget_its_supernet(tmp_path, prunegym_cache):
+    """With ``supernet_sampling="budget"`` RL's search, random search and uniform-from-supernet use the
+    supernet trained at their budget: one per budget, the one RL's env reads."""
+    out = tmp_path / "out"
+    results = compare(tiny(out, budgets=[0.3, 0.6], methods=["rl_layer", "random_search", "uniform_supernet"],
+                           supernet_sampling="budget"), log=lambda text: None)
+    assert not results["failed"]
+    for budget in (0.3, 0.6):
+        assert len(list((prunegym_cache / "supernet").glob(f"digits_cnn__*sn1_k0.25*_b{budget:g}.pt"))) == 1
+        run = json.loads((out / "runs" / f"layer__b{budget:g}__s0" / "config.json").read_text())
+        assert run["config"]["supernet_sampling"] == "budget"
+    rows = {(r["method"], r["budget"]): r for r in results["rows"]}
+    assert all(rows[(m, b)]["flops_ratio"] <= b + 1e-6 for m in ("rl_layer", "random_search", "uniform_supernet")
+               for b in (0.3, 0.6))
 
 
 def test_summarize_gives_mean_and_std_over_seeds():

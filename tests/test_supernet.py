@@ -116,6 +116,8 @@ def test_supernet_model_is_cached(digits, prunegym_cache):
     supernet_model("digits_cnn", model, splits, 0, extremes=0.5, **kwargs)  # another setting, another file
     assert len(list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.5_l1*.pt"))) == 2
     assert len(list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.5_l1*_x0.5.pt"))) == 1
+    supernet_model("digits_cnn", model, splits, 0, budget=0.6, **kwargs)  # one supernet per search budget
+    assert len(list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.5_l1*_b0.6.pt"))) == 1
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"epochs": -1}, "epochs"), ({"epochs": 1, "candidates": -1},
@@ -125,6 +127,41 @@ def test_bad_settings_are_refused_by_name(digits, kwargs, match):
     splits, model = digits
     with pytest.raises(ValueError, match=match):
         make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), min_keep=0.25, **kwargs)
+
+
+def test_a_budget_supernet_trains_the_full_width_and_candidates_at_its_budget_only(digits, monkeypatch):
+    from prunegym.compression.slicing import ChannelSlicer
+
+    splits, model = digits
+    widths = []
+    forward = ChannelSlicer.forward
+
+    def recording(self, kept, *args):
+        widths.append([len(k) for k in kept])
+        return forward(self, kept, *args)
+
+    monkeypatch.setattr(ChannelSlicer, "forward", recording)
+    supernet = make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), epochs=1, min_keep=0.25,
+                             budget=0.3)
+    graph = ChannelGraph(supernet, splits.train.x[:1])
+    batches = -(-len(splits.train) // 64)
+    assert len(widths) == 2 * batches  # two candidates per batch; no narrowest width
+    for counts in widths:
+        assert 0.3 * 0.97 <= graph.flops(np.array(counts)) / graph.dense_flops <= 0.3 + 1e-9, counts
+    plain = make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), epochs=1, min_keep=0.25)
+    assert not torch.equal(supernet.features[0].weight, plain.features[0].weight)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"budget": 0.0}, "budget must be a FLOPs ratio.*0.0"),
+                                               ({"budget": 1.5}, "budget must be a FLOPs ratio.*1.5"),
+                                               ({"budget": 0.3, "extremes": 0.5}, "budget=0.3 and extremes=0.5")])
+def test_bad_budgets_are_refused_by_name(digits, prunegym_cache, kwargs, match):
+    splits, model = digits
+    with pytest.raises(ValueError, match=match):
+        make_supernet(model, splits.train.x[:1], splits.train, L1Importance(), epochs=1, min_keep=0.25, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        supernet_model("digits_cnn", model, splits, 0, base_epochs=5, epochs=1, min_keep=0.25,
+                       importance=L1Importance(), **kwargs)
 
 
 def test_layer_env_searches_the_supernet(digits):
@@ -158,6 +195,28 @@ def test_layer_env_trains_its_supernet_with_extremes(digits):
             for kwargs in ({}, {"supernet_extremes": 0.0}, {"supernet_extremes": 1.0})]
     weights = [torch.cat([p.flatten() for p in env.model.parameters()]) for env in envs]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def test_layer_env_trains_its_supernet_at_its_budget(digits):
+    """``supernet_sampling="budget"`` trains the supernet on the candidates at the env's FLOPs target:
+    another supernet than the uniform one; it needs the target, a supernet and no extremes."""
+    from prunegym.envs import LayerPruningEnv
+
+    splits, model = digits
+    uniform = LayerPruningEnv(model=model, dataset=splits, flops_target=0.3, supernet_epochs=1)
+    budget = LayerPruningEnv(model=model, dataset=splits, flops_target=0.3, supernet_epochs=1,
+                             supernet_sampling="budget")
+    assert budget.supernet_sampling == "budget" and uniform.supernet_sampling == "uniform"
+    assert not torch.equal(budget.model.features[0].weight, uniform.model.features[0].weight)
+    assert [r.tolist() for r in budget.ranking] == [list(range(n)) for n in budget.graph.num_channels]
+    for kwargs, match in (({"flops_target": None, "supernet_epochs": 1}, "needs flops_target.*None"),
+                          ({"flops_target": 0.3, "supernet_epochs": 0}, "supernet_epochs > 0"),
+                          ({"flops_target": 0.3, "supernet_epochs": 1, "supernet_extremes": 0.5},
+                           "no supernet_extremes.*0.5")):
+        with pytest.raises(ValueError, match=match):
+            LayerPruningEnv(model=model, dataset=splits, supernet_sampling="budget", **kwargs)
+    with pytest.raises(ValueError, match="supernet_sampling must be one of.*'layers'"):
+        LayerPruningEnv(model=model, dataset=splits, supernet_epochs=1, supernet_sampling="layers")
 
 
 def test_layer_env_can_score_supernet_candidates_on_the_dense_model(digits):

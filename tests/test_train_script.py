@@ -149,6 +149,8 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--reward-model", "dense", "--supernet-epochs", "0"], "supernet_epochs > 0"),
                           (["--supernet-extremes", "1.5"], "supernet_extremes.*1.5"),
                           (["--supernet-extremes", "0.5", "--supernet-epochs", "0"], "supernet_extremes=0.5.*needs"),
+                          (["--supernet-sampling", "layers"], "supernet-sampling.*layers"),
+                          (["--supernet-sampling", "budget"], "supernet_sampling 'budget'.*--flops-target"),
                           (["--capacity-weight", "-1", "--flops-target", "0.5"], "capacity_weight.*-1"),
                           (["--capacity-weight", "0.5"], "capacity_weight=0.5.*needs"),
                           (["--flops-target", "0.01"], "flops_target"), (["--dataset", "mnist:/nonexistent"],
