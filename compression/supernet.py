@@ -113,6 +113,7 @@ def train_supernet(model: nn.Module, graph: ChannelGraph, split: Split, *, epoch
         if budget is not None:
             return random_keep_counts(graph, budget, choices, rng)
         return sample_keep_counts(choices, rng, extremes)
+
     # A width trains on its sliced sub-network, at its own cost; a model the slicer cannot slice soft-masked.
     slicer = None if unsliceable(model) else ChannelSlicer(model, graph)
     mask = SoftMask(model, graph) if slicer is None else None
@@ -172,7 +173,8 @@ def supernet_model(model_name: str, base: nn.Module, splits: Splits, seed: int, 
     ``base_epochs`` on ``splits`` with ``seed``), trained once per setting and then read from the
     cache; and the seconds its training took (when it was trained, on that machine)."""
     _check_budget(budget, extremes)  # before the cache: a bad setting is refused even when cached
-    settings = (f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"  # the keys of supernets
+    # an option at its default leaves the key as it was for supernets cached before the option existed
+    settings = (f"sn{epochs}_k{min_keep:g}_{importance.name}_c{candidates}_lr{lr:g}"
                 + (f"_x{extremes:g}" if extremes else "") + (f"_b{budget:g}" if budget is not None else ""))
     path = cache_dir() / "supernet" / f"{cache_key(model_name, splits, seed, base_epochs)}__{settings}.pt"
     if use_cache and path.is_file():
