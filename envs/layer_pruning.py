@@ -123,8 +123,8 @@ class LayerPruningEnv(gym.Env):
     - ``supernet_sampling``: how the supernet draws its random widths: ``uniform`` (each group's
       width uniformly, every candidate of every budget alike) or ``budget`` (the candidates of this
       search: allocations at ``flops_target``, EagleEye's sampler; a supernet per budget, the
-      narrowest width untrained). Training the candidates the search compares makes their scores
-      and the models cut for them better, at the cost of a supernet per budget.
+      narrowest width untrained): the supernet trains exactly the candidates the search compares,
+      at the cost of a supernet per budget. Needs ``flops_target`` and no ``supernet_extremes``.
     - ``capacity_weight``: κ >= 0, with a budget only: the reward adds ``κ * flops_ratio``. Under a
       latency budget the same latency is met by a thin network or by a wider one whose widths the
       kernels run efficiently; the loss before fine-tuning barely separates them while fine-tuning
