@@ -194,9 +194,8 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
     config.out = config.out or config.default_out()
     resolve_device(config.device)
     started = time.perf_counter()
-    lock = claim_output(Path(config.out), kind="comparison", settings=dataclasses.asdict(config), free=_HOW,
-                        outputs=("results.json", "results.md", "pareto.png"),
-                        defaults=dataclasses.asdict(CompareConfig()))
+    lock = claim_output(Path(config.out), kind="comparison", config=config, free=_HOW,
+                        outputs=("results.json", "results.md", "pareto.png"))
     try:
         return _compare(config, Path(config.out), started, progress=progress, log=log)
     finally:

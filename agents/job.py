@@ -132,13 +132,15 @@ def check_resumable(config: TrainConfig) -> None:
                          "a resumed run can only be extended")
 
 
-def claim_output(out: Path, *, kind: str, settings: dict[str, Any], free: tuple[str, ...],
-                 outputs: tuple[str, ...], defaults: dict[str, Any] | None = None) -> DirectoryLock:
+def claim_output(out: Path, *, kind: str, config: Any, free: tuple[str, ...],
+                 outputs: tuple[str, ...]) -> DirectoryLock:
     """Claim the output folder of a ``kind`` of job that many runs continue (a comparison, a sweep):
-    one process at a time writes it; it must hold this job's ``settings`` (other than the ``free``
-    ones, which say where and how it runs) or nothing; its final ``outputs`` go (incomplete until
-    written again) and ``config.json`` is written. A setting the folder's ``config.json`` lacks (one
-    added since it was written) counts as its value in ``defaults``. The claim is returned, held."""
+    one process at a time writes it; it must hold this job's settings (the dataclass ``config``, other
+    than the ``free`` ones, which say where and how it runs) or nothing; its final ``outputs`` go
+    (incomplete until written again) and ``config.json`` is written. A setting the folder's
+    ``config.json`` lacks (one added since it was written) counts as its default. The claim is
+    returned, held."""
+    settings, defaults = dataclasses.asdict(config), dataclasses.asdict(type(config)())
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for the {kind}")
     if out.exists() and not (out / "config.json").is_file() and any(p.name != LOCK_NAME for p in out.iterdir()):
@@ -151,7 +153,7 @@ def claim_output(out: Path, *, kind: str, settings: dict[str, Any], free: tuple[
     try:
         kept = {k: v for k, v in settings.items() if k not in free}
         if (out / "config.json").is_file():
-            before = {**(defaults or {}), **read_json(out / "config.json")["config"]}
+            before = {**defaults, **read_json(out / "config.json")["config"]}
             before = {k: v for k, v in before.items() if k not in free}
             changed = sorted(k for k in kept if before.get(k) != kept[k])
             if changed:

@@ -189,7 +189,7 @@ def sweep(config: SweepConfig, *, trust: bool = False, log: Callable[[str], None
     if (out / "tune").exists() and not trust:
         raise ValueError(f"{out} holds a started sweep; Tune's saved state is pickled and runs code as it loads: "
                          "continue it with --trust-sweep (only for a sweep folder you made or trust)")
-    lock = claim_output(out, kind="sweep", settings=dataclasses.asdict(config), free=("out", "workers", "address"),
+    lock = claim_output(out, kind="sweep", config=config, free=("out", "workers", "address"),
                         outputs=("results.json", "results.md", "front.png"))
     try:
         return _sweep(config, out, log)
