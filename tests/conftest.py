@@ -1,4 +1,9 @@
-"""Shared test fixtures: a per-session model cache, so base models train once and never touch ~/.cache."""
+"""Shared test fixtures: a per-run model cache, so base models train once and never touch ~/.cache.
+
+The suite runs on every core (``pytest -n auto``, pytest-xdist): each worker is a process of its own
+with one torch thread, and all workers share one model cache (writes to it are atomic, so two
+workers that train the same base model at once leave one good file).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,13 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def prunegym_cache(tmp_path_factory: pytest.TempPathFactory):
-    """``PRUNEGYM_CACHE`` for this session (subprocesses inherit it): trained base models are shared by all tests."""
-    path = tmp_path_factory.mktemp("prunegym_cache")
+    """``PRUNEGYM_CACHE`` for this run (subprocesses inherit it): trained base models are shared by all tests."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # <run's temp>/popen-gwN: the run's folder is shared
+        path = base.parent / "prunegym_cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("prunegym_cache")
     previous = os.environ.get("PRUNEGYM_CACHE")
     os.environ["PRUNEGYM_CACHE"] = str(path)
     yield path

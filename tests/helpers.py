@@ -35,6 +35,31 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def train_script():
+    """``scripts/train.py`` as a module, to call its ``main`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prunegym_train_script", TRAIN_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def train_in_process(capsys, *args: str) -> tuple[int, str]:
+    """``scripts/train.py ARGS`` run by its ``main`` in this process: (exit status, stderr). For refusals,
+    where a subprocess would spend most of the test importing torch; torch's thread count is kept."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        status = train_script().main(list(args))
+    except SystemExit as err:  # argparse's own refusals
+        status = err.code
+    finally:
+        torch.set_num_threads(threads)
+    return status, capsys.readouterr().err
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result

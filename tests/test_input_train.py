@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ok, run_train
+from helpers import ok, run_train, train_in_process
 from stable_baselines3 import DQN
 
 from prunegym.agents import TrainConfig, load_agent, load_inference_model, make_agent
@@ -300,11 +300,11 @@ def test_help_mentions_the_input_flags():
     (["--algo", "sac"], "sac"), (["--flops-target", "0.5"], "flops_target"), (["--groups", "1"], "groups"),
     (["--density", "params"], "params"), (["--num-envs", "0"], "num_envs"),
 ])
-def test_bad_input_options_exit_2_naming_them(tmp_path, args, pattern):
+def test_bad_input_options_exit_2_naming_them(tmp_path, capsys, args, pattern):
     target = tmp_path / "run"
-    result = run_train("--run-dir", str(target), *TINY, *args)
-    assert result.returncode == 2, result.stderr
-    assert pattern in result.stderr, result.stderr
+    status, stderr = train_in_process(capsys, "--run-dir", str(target), *TINY, *args)
+    assert status == 2, stderr
+    assert pattern in stderr, stderr
     assert not target.exists()  # nothing is written for a run that cannot start
 
 

@@ -103,7 +103,9 @@ def test_supernet_training_makes_narrow_subnetworks_accurate_without_finetuning(
     assert not supernet.training
 
 
-def test_supernet_model_is_cached(digits, prunegym_cache):
+def test_supernet_model_is_cached(digits, tmp_path, monkeypatch):
+    prunegym_cache = tmp_path / "cache"  # its own: the files counted are this test's alone
+    monkeypatch.setenv("PRUNEGYM_CACHE", str(prunegym_cache))
     splits, model = digits
     kwargs = dict(base_epochs=5, epochs=1, min_keep=0.5, importance=L1Importance())
     first, seconds = supernet_model("digits_cnn", model, splits, 0, **kwargs)
