@@ -184,8 +184,9 @@ def _read_cell(path: Path, method: str, budget: float | None, seed: int) -> dict
     return row
 
 
-_HOW = ("out", "device", "workers", "address")
-"""settings that say where and how the cells run, not what they compute: a comparison continues under others"""
+_HOW = ("out", "device", "workers", "address", "methods", "budgets", "seeds")
+"""settings that say where and how the cells run, or which cells, not what a cell computes: a comparison
+continues under others, and grows by methods, budgets or seeds with the cells it has"""
 
 
 def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -135,11 +135,26 @@ def test_a_rerun_computes_only_missing_cells(tmp_path):
     assert (out / "cells" / "uniform_l1__b0.5__s0.json").is_file() and (out / "results.json").is_file()
 
 
+def test_a_comparison_grows_by_methods_budgets_and_seeds_with_the_cells_it_has(tmp_path):
+    out = tmp_path / "out"
+    compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    cell = out / "cells" / "uniform_l1__b0.5__s0.json"
+    before = cell.read_text()
+    grown = compare(tiny(out, methods=["uniform_l1", "global_l1"], budgets=[0.5, 0.3]), log=lambda text: None)
+    assert cell.read_text() == before  # kept, not computed again
+    assert {(r["method"], r["budget"]) for r in grown["rows"]} == {
+        ("dense", None), ("uniform_l1", 0.5), ("uniform_l1", 0.3), ("global_l1", 0.5), ("global_l1", 0.3)}
+    assert json.loads((out / "config.json").read_text())["config"]["budgets"] == [0.5, 0.3]
+    narrowed = compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)  # a table of fewer cells
+    assert {(r["method"], r["budget"]) for r in narrowed["rows"]} == {("dense", None), ("uniform_l1", 0.5)}
+    assert (out / "cells" / "global_l1__b0.3__s0.json").is_file()  # the others stay for a later table
+
+
 def test_other_settings_in_the_same_out_are_refused(tmp_path):
     out = tmp_path / "out"
     compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
-    with pytest.raises(ValueError, match="other settings.*budgets"):
-        compare(tiny(out, methods=["uniform_l1"], budgets=[0.25]), log=lambda text: None)
+    with pytest.raises(ValueError, match=r"other settings.*\['finetune_epochs'\]"):
+        compare(tiny(out, methods=["uniform_l1"], finetune_epochs=2), log=lambda text: None)
     # A folder written before a setting existed continues with that setting at its default, not another.
     saved = json.loads((out / "config.json").read_text())
     del saved["config"]["supernet_sampling"]
@@ -205,9 +220,11 @@ def test_uniform_supernet_needs_a_supernet(tmp_path):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
 
 
-def test_budget_sampling_gives_each_budget_its_supernet(tmp_path, prunegym_cache):
+def test_budget_sampling_gives_each_budget_its_supernet(tmp_path, monkeypatch):
     """With ``supernet_sampling="budget"`` RL's search, random search and uniform-from-supernet use the
     supernet trained at their budget: one per budget, the one RL's env reads."""
+    prunegym_cache = tmp_path / "cache"  # its own: the files counted are this test's alone
+    monkeypatch.setenv("PRUNEGYM_CACHE", str(prunegym_cache))
     out = tmp_path / "out"
     results = compare(tiny(out, budgets=[0.3, 0.6], methods=["rl_layer", "random_search", "uniform_supernet"],
                            supernet_sampling="budget"), log=lambda text: None)
