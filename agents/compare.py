@@ -84,6 +84,9 @@ class CompareConfig:
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
+    finalists: int = 0
+    """RL per-layer and random search: fine-tune the search's this many best allocations by reward and keep
+    the lowest loss on the reward split (``train.py --finalists``); 0: keep the best reward"""
     input_lam: float = 2.0
     """λ of the per-input search: its density is the agent's choice, not a budget"""
     distill: bool = False
@@ -130,7 +133,7 @@ class CompareConfig:
         if "uniform_supernet" in self.methods and not self.supernet_epochs:
             raise ValueError("method uniform_supernet prunes RL's supernet; it needs supernet_epochs > 0 "
                              "(or leave uniform_supernet out of the methods)")
-        for name in ("finetune_epochs", "base_epochs", "supernet_epochs"):
+        for name in ("finetune_epochs", "base_epochs", "supernet_epochs", "finalists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("layer_timesteps", "input_timesteps"):
@@ -337,7 +340,9 @@ def _notes(config: CompareConfig) -> str:
         training = f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}"
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
-            "RL - this: RL per-layer's test accuracy minus the method's, in points, paired over the seeds (same "
+            + (f"RL per-layer and random search each keep, of their {config.finalists} best allocations by reward, "
+               "the one with the lowest reward-split loss once fine-tuned (finalists). " if config.finalists else "")
+            + "RL - this: RL per-layer's test accuracy minus the method's, in points, paired over the seeds (same "
             "base model and split), with its 95% confidence interval (Student's t) and the seeds RL won. "
             "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "
             f"Latency: median ms on the CPU, {config.threads} thread(s), models in their inference form "

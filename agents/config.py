@@ -96,6 +96,10 @@ class TrainConfig:
     """layer env with a supernet: which model the search's reward scores a candidate on, ``supernet`` (the
     sub-network it will be cut from) or ``dense`` (the trained dense model, soft-masked; the winner is
     still cut from the supernet)"""
+    finalists: int = 0
+    """layer env: fine-tune the search's this many best distinct allocations by reward with the report's
+    recipe and keep the one with the lowest loss on the reward split (multi-fidelity: the reward ranks
+    every candidate, the fine-tune the best few; costs this many fine-tunes). 0: keep the best reward"""
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
@@ -151,7 +155,7 @@ class TrainConfig:
             defaults = TrainConfig()
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
                                             "channel_multiple", "supernet_epochs", "reward_model",
-                                            "supernet_extremes", "supernet_sampling", "capacity_weight")
+                                            "supernet_extremes", "supernet_sampling", "capacity_weight", "finalists")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -209,7 +213,10 @@ class TrainConfig:
         for name in ("timesteps", "checkpoint_freq", "threads", "channel_multiple", "num_envs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("finetune_epochs", "base_epochs", "reward_finetune_steps", "supernet_epochs"):
+        if self.finalists and self.latency_target is not None:
+            raise ValueError(f"finalists={self.finalists} chooses by fine-tuned loss; under --latency-target the "
+                             "job chooses by measured latency instead: give one of the two")
+        for name in ("finetune_epochs", "base_epochs", "reward_finetune_steps", "supernet_epochs", "finalists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if ":" not in self.model and self.model not in MODELS:

@@ -8,6 +8,7 @@ supernet) and returns its result: test accuracy and costs of the model in its in
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from prunegym.compression.training import (
 from prunegym.envs import LayerPruningEnv
 
 from .config import DEFAULT_TIMESTEPS, TrainConfig, env_kwargs
+from .finalists import choose_finalist
 from .job import distillation, measure_model, static_latency
 from .loading import load_inference_model
 from .random_search import random_search
@@ -124,7 +126,8 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
         config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                      timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                      supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
-                                     supernet_sampling=c.supernet_sampling, run_dir=str(run_dir))
+                                     supernet_sampling=c.supernet_sampling, finalists=c.finalists,
+                                     run_dir=str(run_dir))
     else:
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
@@ -254,21 +257,27 @@ def _random_search(state: SeedState, out: Path, budget: float) -> dict[str, Any]
     config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                  timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                  supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
-                                 supernet_sampling=c.supernet_sampling)
+                                 supernet_sampling=c.supernet_sampling, finalists=c.finalists)
     env = LayerPruningEnv(**env_kwargs(config), device=str(state.device))
     try:
         if "rl_layer" in c.methods:  # exactly as many reward evaluations as the agent's search made
             episodes = int(_rl_run(state, out, "layer", budget)[0]["search"]["episodes"])
         else:
             episodes = -(-config.timesteps // env.num_groups)
-        search = random_search(env, episodes, seed=state.seed)
-        counts = np.asarray(search["best"]["keep_counts"], dtype=np.int64)
-        model = state.finetune(prune_channels(env.model, env.graph, env.kept_channels(counts)),
-                               from_supernet=bool(c.supernet_epochs))
+        search = random_search(env, episodes, seed=state.seed, top=max(c.finalists, 1))
+        finetune = functools.partial(state.finetune, from_supernet=bool(c.supernet_epochs))
+        chosen, extra = 0, {}
+        if c.finalists:  # chosen as RL per-layer's answer is: the lowest fine-tuned loss of its best few
+            candidates = [(f"random episode #{i + 1} by reward", e["reward"], e) for i, e in enumerate(search["top"])]
+            chosen, model, finalists = choose_finalist(env, candidates, c.finalists, finetune, log=lambda text: None)
+            extra = {"finalists": finalists}
+        counts = np.asarray(search["top"][chosen]["keep_counts"], dtype=np.int64)
+        if not c.finalists:
+            model = finetune(prune_channels(env.model, env.graph, env.kept_channels(counts)))
     finally:
         env.close()
     return {**state.measure(model), **state.counts_result(counts), "search_episodes": episodes,
-            "search_seconds": search["seconds"], "best_reward": search["best"]["reward"]}
+            "search_seconds": search["seconds"], "best_reward": search["top"][chosen]["reward"], **extra}
 
 
 def _uniform_supernet(state: SeedState, out: Path, budget: float) -> dict[str, Any]:

@@ -15,20 +15,25 @@ from prunegym.envs import LayerPruningEnv
 __all__ = ["random_search"]
 
 
-def random_search(env: LayerPruningEnv, episodes: int, seed: int = 0) -> dict[str, Any]:
+def random_search(env: LayerPruningEnv, episodes: int, seed: int = 0, top: int = 1) -> dict[str, Any]:
     """Play ``episodes`` episodes of uniformly random actions; return the best episode's final
-    ``info`` with its ``reward``, and the search's ``episodes`` and ``seconds``."""
+    ``info`` with its ``reward`` (``best``), the ``top`` best of distinct keep counts, best first (of
+    equal rewards, the earlier), and the search's ``episodes`` and ``seconds``."""
     if not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an int >= 1, got {episodes!r}")
+    if not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be an int >= 1, got {top!r}")
     started = time.perf_counter()
     env.action_space.seed(seed)
     env.reset(seed=seed)
-    best: dict[str, Any] | None = None
+    best: dict[tuple[int, ...], dict[str, Any]] = {}  # keep counts -> its best episode
     for _ in range(episodes):
         env.reset()
         done = False
         while not done:
             _, reward, done, _, info = env.step(env.action_space.sample())
-        if best is None or reward > best["reward"]:
-            best = {"reward": float(reward), **info}
-    return {"best": best, "episodes": episodes, "seconds": time.perf_counter() - started}
+        counts = tuple(int(k) for k in info["keep_counts"])
+        if counts not in best or reward > best[counts]["reward"]:
+            best[counts] = {"reward": float(reward), **info}
+    ranked = sorted(best.values(), key=lambda e: -e["reward"])[:top]  # stable: of equal rewards, the earlier
+    return {"best": ranked[0], "top": ranked, "episodes": episodes, "seconds": time.perf_counter() - started}

@@ -31,6 +31,7 @@ from prunegym.envs import LayerPruningEnv
 
 from .callbacks import PruningCallback
 from .config import TrainConfig, env_kwargs
+from .finalists import choose_finalist
 from .job import (
     REPORT_ROUNDS,
     add_ratios,
@@ -148,7 +149,16 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     candidates = _candidates(("final deterministic policy", float(reward), info), pruning_cb.top)
     latency_check = None if env.latency_target is None else measured_latency_check(env, candidates, config.threads,
                                                                                    log)
-    source, best_reward, best = candidates[0 if latency_check is None else latency_check["chosen"]]
+    # With finalists, the best few by reward are fine-tuned and the lowest reward-split loss is kept.
+    teacher = distillation(config, env.dense)
+    finetune = functools.partial(train_classifier, split=splits.train, epochs=config.finetune_epochs,
+                                 lr=config.finetune_lr, seed=config.seed, device=device, distill=teacher)
+    chosen, finalists, finalist_model = 0, None, None
+    if latency_check is not None:
+        chosen = latency_check["chosen"]
+    elif config.finalists:
+        chosen, finalist_model, finalists = choose_finalist(env, candidates, config.finalists, finetune, log)
+    source, best_reward, best = candidates[chosen]
     counts = np.asarray(best["keep_counts"], dtype=np.int64)
     log(f"best policy ({source}): reward {best_reward:.4f}, FLOPs ratio {best['flops_ratio']:.3f}, "
         f"keep ratios {np.round(best['keep_ratios'], 3).tolist()}")
@@ -162,12 +172,11 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
         allocations["latency_greedy"] = widest_within(env.latency, env.allowed, flops_target=env.flops_target,
                                                       latency_target=env.latency_target)
     models = {"dense": env.dense}  # the trained base model (env.model is the supernet, when there is one)
-    teacher = distillation(config, env.dense)
     for name, keep in allocations.items():
-        pruned = prune_channels(env.model, env.graph, env.kept_channels(keep))
-        train_classifier(pruned, splits.train, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                         seed=config.seed, device=device, distill=teacher)
-        models[name] = pruned
+        if name == "rl" and finalist_model is not None:  # fine-tuned already, as a finalist
+            models[name] = finalist_model
+        else:
+            models[name] = finetune(prune_channels(env.model, env.graph, env.kept_channels(keep)))
 
     # 5. Report: test split only, latency on the CPU with fixed threads, all models in one process.
     results = measure_models(models, splits, config.threads, rounds=REPORT_ROUNDS)
@@ -190,7 +199,8 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                    **({} if scored is None else {"candidates_scored": scored}),
                    "supernet_seconds": env.supernet_seconds,
                    "reward_split_accuracy": best["accuracy"], "groups": [g.name for g in env.graph.groups],
-                   **({} if latency_check is None else {"latency_check": latency_check})},
+                   **({} if latency_check is None else {"latency_check": latency_check}),
+                   **({} if finalists is None else {"finalists": finalists})},
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
                  f"{config.threads} thread(s), the models timed interleaved call by call in {REPORT_ROUNDS} rounds; "
@@ -216,5 +226,9 @@ def format_report(report: dict[str, Any]) -> str:
                      + (f", {search['candidates_scored']} distinct candidates scored (a candidate seen before "
                         "is not scored again)" if "candidates_scored" in search else "")
                      + (f" (its supernet took {supernet:.1f} s to train, once per model and seed)" if supernet else ""))
+    if "finalists" in search:
+        f = search["finalists"]
+        lines.append(f"finalists: the {len(f['candidates'])} best allocations by reward fine-tuned in "
+                     f"{f['seconds']:.1f} s; #{f['chosen'] + 1} kept, the lowest loss on the reward split")
     lines.append(report["notes"])
     return "\n".join(lines)

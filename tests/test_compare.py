@@ -220,6 +220,21 @@ def test_uniform_supernet_needs_a_supernet(tmp_path):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
 
 
+def test_finalists_choose_rl_and_random_search_answers_alike(tmp_path):
+    out = tmp_path / "out"
+    results = compare(tiny(out, methods=["rl_layer", "random_search"], finalists=2), log=lambda text: None)
+    assert not results["failed"]
+    rows = {r["method"]: r for r in results["rows"]}
+    chosen = rows["random_search"]["finalists"]
+    assert len(chosen["candidates"]) == 2
+    assert rows["random_search"]["best_reward"] == chosen["candidates"][chosen["chosen"]]["reward"]
+    run = json.loads((out / "runs" / "layer__b0.5__s0" / "report.json").read_text())
+    assert len(run["search"]["finalists"]["candidates"]) == 2
+    assert "finalists" in results["notes"]
+    with pytest.raises(ValueError, match="finalists must be >= 0"):
+        compare(tiny(tmp_path / "bad", finalists=-1), log=lambda text: None)
+
+
 def test_budget_sampling_gives_each_budget_its_supernet(tmp_path, monkeypatch):
     """With ``supernet_sampling="budget"`` RL's search, random search and uniform-from-supernet use the
     supernet trained at their budget: one per budget, the one RL's env reads."""

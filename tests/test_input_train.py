@@ -298,7 +298,7 @@ def test_help_mentions_the_input_flags():
 
 @pytest.mark.parametrize(("args", "pattern"), [
     (["--algo", "sac"], "sac"), (["--flops-target", "0.5"], "flops_target"), (["--groups", "1"], "groups"),
-    (["--density", "params"], "params"), (["--num-envs", "0"], "num_envs"),
+    (["--density", "params"], "params"), (["--num-envs", "0"], "num_envs"), (["--finalists", "2"], "finalists"),
 ])
 def test_bad_input_options_exit_2_naming_them(tmp_path, capsys, args, pattern):
     target = tmp_path / "run"

@@ -47,3 +47,36 @@ def test_a_seed_reproduces_the_search_and_another_differs(env):
 def test_bad_episode_counts_are_refused_by_name(env, episodes):
     with pytest.raises(ValueError, match="episodes"):
         random_search(env, episodes)
+
+
+def test_top_holds_the_best_distinct_allocations_best_first(env):
+    result = random_search(env, 12, seed=3, top=4)
+    top = result["top"]
+    assert 1 <= len(top) <= 4 and top[0] is result["best"]
+    assert [e["reward"] for e in top] == sorted((e["reward"] for e in top), reverse=True)
+    assert len({tuple(e["keep_counts"]) for e in top}) == len(top)
+    assert random_search(env, 12, seed=3)["best"]["keep_counts"] == result["best"]["keep_counts"]
+    with pytest.raises(ValueError, match="top"):
+        random_search(env, 12, top=0)
+
+
+def test_the_finalist_kept_has_the_lowest_fine_tuned_loss_on_the_reward_split(env):
+    from prunegym.agents.finalists import choose_finalist
+    from prunegym.compression.training import evaluate, train_classifier
+
+    top = random_search(env, 12, seed=3, top=3)["top"]
+    candidates = [(f"#{i}", e["reward"], e) for i, e in enumerate(top)]
+
+    def finetune(model):
+        return train_classifier(model, env.splits.train, epochs=1, lr=5e-4, seed=0)
+
+    chosen, model, record = choose_finalist(env, candidates, 3, finetune, log=lambda text: None)
+    losses = [r["reward_split_loss"] for r in record["candidates"]]
+    assert len(losses) == len(top) and record["chosen"] == chosen == int(np.argmin(losses))
+    assert evaluate(model, env.splits.reward)[0] == pytest.approx(losses[chosen])
+    assert [r["keep_counts"] for r in record["candidates"]] == [list(e["keep_counts"]) for e in top]
+    one, _, _ = choose_finalist(env, candidates, 1, finetune, log=lambda text: None)
+    assert one == 0  # one finalist: the best reward, as without
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="finalists"):
+            choose_finalist(env, candidates, bad, finetune)

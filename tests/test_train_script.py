@@ -144,6 +144,9 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--supernet-sampling", "budget"], "supernet_sampling 'budget'.*--flops-target"),
                           (["--capacity-weight", "-1", "--flops-target", "0.5"], "capacity_weight.*-1"),
                           (["--capacity-weight", "0.5"], "capacity_weight=0.5.*needs"),
+                          (["--finalists", "-1"], "finalists must be >= 0"),
+                          (["--finalists", "2", "--flops-target", "0.5", "--latency-target", "0.6"],
+                           "finalists=2.*latency"),
                           (["--flops-target", "0.01"], "flops_target"), (["--dataset", "mnist:/nonexistent"],
                                                                           "nonexistent"),
                           (["--hyperparameters", '{"foo": 1}'], "foo"), (["--device", "bogus"], "bogus"),
@@ -331,6 +334,28 @@ def test_reward_finetune_steps_reach_the_env_and_its_reloaded_twin(prunegym_cach
                                            strict=True)]
     assert env.evaluate_counts(counts)["accuracy"] == report["search"]["reward_split_accuracy"]
     env.close()
+
+
+def test_finalists_keep_the_lowest_fine_tuned_loss_of_the_best_allocations(tmp_path, capsys):
+    target = tmp_path / "run"
+    status, stderr = train_in_process(capsys, "--run-dir", str(target), *TINY, "--flops-target", "0.5",
+                                      "--finalists", "3")
+    assert status == 0, stderr
+    report = json.loads((target / "report.json").read_text())
+    finalists = report["search"]["finalists"]
+    losses = [f["reward_split_loss"] for f in finalists["candidates"]]
+    assert len(losses) == 3 and finalists["chosen"] == losses.index(min(losses))
+    rewards = [f["reward"] for f in finalists["candidates"]]
+    assert rewards == sorted(rewards, reverse=True)  # the best three by reward
+    assert len({tuple(f["keep_counts"]) for f in finalists["candidates"]}) == 3
+    kept = finalists["candidates"][finalists["chosen"]]
+    model = load_inference_model(target, fold_bn=False)
+    splits = load_dataset("digits", 0)
+    assert report["results"]["rl"]["flops_ratio"] == pytest.approx(kept["flops_ratio"], rel=1e-6)
+    assert report["search"]["best_reward"] == kept["reward"]
+    with torch.no_grad():  # the finalist's fine-tuned model is the one saved, not another fine-tune of it
+        loss = torch.nn.functional.cross_entropy(model(splits.reward.x), splits.reward.y).item()
+    assert loss == pytest.approx(kept["reward_split_loss"], rel=1e-4)
 
 
 def test_parallel_envs_search_and_resume_continues_the_timestep_count(tmp_path):
