@@ -266,14 +266,15 @@ def _random_search(state: SeedState, out: Path, budget: float) -> dict[str, Any]
             episodes = -(-config.timesteps // env.num_groups)
         search = random_search(env, episodes, seed=state.seed, top=max(c.finalists, 1))
         finetune = functools.partial(state.finetune, from_supernet=bool(c.supernet_epochs))
-        chosen, extra = 0, {}
         if c.finalists:  # chosen as RL per-layer's answer is: the lowest fine-tuned loss of its best few
             candidates = [(f"random episode #{i + 1} by reward", e["reward"], e) for i, e in enumerate(search["top"])]
             chosen, model, finalists = choose_finalist(env, candidates, c.finalists, finetune, log=lambda text: None)
             extra = {"finalists": finalists}
+        else:
+            chosen, extra = 0, {}
+            best = np.asarray(search["best"]["keep_counts"], dtype=np.int64)
+            model = finetune(prune_channels(env.model, env.graph, env.kept_channels(best)))
         counts = np.asarray(search["top"][chosen]["keep_counts"], dtype=np.int64)
-        if not c.finalists:
-            model = finetune(prune_channels(env.model, env.graph, env.kept_channels(counts)))
     finally:
         env.close()
     return {**state.measure(model), **state.counts_result(counts), "search_episodes": episodes,

@@ -26,14 +26,14 @@ def random_search(env: LayerPruningEnv, episodes: int, seed: int = 0, top: int =
     started = time.perf_counter()
     env.action_space.seed(seed)
     env.reset(seed=seed)
-    best: dict[tuple[int, ...], dict[str, Any]] = {}  # keep counts -> its best episode
+    by_counts: dict[tuple[int, ...], dict[str, Any]] = {}  # keep counts -> its best episode
     for _ in range(episodes):
         env.reset()
         done = False
         while not done:
             _, reward, done, _, info = env.step(env.action_space.sample())
         counts = tuple(int(k) for k in info["keep_counts"])
-        if counts not in best or reward > best[counts]["reward"]:
-            best[counts] = {"reward": float(reward), **info}
-    ranked = sorted(best.values(), key=lambda e: -e["reward"])[:top]  # stable: of equal rewards, the earlier
+        if counts not in by_counts or reward > by_counts[counts]["reward"]:
+            by_counts[counts] = {"reward": float(reward), **info}
+    ranked = sorted(by_counts.values(), key=lambda e: -e["reward"])[:top]  # stable: of equal rewards, the earlier
     return {"best": ranked[0], "top": ranked, "episodes": episodes, "seconds": time.perf_counter() - started}
