@@ -44,7 +44,7 @@ from .distributed import check_placement, require_ray, run_graph
 from .job import add_ratios, claim_output
 from .methods import METHODS, SeedState, check_row
 
-__all__ = ["CompareConfig", "compare"]
+__all__ = ["CompareConfig", "compare", "finished_table"]
 
 
 @dataclass
@@ -303,9 +303,8 @@ def _compare(config: CompareConfig, out: Path, started: float, *, progress: bool
     return _results(config, out, [rows[c] for c in cells if c in rows], failed, started, log)
 
 
-def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], failed: dict[Cell, str],
-             started: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """The table, ``results.json``, ``results.md``, the Pareto plot and the hparams from the cells."""
+def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the seeds whose dense cell is among them, each with its costs as ratios to that dense model."""
     dense_by_seed = {r["seed"]: r for r in rows if r["method"] == "dense"}
     rows = [r for r in rows if r["seed"] in dense_by_seed]  # the ratios need the seed's dense model
     for r in rows:
@@ -314,6 +313,13 @@ def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], faile
         r["bytes_ratio"] = r["bytes"] / d["bytes"]
         if "nonzero_flops" in r:
             r["nonzero_flops_ratio"] = r["nonzero_flops"] / d["flops"]
+    return rows
+
+
+def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], failed: dict[Cell, str],
+             started: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The table, ``results.json``, ``results.md``, the Pareto plot and the hparams from the cells."""
+    rows = _with_ratios(rows)
     table = summarize(rows)
     failures = [{"method": m, "budget": b, "seed": s, "error": error} for (m, b, s), error in failed.items()]
     notes = _notes(config) + "".join(
@@ -328,6 +334,30 @@ def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], faile
     log(format_table(table))
     log(f"{notes}\nwritten to {out}/results.json, results.md, pareto.png")
     return results
+
+
+def finished_table(out: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The table of the cells the comparison in ``out`` has finished so far, as its final table would give
+    them (``compare.py --table-only``): while it runs (no lock is taken) or after it stopped. Reads only;
+    writes nothing. The grid is the one of the folder's ``config.json``; a seed whose dense cell has not
+    finished is left out, as the ratios need it. Returns ``table``, ``rows``, ``finished`` and ``cells``
+    (how many of the grid's cells are done)."""
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        raise FileNotFoundError(f"{out} holds no comparison (no config.json); give the --out of one")
+    known = {f.name for f in dataclasses.fields(CompareConfig)}
+    saved = read_json(out / "config.json")["config"]
+    config = CompareConfig(**{k: v for k, v in saved.items() if k in known})  # a setting it lacks: its default
+    cells = _cells(config)
+    finished = [_read_cell(_cell_path(out, *cell), *cell) for cell in cells if _cell_path(out, *cell).is_file()]
+    rows = _with_ratios(finished)
+    table = summarize(rows)
+    waiting = sorted({r["seed"] for r in finished} - {r["seed"] for r in rows})
+    log(format_table(table))
+    log(f"{len(finished)} of {len(cells)} cells finished in {out}"
+        + (f"; seeds {waiting} are left out until their dense cell finishes" if waiting else "")
+        + ". RL - this pairs the seeds both rows have so far.")
+    return {"table": table, "rows": rows, "finished": len(finished), "cells": len(cells)}
 
 
 def _notes(config: CompareConfig) -> str:

@@ -3,7 +3,8 @@ data, FLOPs budgets and fine-tune, over seeds: one table (terminal, JSON, Markdo
 
 With no arguments: the digits CNN on scikit-learn's bundled digits, budgets 0.25 and 0.5 of the
 dense FLOPs, seeds 0-4, 40 fine-tune epochs. Results land in runs/compare__<model>__<dataset>/
-(or --out); run it again with the same --out to continue an interrupted comparison.
+(or --out); run it again with the same --out to continue an interrupted comparison, or with
+--table-only to print the table of the cells finished so far while it runs.
 --workers N runs N cells at once on a Ray started in this process; --address auto runs them on a
 running Ray cluster (`ray start --head` first); both need the distributed extra.
 `tensorboard --logdir <out>` shows the table as hparams and each RL run's rewards.
@@ -16,7 +17,7 @@ import dataclasses
 import sys
 
 from prunegym.agents.cli import failure_status, optional_int
-from prunegym.agents.compare import CompareConfig, compare
+from prunegym.agents.compare import CompareConfig, compare, finished_table
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.factory import ALGORITHMS
@@ -48,13 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
                                          "supernet_sampling": list(SUPERNET_SAMPLING)}.get(f.name))
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show a progress bar over the cells (default: when the terminal is interactive)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of the cells finished so far in --out (the default --out of --model "
+                             "and --dataset when it is not given), with the folder's own settings, while the "
+                             "comparison runs or after it stopped; compute and write nothing")
     return parser
+
+
+def _table_only(parser: argparse.ArgumentParser, args: dict) -> int:
+    """``--table-only``: the folder's settings decide the grid, so any other setting given is refused."""
+    given = sorted(name for name, value in args.items()
+                   if name not in ("out", "model", "dataset") and value != parser.get_default(name))
+    if given:
+        print(f"error: --table-only reads the settings of the comparison in --out; drop "
+              f"{', '.join('--' + name.replace('_', '-') for name in given)}", file=sys.stderr)
+        return 2
+    out = args["out"] or CompareConfig(model=args["model"], dataset=args["dataset"]).default_out()
+    try:
+        finished_table(out)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # latency as a deployment sees it: freed buffers are not unmapped and faulted in again
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     progress = args.pop("progress_bar")
+    if args.pop("table_only"):
+        return _table_only(parser, args)
     progress = sys.stderr.isatty() if progress is None else progress
     try:
         results = compare(CompareConfig(**args), progress=progress)

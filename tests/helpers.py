@@ -35,14 +35,19 @@ def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def train_script():
-    """``scripts/train.py`` as a module, to call its ``main`` in this process."""
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, to call its ``main`` in this process."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prunegym_train_script", TRAIN_SCRIPT)
+    spec = importlib.util.spec_from_file_location(f"prunegym_{name}_script", ROOT / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
+
+
+def train_script():
+    """``scripts/train.py`` as a module, to call its ``main`` in this process."""
+    return load_script("train")
 
 
 def train_in_process(capsys, *args: str) -> tuple[int, str]:

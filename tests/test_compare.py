@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 from helpers import tiny_comparison as tiny
 
-from prunegym.agents.compare import compare
+from prunegym.agents.compare import compare, finished_table
 from prunegym.agents.compare_table import format_table, markdown_table, summarize
 from prunegym.agents.methods import METHODS
 
@@ -338,3 +339,43 @@ def test_an_out_in_use_by_another_comparison_is_refused(tmp_path):
     assert not (out / "config.json").exists()
     compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)  # free again
     assert (out / "results.json").is_file()
+
+
+def test_the_table_so_far_reads_the_finished_cells_and_writes_nothing(tmp_path):
+    from prunegym.compression.locking import DirectoryLock
+
+    out = tmp_path / "out"
+    full = compare(tiny(out, methods=["uniform_l1", "global_l1"]), log=lambda text: None)
+    for name in ("results.json", "results.md", "pareto.png", "cells/global_l1__b0.5__s0.json"):
+        (out / name).unlink()  # as while the comparison runs: one cell to go, no final outputs yet
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    lines: list[str] = []
+    with DirectoryLock(out):  # the comparison still holds its folder
+        so_far = finished_table(out, log=lines.append)
+    assert (so_far["finished"], so_far["cells"]) == (2, 3)
+    assert [e["method"] for e in so_far["table"]] == ["dense", "uniform_l1"]
+    assert so_far["table"] == [e for e in full["table"] if e["method"] != "global_l1"]  # as the final table gives them
+    assert "uniform L1" in lines[0] and "2 of 3 cells finished" in lines[1]
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+    (out / "cells" / "dense__-__s0.json").unlink()  # the seed's ratios need its dense cell
+    lines.clear()
+    assert finished_table(out, log=lines.append)["rows"] == []
+    assert "seeds [0] are left out until their dense cell finishes" in lines[1]
+
+
+def test_the_table_so_far_needs_a_comparison_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds no comparison"):
+        finished_table(tmp_path, log=lambda text: None)
+
+
+def test_script_table_only_prints_the_table_and_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "out"
+    compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    script = load_script("compare")
+    assert script.main(["--table-only", "--out", str(out)]) == 0
+    assert "uniform L1" in capsys.readouterr().out
+    assert script.main(["--table-only", "--out", str(out), "--budgets", "0.3", "--seeds", "1"]) == 2
+    assert "drop --budgets, --seeds" in capsys.readouterr().err
+    assert script.main(["--table-only", "--out", str(tmp_path / "none")]) == 2
+    assert "holds no comparison" in capsys.readouterr().err
