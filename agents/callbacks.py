@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,18 @@ class PruningCallback(BaseCallback):
         self.best: dict[str, Any] | None = None  # info of the best episode, with its reward
         self.keep = top
         self.top: list[dict[str, Any]] = []  # the best episodes of distinct keep counts, best first
+        self.resumed_seconds = 0.0  # the search's seconds in the runs this one resumes, to their last checkpoint
+        self._trained = 0.0  # this run's seconds of training that has ended
+        self._started: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """The search's seconds so far: this run's training and, resumed, the earlier runs' to their last checkpoint."""
+        running = 0.0 if self._started is None else time.perf_counter() - self._started
+        return self.resumed_seconds + self._trained + running
 
     def _on_training_start(self) -> None:
+        self._started = time.perf_counter()
         if self.hparams and self.episodes == 0:
             hparams = {k: (v if isinstance(v, bool | str | float | int) or v is None else str(v))
                        for k, v in self.hparams.items()}
@@ -71,6 +82,8 @@ class PruningCallback(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
+        self._trained += time.perf_counter() - self._started
+        self._started = None
         self.logger.dump(self.num_timesteps)
 
     def _remember(self, episode: dict[str, Any]) -> None:
@@ -85,11 +98,12 @@ class PruningCallback(BaseCallback):
         del self.top[self.keep:]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"episodes": self.episodes, "best": self.best, "top": self.top}
+        return {"episodes": self.episodes, "best": self.best, "top": self.top, "seconds": self.seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.episodes = int(state["episodes"])
         self.best = state["best"]
+        self.resumed_seconds = float(state.get("seconds", 0.0))  # a run saved before it was kept: unknown, 0
         # A run saved before the list was kept resumes with its best episode as the list.
         self.top = list(state.get("top", [] if self.best is None else [self.best]))
 

@@ -136,7 +136,8 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     finally:
         if config.num_envs > 1:
             searched.close()
-    search_seconds = time.perf_counter() - search_started
+    # this run's search, and the runs it resumes to their last checkpoint (the steps after it are run again)
+    search_seconds = pruning_cb.resumed_seconds + time.perf_counter() - search_started
     scored = env.proxy.evaluations if config.num_envs == 1 else None  # distinct candidates; the copies' are theirs
 
     # 3. The best policy found: the best episode of the search, or the final deterministic policy.

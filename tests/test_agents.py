@@ -120,7 +120,9 @@ def test_pruning_callback_writes_tensorboard_scalars(env, tmp_path):
     assert callback.best is not None
     assert callback.best["reward"] == pytest.approx(max(episode_rewards), rel=1e-6)
     assert len(callback.best["keep_ratios"]) == env.num_groups
-    assert callback.state_dict() == {"episodes": callback.episodes, "best": callback.best, "top": callback.top}
+    assert callback.state_dict() == {"episodes": callback.episodes, "best": callback.best, "top": callback.top,
+                                     "seconds": callback.seconds}
+    assert callback.seconds > 0 and callback.seconds == callback.state_dict()["seconds"]  # stopped with training
     assert callback.top[0] == callback.best
     rewards = [e["reward"] for e in callback.top]
     assert rewards == sorted(rewards, reverse=True) and 1 <= len(rewards) <= 10
@@ -145,12 +147,14 @@ def test_pruning_callback_state_round_trip():
     first.episodes, first.best = 7, {"reward": -1.5, "keep_ratios": [0.5, 1.0], "keep_counts": [2, 4]}
     first.top = [first.best]
     second = PruningCallback(["a", "b"])
+    first.resumed_seconds = 12.5  # as if it had searched that long before
     second.load_state_dict(first.state_dict())
     assert second.episodes == 7
     assert second.best == first.best and second.top == first.top
-    older = PruningCallback(["a", "b"])  # a run saved before the top list: its best episode is the list
+    assert second.seconds == second.resumed_seconds == 12.5
+    older = PruningCallback(["a", "b"])  # a run saved before the top list and the seconds
     older.load_state_dict({"episodes": 7, "best": first.best})
-    assert older.top == [first.best]
+    assert older.top == [first.best] and older.seconds == 0.0
 
 
 def test_pruning_callback_keeps_the_best_distinct_allocations():
@@ -173,7 +177,9 @@ def test_checkpoint_callback_keeps_two_complete_checkpoints(env, tmp_path):
     state = read_json(directory / "state.json")
     assert (directory / state["agent"]).is_file()
     assert state["num_timesteps"] == agent.num_timesteps
-    assert state["callback"] == pruning.state_dict()
+    saved, now = dict(state["callback"]), pruning.state_dict()
+    assert 0 < saved.pop("seconds") <= now.pop("seconds")  # the search's time up to the checkpoint
+    assert saved == now
     zips = sorted(directory.glob("agent_*.zip"))
     assert 1 <= len(zips) <= 2
     assert directory / state["agent"] in zips

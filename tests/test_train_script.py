@@ -185,6 +185,8 @@ def test_resume_continues_the_timestep_count(tmp_path):
     ok(run_train("--run-dir", str(target), *TINY))
     first, _ = load_agent(target, device="cpu")
     assert first.num_timesteps == 64
+    first_seconds = json.loads((target / "checkpoints" / "state.json").read_text())["callback"]["seconds"]
+    assert 0 < first_seconds <= json.loads((target / "report.json").read_text())["search"]["seconds"]
 
     result = ok(run_train("--run-dir", str(target), "--resume", "--timesteps", "128"))
     assert "resuming" in result.stdout
@@ -195,6 +197,8 @@ def test_resume_continues_the_timestep_count(tmp_path):
     state = json.loads((target / "checkpoints" / "state.json").read_text())
     assert state["num_timesteps"] == 128
     assert state["callback"]["episodes"] == 128 // len(report["search"]["groups"])
+    assert state["callback"]["seconds"] > first_seconds  # the search's time counts both runs
+    assert report["search"]["seconds"] > first_seconds
     # the search logs to the same TensorBoard run, and its steps continue past the first run's
     assert len({f.parent for f in (target / "tb").rglob("events.out.tfevents.*")}) == 1
 
