@@ -15,6 +15,16 @@ from prunegym.compression.checkpoint import read_json, write_json
 __all__ = ["PruningCallback", "InputPruningCallback", "ResumableCheckpointCallback", "latest_checkpoint"]
 
 
+def _record_hparams(logger: Any, hparams: dict[str, Any], reward_metric: str) -> None:
+    """Log a search's hyper-parameters to TensorBoard's HParams tab (once, at the start), beside
+    ``reward_metric`` and ``pruning/accuracy``; values TensorBoard cannot show are logged as text."""
+    if not hparams:
+        return
+    shown = {k: (v if isinstance(v, bool | str | float | int) or v is None else str(v)) for k, v in hparams.items()}
+    logger.record("hparams", HParam(shown, {reward_metric: 0.0, "pruning/accuracy": 0.0}),
+                  exclude=("stdout", "log", "json", "csv"))
+
+
 class PruningCallback(BaseCallback):
     """Logs every finished pruning episode and remembers the best one (AMC exports the best episode),
     and the ``top`` best distinct allocations, for a job that checks them against a measurement
@@ -49,11 +59,8 @@ class PruningCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self._started = time.perf_counter()
-        if self.hparams and self.episodes == 0:
-            hparams = {k: (v if isinstance(v, bool | str | float | int) or v is None else str(v))
-                       for k, v in self.hparams.items()}
-            self.logger.record("hparams", HParam(hparams, {"pruning/best_reward": 0.0, "pruning/accuracy": 0.0}),
-                               exclude=("stdout", "log", "json", "csv"))
+        if self.episodes == 0:
+            _record_hparams(self.logger, self.hparams, "pruning/best_reward")
 
     def _on_step(self) -> bool:
         rewards = self.locals.get("rewards")
@@ -124,11 +131,8 @@ class InputPruningCallback(BaseCallback):
         self.episodes = 0
 
     def _on_training_start(self) -> None:
-        if self.hparams and self.episodes == 0:
-            hparams = {k: (v if isinstance(v, bool | str | float | int) or v is None else str(v))
-                       for k, v in self.hparams.items()}
-            self.logger.record("hparams", HParam(hparams, {"pruning/episode_reward": 0.0, "pruning/accuracy": 0.0}),
-                               exclude=("stdout", "log", "json", "csv"))
+        if self.episodes == 0:
+            _record_hparams(self.logger, self.hparams, "pruning/episode_reward")
 
     def _on_step(self) -> bool:
         finished = [(i, info) for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"],

@@ -305,24 +305,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _ratios(text: str) -> list[float]:
+def _comma_list(text: str, kind: type, what: str, valid: Any) -> list[Any]:
+    """The comma-separated values of ``text`` as ``kind``, each one ``valid``; refused naming ``what``."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-    if not values or not all(0 < v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected FLOPs ratios in (0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from err
+    if not values or not all(valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return values
+
+
+def _ratios(text: str) -> list[float]:
+    return _comma_list(text, float, "FLOPs ratios in (0, 1)", lambda v: 0 < v < 1)
 
 
 def _counts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
-    return values
+    return _comma_list(text, int, "integers >= 0", lambda v: v >= 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
