@@ -8,7 +8,11 @@ layer latencies; this is that table.
 
 Each conv and linear layer is timed alone (random weights, random input of the layer's own input
 size, the batch size and thread count asked for) at the input and output channel counts a keep
-decision gives it, once per (layer, in, out), on first use. The predicted latency of keep counts
+decision gives it, once per (layer, in, out), on first use. A pruned entry is timed in turn with the
+same layer at its dense widths, call by call, and kept as its ratio to that times the dense entry:
+an entry timed minutes after the dense ones, on a machine whose speed has drifted since, would
+otherwise be off by the drift (on a shared 2-core VM, 10-50%: docs/latency.md), and the search picks
+the candidates whose entries were timed in a fast moment. The predicted latency of keep counts
 is the sum of their layers' entries plus the rest of the network (activations, adds, pooling):
 the dense model's measured time minus its layers' dense entries, scaled by the fraction of the
 layers' output activations the keep counts leave (those ops are memory-bound: their cost follows
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +40,7 @@ from torch import nn
 
 from .channels import ChannelGraph, in_channels, out_channels
 from .fusion import inference_form
-from .metrics import measure_latency
+from .metrics import measure_latency, num_threads
 
 __all__ = ["LatencyTable", "widest_within"]
 
@@ -45,6 +51,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # every searched model measured over the budget the table had put it within (docs/latency.md).
 _TARGET_SECONDS = 0.03
 _MIN_REPEATS, _MAX_REPEATS = 10, 200
+_MIN_PAIRS, _MAX_PAIRS = 5, 100  # a pruned entry: pairs of calls (pruned, dense) filling _TARGET_SECONDS
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,8 @@ class LatencyTable:
         self.layers = self._find_layers(model, graph, example_input)
         self.entries: dict[tuple[int, int, int], float] = {}  # (layer, in, out) -> seconds
         self._dense_activations = sum(layer.out_size * layer.out_channels for layer in self.layers)
-        dense_counts = graph.num_channels
-        dense_layers = sum(self._layer_seconds(i, *self._widths(i, dense_counts)) for i in range(len(self.layers)))
+        self._dense_widths = [self._widths(i, graph.num_channels) for i in range(len(self.layers))]
+        dense_layers = sum(self._layer_seconds(i, *widths) for i, widths in enumerate(self._dense_widths))
         deployed, _ = inference_form(copy.deepcopy(model).cpu())
         x = example_input[:1].cpu().expand(batch_size, *example_input.shape[1:]).contiguous()
         whole = _timed(deployed, x, threads, min_repeats=10)
@@ -138,7 +145,13 @@ class LatencyTable:
     def _layer_seconds(self, index: int, cin: int, cout: int) -> float:
         key = (index, cin, cout)
         if key not in self.entries:
-            self.entries[key] = _timed(*self._layer_and_input(index, cin, cout), self.threads)
+            dense_key = (index, *self._dense_widths[index])
+            if key == dense_key or dense_key not in self.entries:
+                self.entries[key] = _timed(*self._layer_and_input(index, cin, cout), self.threads)
+            else:  # relative to the dense entry, timed with it: the machine's drift cancels
+                self.entries[key] = self.entries[dense_key] * _relative_time(
+                    self._layer_and_input(index, cin, cout), self._layer_and_input(index, *self._dense_widths[index]),
+                    self.threads)
         return self.entries[key]
 
     def _layer_and_input(self, index: int, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
@@ -231,6 +244,25 @@ def widest_within(table: LatencyTable, allowed: Sequence[np.ndarray], *, flops_t
         if best is None:
             return counts
         counts = best[1]
+
+
+@torch.no_grad()
+def _relative_time(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.Tensor], threads: int) -> float:
+    """The median seconds of ``a``'s module on its input over ``b``'s, the two called in turn (which
+    goes first alternating), so that the machine's speed at the moment lands on both alike: at least
+    ``_MIN_PAIRS`` pairs, more (up to ``_MAX_PAIRS``) until they fill ``_TARGET_SECONDS``, after one
+    untimed call of each."""
+    calls = [(*a, []), (*b, [])]
+    with num_threads(threads):
+        for module, x, _ in calls:
+            module.eval()(x)
+        while len(calls[0][2]) < _MIN_PAIRS or (sum(calls[0][2]) + sum(calls[1][2]) < _TARGET_SECONDS
+                                                 and len(calls[0][2]) < _MAX_PAIRS):
+            for module, x, times in (calls if len(calls[0][2]) % 2 == 0 else calls[::-1]):
+                start = time.perf_counter()
+                module(x)
+                times.append(time.perf_counter() - start)
+    return statistics.median(calls[0][2]) / statistics.median(calls[1][2])
 
 
 def _timed(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = _MIN_REPEATS) -> float:

@@ -33,9 +33,14 @@ def _fake_seconds(module: nn.Module, x: torch.Tensor, threads: int, min_repeats:
     return 1.0  # the whole dense model
 
 
+def _fake_relative(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.Tensor], threads: int) -> float:
+    return _fake_seconds(*a, threads) / _fake_seconds(*b, threads)
+
+
 @pytest.fixture
 def fake_timer(monkeypatch):
     monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
+    monkeypatch.setattr(latency_module, "_relative_time", _fake_relative)
 
 
 def _resnet_table(**kwargs) -> tuple[nn.Module, ChannelGraph, LatencyTable]:
@@ -69,6 +74,56 @@ def test_table_times_each_conv_at_its_pruned_widths_once():
         assert value > 0
 
 
+def test_a_pruned_entry_is_the_dense_entry_times_their_ratio_timed_together(monkeypatch):
+    timed_together = []
+
+    def relative(a, b, threads):
+        timed_together.append((a[0].weight.shape, b[0].weight.shape))
+        return 0.25
+
+    monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
+    monkeypatch.setattr(latency_module, "_relative_time", relative)
+    _, graph, table = _resnet_table()
+    counts = graph.num_channels.copy()
+    counts[1] = counts[1] // 2  # layer1.0.conv1's outputs, read by layer1.0.conv2
+    table.seconds(counts)
+    index = {layer.name: i for i, layer in enumerate(table.layers)}
+    conv1, conv2 = index["layer1.0.conv1"], index["layer1.0.conv2"]
+    assert table.entries[(conv1, 16, 8)] == pytest.approx(0.25 * table.entries[(conv1, 16, 16)])
+    assert table.entries[(conv2, 8, 16)] == pytest.approx(0.25 * table.entries[(conv2, 16, 16)])
+    # each pruned layer timed with the same layer at its dense widths
+    assert sorted(timed_together) == sorted([(torch.Size([8, 16, 3, 3]), torch.Size([16, 16, 3, 3])),
+                                             (torch.Size([16, 8, 3, 3]), torch.Size([16, 16, 3, 3]))])
+
+
+class _Clocked(nn.Module):
+    """Costs ``work`` seconds of a fake clock per call, times the machine's slowness at the moment:
+    the slowness grows with every call of any module (a machine drifting slower as it is timed)."""
+
+    clock = [0.0, 1.0]  # now, slowness
+
+    def __init__(self, work: float):
+        super().__init__()
+        self.work = work
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock[0] += self.work * self.clock[1]
+        self.clock[1] *= 1.05
+        return x
+
+
+def test_relative_time_cancels_a_drifting_machine(monkeypatch):
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: _Clocked.clock[0])
+    monkeypatch.setattr(_Clocked, "clock", [0.0, 1.0])
+    x = torch.zeros(1)
+    ratio = latency_module._relative_time((_Clocked(0.002), x), (_Clocked(0.008), x), threads=1)
+    assert ratio == pytest.approx(0.25, rel=0.06)
+    # the same two timed one after the other: the drift between them is what they measure
+    monkeypatch.setattr(_Clocked, "clock", [0.0, 1.0])
+    apart = latency_module._timed(_Clocked(0.002), x, 1) / latency_module._timed(_Clocked(0.008), x, 1)
+    assert apart < 0.25 * 0.7
+
+
 def test_fewer_channels_predict_less_time(fake_timer):
     _, graph, table = _resnet_table()
     dense = graph.num_channels
@@ -91,6 +146,7 @@ def test_state_round_trips_through_json_without_timing_again(monkeypatch):
         raise AssertionError("a loaded entry was timed again")
 
     monkeypatch.setattr(latency_module, "_timed", no_timing)
+    monkeypatch.setattr(latency_module, "_relative_time", no_timing)
     half = np.maximum(1, graph.num_channels // 2)
     assert other.seconds(half) == table.seconds(half)
 
