@@ -6,12 +6,12 @@ batch 64 with 49 output channels can take twice as long as one with 48, and as l
 64. A search that prices FLOPs happily picks 49. NetAdapt's answer is a lookup table of measured
 layer latencies; this is that table.
 
-Each conv and linear layer is timed alone (random weights, random input of the layer's own input
+Each conv and linear layer is timed apart from the network (random weights, random input of the layer's own input
 size, the batch size and thread count asked for) at the input and output channel counts a keep
 decision gives it, once per (layer, in, out), on first use. A pruned entry is timed in turn with the
-same layer at its dense widths, call by call, and kept as its ratio to that times the dense entry:
+same layer at its dense widths, call by call, and kept as its ratio to it times the dense entry:
 an entry timed minutes after the dense ones, on a machine whose speed has drifted since, would
-otherwise be off by the drift (on a shared 2-core VM, 10-50%: docs/latency.md), and the search picks
+otherwise be off by the drift (docs/latency.md), and the search picks
 the candidates whose entries were timed in a fast moment. The predicted latency of keep counts
 is the sum of their layers' entries plus the rest of the network (activations, adds, pooling):
 the dense model's measured time minus its layers' dense entries, scaled by the fraction of the
@@ -45,13 +45,14 @@ from .metrics import measure_latency, num_threads
 __all__ = ["LatencyTable", "widest_within"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Each entry is the median of at least 10 passes filling about 30 ms. A search picks the candidates
+# A dense entry is the median of at least 10 passes filling about 30 ms; a pruned one, of at least 3
+# blocks of four calls (pruned, dense, dense, pruned) filling as much. A search picks the candidates
 # the table calls fast, so an entry timed in a lucky moment is what it picks: with 3 passes in 4 ms,
 # two tables of the same layers, timed minutes apart, differed by 10-50% on a noisy 2-core machine and
 # every searched model measured over the budget the table had put it within (docs/latency.md).
 _TARGET_SECONDS = 0.03
 _MIN_REPEATS, _MAX_REPEATS = 10, 200
-_MIN_PAIRS, _MAX_PAIRS = 5, 100  # a pruned entry: pairs of calls (pruned, dense) filling _TARGET_SECONDS
+_MIN_BLOCKS, _MAX_BLOCKS = 3, 50
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class LatencyTable:
         key = (index, cin, cout)
         if key not in self.entries:
             dense_key = (index, *self._dense_widths[index])
-            if key == dense_key or dense_key not in self.entries:
+            if key == dense_key:
                 self.entries[key] = _timed(*self._layer_and_input(index, cin, cout), self.threads)
             else:  # relative to the dense entry, timed with it: the machine's drift cancels
                 self.entries[key] = self.entries[dense_key] * _relative_time(
@@ -155,13 +156,16 @@ class LatencyTable:
         return self.entries[key]
 
     def _layer_and_input(self, index: int, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
+        """A layer like ``index`` at these widths and an input for it, random, drawn without touching
+        torch's global random stream (the search's own randomness must not depend on what was timed)."""
         layer = self.layers[index]
         m = layer.module
-        if isinstance(m, nn.Linear):
-            return nn.Linear(cin, cout), torch.randn(self.batch_size, cin)
-        module = type(m)(cin, cout, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                         groups=cin if layer.depthwise else 1, bias=True, padding_mode=m.padding_mode)
-        return module, torch.randn(self.batch_size, cin, *layer.in_size)
+        with torch.random.fork_rng(devices=[]):
+            if isinstance(m, nn.Linear):
+                return nn.Linear(cin, cout), torch.randn(self.batch_size, cin)
+            module = type(m)(cin, cout, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                             groups=cin if layer.depthwise else 1, bias=True, padding_mode=m.padding_mode)
+            return module, torch.randn(self.batch_size, cin, *layer.in_size)
 
     def seconds(self, keep_counts: Sequence[int] | np.ndarray) -> float:
         """Predicted latency (seconds) of the model pruned to ``keep_counts``; measures any entry it lacks."""
@@ -198,6 +202,9 @@ class LatencyTable:
             if not (isinstance(s, float) and math.isfinite(s) and s > 0):
                 raise ValueError(f"the saved latency table has a bad entry for {name!r} ({cin}, {cout}): {s!r}")
             entries[(index[name], int(cin), int(cout))] = s
+        missing = [self.layers[i].name for i, widths in enumerate(self._dense_widths) if (i, *widths) not in entries]
+        if missing:  # the pruned entries are relative to them
+            raise ValueError(f"the saved latency table lacks the dense entries of {missing}")
         self.entries = entries
         self.rest_seconds = float(state["rest_seconds"])
         self.dense_seconds = float(state["dense_seconds"])
@@ -248,21 +255,24 @@ def widest_within(table: LatencyTable, allowed: Sequence[np.ndarray], *, flops_t
 
 @torch.no_grad()
 def _relative_time(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.Tensor], threads: int) -> float:
-    """The median seconds of ``a``'s module on its input over ``b``'s, the two called in turn (which
-    goes first alternating), so that the machine's speed at the moment lands on both alike: at least
-    ``_MIN_PAIRS`` pairs, more (up to ``_MAX_PAIRS``) until they fill ``_TARGET_SECONDS``, after one
-    untimed call of each."""
-    calls = [(*a, []), (*b, [])]
+    """``a``'s module on its input over ``b``'s, timed in blocks of four calls, a b b a, so that a
+    drift of the machine's speed that is steady over a block lands on both alike: the median over
+    the blocks of each block's a seconds over its b seconds. At least ``_MIN_BLOCKS`` blocks, more
+    (up to ``_MAX_BLOCKS``) until they fill ``_TARGET_SECONDS``, after one untimed call of each."""
+    (module_a, x_a), (module_b, x_b) = a, b
+    ratios, spent = [], 0.0
     with num_threads(threads):
-        for module, x, _ in calls:
-            module.eval()(x)
-        while len(calls[0][2]) < _MIN_PAIRS or (sum(calls[0][2]) + sum(calls[1][2]) < _TARGET_SECONDS
-                                                 and len(calls[0][2]) < _MAX_PAIRS):
-            for module, x, times in (calls if len(calls[0][2]) % 2 == 0 else calls[::-1]):
+        module_a.eval()(x_a)
+        module_b.eval()(x_b)
+        while len(ratios) < _MIN_BLOCKS or (spent < _TARGET_SECONDS and len(ratios) < _MAX_BLOCKS):
+            times = []
+            for module, x in ((module_a, x_a), (module_b, x_b), (module_b, x_b), (module_a, x_a)):
                 start = time.perf_counter()
                 module(x)
                 times.append(time.perf_counter() - start)
-    return statistics.median(calls[0][2]) / statistics.median(calls[1][2])
+            ratios.append((times[0] + times[3]) / (times[1] + times[2]))
+            spent += sum(times)
+    return statistics.median(ratios)
 
 
 def _timed(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = _MIN_REPEATS) -> float:

@@ -5,6 +5,7 @@ non-monotone timings, and a resumed run keeping the timings it was rewarded with
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import gymnasium
 import numpy as np
@@ -14,6 +15,7 @@ from helpers import ok, run_train
 from torch import nn
 
 from prunegym.compression import latency as latency_module
+from prunegym.compression import metrics as metrics_module
 from prunegym.compression.channels import ChannelGraph
 from prunegym.compression.latency import LatencyTable, widest_within
 from prunegym.compression.models import build_model
@@ -113,11 +115,13 @@ class _Clocked(nn.Module):
 
 
 def test_relative_time_cancels_a_drifting_machine(monkeypatch):
-    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: _Clocked.clock[0])
+    clock = SimpleNamespace(perf_counter=lambda: _Clocked.clock[0])
+    monkeypatch.setattr(latency_module, "time", clock)
+    monkeypatch.setattr(metrics_module, "time", clock)
     monkeypatch.setattr(_Clocked, "clock", [0.0, 1.0])
     x = torch.zeros(1)
     ratio = latency_module._relative_time((_Clocked(0.002), x), (_Clocked(0.008), x), threads=1)
-    assert ratio == pytest.approx(0.25, rel=0.06)
+    assert ratio == pytest.approx(0.25, rel=0.01)
     # the same two timed one after the other: the drift between them is what they measure
     monkeypatch.setattr(_Clocked, "clock", [0.0, 1.0])
     apart = latency_module._timed(_Clocked(0.002), x, 1) / latency_module._timed(_Clocked(0.008), x, 1)
@@ -149,6 +153,32 @@ def test_state_round_trips_through_json_without_timing_again(monkeypatch):
     monkeypatch.setattr(latency_module, "_relative_time", no_timing)
     half = np.maximum(1, graph.num_channels // 2)
     assert other.seconds(half) == table.seconds(half)
+
+
+def test_a_resumed_table_times_new_entries_against_its_saved_dense_entries(monkeypatch):
+    monkeypatch.setattr(latency_module, "_relative_time", _fake_relative)
+    monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
+    _, graph, saved = _resnet_table()
+    state = json.loads(json.dumps(saved.state_dict()))
+    # the machine is twice as slow when the search resumes
+    monkeypatch.setattr(latency_module, "_timed", lambda *args, **kwargs: 2 * _fake_seconds(*args, **kwargs))
+    resumed = _resnet_table()[2]
+    resumed.load_state_dict(state)
+    half = np.maximum(1, graph.num_channels // 2)
+    assert resumed.seconds(half) == pytest.approx(saved.seconds(half))  # new entries on the saved scale
+
+    state["entries"] = [e for e in state["entries"] if e[0] != "layer1.0.conv1"]
+    with pytest.raises(ValueError, match=r"lacks the dense entries of \['layer1.0.conv1'\]"):
+        resumed.load_state_dict(state)
+
+
+def test_timing_an_entry_leaves_the_global_random_stream_alone(fake_timer):
+    _, graph, table = _resnet_table()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    table.seconds(np.maximum(1, graph.num_channels // 2))  # builds random layers and inputs to time
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_bad_input_raises_naming_it(fake_timer):
