@@ -6,13 +6,13 @@ batch 64 with 49 output channels can take twice as long as one with 48, and as l
 64. A search that prices FLOPs happily picks 49. NetAdapt's answer is a lookup table of measured
 layer latencies; this is that table.
 
-Each conv and linear layer is timed apart from the network (random weights, random input of the layer's own input
-size, the batch size and thread count asked for) at the input and output channel counts a keep
-decision gives it, once per (layer, in, out), on first use. A pruned entry is timed in turn with the
-same layer at its dense widths, call by call, and kept as its ratio to it times the dense entry:
-an entry timed minutes after the dense ones, on a machine whose speed has drifted since, would
-otherwise be off by the drift (docs/latency.md), and the search picks
-the candidates whose entries were timed in a fast moment. The predicted latency of keep counts
+Each conv and linear layer is timed apart from the network (random weights, random input of the
+layer's own input size, the batch size and thread count asked for) at the input and output channel
+counts a keep decision gives it, once per (layer, in, out), on first use. A pruned entry is timed in
+turn with the same layer at its dense widths, call by call, and kept as its ratio to it times the
+dense entry: an entry timed minutes after the dense ones, on a machine whose speed has drifted
+since, would otherwise be off by the drift (docs/latency.md), and the search picks the candidates
+whose entries were timed in a fast moment. The predicted latency of keep counts
 is the sum of their layers' entries plus the rest of the network (activations, adds, pooling):
 the dense model's measured time minus its layers' dense entries, scaled by the fraction of the
 layers' output activations the keep counts leave (those ops are memory-bound: their cost follows
