@@ -24,7 +24,7 @@ from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.distillation import Distillation
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLocked
-from prunegym.compression.metrics import count_flops, count_params, measure_latency_rounds, model_bytes
+from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes, relative_latency
 from prunegym.compression.training import evaluate
 
 from .agent_files import UntrustedFileError, load_agent_file, load_replay_buffer
@@ -32,12 +32,16 @@ from .callbacks import ResumableCheckpointCallback, latest_checkpoint
 from .config import CONFIG_FORMAT, ENVS, RunDirError, TrainConfig, changed_settings, env_kwargs, load_config
 from .factory import ALGORITHMS, make_agent
 
-__all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "REPORT_ROUNDS", "batch_of_64", "check_resumable",
-           "distillation", "finish_report", "measure_model", "measure_models", "release_run_dir", "results_table",
-           "search", "static_latency"]
+__all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "RATIO_BLOCKS", "REPORT_ROUNDS", "batch_of_64",
+           "check_resumable", "distillation", "finish_report", "measure_model", "measure_models", "release_run_dir",
+           "results_table", "search", "static_latency"]
 
 
-REPORT_ROUNDS = 3  # the report's models take turns this many times at each latency measurement
+REPORT_ROUNDS = 3  # the per-input report's models take turns this many times at each latency measurement
+# Each latency ratio of a static model to the dense one: at least this many blocks of four calls
+# (relative_latency), more while they take under a second. On a noisy 2-core machine, 30 blocks of
+# ResNet-20 at batch 64 put repeated measurements of one ratio within about 2% (docs/latency.md).
+RATIO_BLOCKS = 30
 
 
 FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "latency_greedy.pt", "gate.pt", "agent.zip")
@@ -54,21 +58,27 @@ def batch_of_64(x: torch.Tensor) -> torch.Tensor:
     return x[:64].repeat(-(-64 // min(64, len(x))), 1, 1, 1)[:64]
 
 
-def static_latency(models: list[torch.nn.Module], x: torch.Tensor, threads: int,
-                   rounds: int = 1) -> list[dict[str, float]]:
-    """Batch-1 and batch-64 latency (median ms on the CPU) of each model, whose cost does not depend
-    on the input; several models are timed interleaved call by call, the median of ``rounds``
-    rounds (``measure_latency_rounds``), so that their ratios hold when the machine has a slow spell."""
-    b1 = measure_latency_rounds(models, x[:1], rounds=rounds, repeats=200, warmup=20, threads=threads)
-    b64 = measure_latency_rounds(models, batch_of_64(x), rounds=rounds, repeats=50, warmup=5, threads=threads)
-    return [{"latency_b1_ms": 1e3 * a, "latency_b64_ms": 1e3 * b} for a, b in zip(b1, b64, strict=True)]
+def static_latency(models: list[torch.nn.Module], x: torch.Tensor, threads: int) -> list[dict[str, float]]:
+    """Batch-1 and batch-64 latency (ms on the CPU) of each model, whose cost does not depend on the
+    input. The first model's is the median of its passes (``measure_latency``); each other model's is
+    the first's times its ratio to it, timed in alternating blocks of calls (``relative_latency``), so
+    that the ratios hold when the machine's speed drifts or jumps between calls."""
+    per_batch = []
+    for batch in (x[:1], batch_of_64(x)):
+        first = measure_latency(models[0], batch, repeats=30, warmup=5, threads=threads, fill_seconds=1.0,
+                                max_repeats=1000)
+        per_batch.append([first] + [first * relative_latency(model, models[0], batch, blocks=RATIO_BLOCKS,
+                                                             threads=threads, fill_seconds=1.0, max_blocks=1000)
+                                    for model in models[1:]])
+    return [{"latency_b1_ms": 1e3 * a, "latency_b64_ms": 1e3 * b} for a, b in zip(*per_batch, strict=True)]
 
 
-def measure_models(models: dict[str, torch.nn.Module], splits, threads: int, rounds: int = 1) -> dict[str, Any]:
+def measure_models(models: dict[str, torch.nn.Module], splits, threads: int) -> dict[str, Any]:
     """Test accuracy, FLOPs, parameters, bytes and batch-1/batch-64 latency of static models in their
-    inference form (CPU, eval mode, BN folded), the latencies timed together (``static_latency``)."""
+    inference form (CPU, eval mode, BN folded), the latencies relative to the first model's
+    (``static_latency``)."""
     forms = {name: inference_form(model) for name, model in models.items()}
-    latencies = static_latency([model for model, _ in forms.values()], splits.test.x, threads, rounds)
+    latencies = static_latency([model for model, _ in forms.values()], splits.test.x, threads)
     results = {}
     for (name, (model, folding)), latency in zip(forms.items(), latencies, strict=True):
         loss, accuracy = evaluate(model, splits.test, device=torch.device("cpu"))

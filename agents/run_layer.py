@@ -24,7 +24,7 @@ from prunegym.compression.channels import prune_channels
 from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
 from prunegym.compression.fusion import inference_form
 from prunegym.compression.latency import widest_within
-from prunegym.compression.metrics import measure_latency_rounds, num_threads
+from prunegym.compression.metrics import num_threads, relative_latency
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.training import resolve_device, train_classifier
 from prunegym.envs import LayerPruningEnv
@@ -33,7 +33,7 @@ from .callbacks import PruningCallback
 from .config import TrainConfig, env_kwargs
 from .finalists import choose_finalist
 from .job import (
-    REPORT_ROUNDS,
+    RATIO_BLOCKS,
     add_ratios,
     batch_of_64,
     distillation,
@@ -44,9 +44,6 @@ from .job import (
 )
 
 __all__ = ["format_report", "measured_latency_check", "parallel_envs", "train_layer"]
-
-LATENCY_CHECK_ROUNDS = 3
-
 
 def _layer_env(kwargs: dict[str, Any], device: str, threads: int) -> Monitor:
     torch.set_num_threads(threads)
@@ -78,23 +75,27 @@ def _candidates(final: tuple[str, float, dict[str, Any]], top: list[dict[str, An
 
 def measured_latency_check(env: LayerPruningEnv, candidates: list[tuple[str, float, dict]], threads: int,
                            log: Any) -> dict[str, Any]:
-    """Measure the batch-64 latency ratio of each candidate (best reward first; pruned from the
-    searched model, in its inference form) to the dense model's, all timed together, and choose the
-    first within ``env.latency_target``: the latency table predicts a candidate's latency from its
-    layers timed alone, and a candidate it puts inside the budget can run outside it (NetAdapt
-    measures instead). When none is within it, the one measured fastest, said so in the log."""
+    """Choose the best candidate (best reward first) whose batch-64 latency, measured, is within
+    ``env.latency_target`` of the dense model's: the latency table predicts a candidate's latency
+    from its layers timed alone, and a candidate it puts inside the budget can run outside it
+    (NetAdapt measures instead). Each candidate is pruned from the searched model, in its inference
+    form, and timed against the dense model (``relative_latency``), in order, until one is within
+    the budget; when none is, the one measured fastest, said so in the log."""
     dense, _ = inference_form(copy.deepcopy(env.dense))
-    forms = [inference_form(prune_channels(env.model, env.graph, env.kept_channels(np.asarray(info["keep_counts"]))))[0]
-             for _, _, info in candidates]
-    seconds = measure_latency_rounds([dense, *forms], batch_of_64(env.splits.train.x), rounds=LATENCY_CHECK_ROUNDS,
-                                     repeats=10, warmup=2, threads=threads)
-    ratios = [s / seconds[0] for s in seconds[1:]]
-    within = [i for i, r in enumerate(ratios) if r <= env.latency_target]
-    chosen = within[0] if within else int(np.argmin(ratios))
-    log(f"latency check: {len(candidates)} best allocations of the search timed (batch 64, {threads} thread(s)): "
-        + ", ".join(f"{r:.3f}" for r in ratios) + " of the dense latency; "
+    x = batch_of_64(env.splits.train.x)
+    ratios: list[float | None] = [None] * len(candidates)
+    for i, (_, _, info) in enumerate(candidates):
+        pruned = prune_channels(env.model, env.graph, env.kept_channels(np.asarray(info["keep_counts"])))
+        form, _ = inference_form(pruned)
+        ratios[i] = relative_latency(form, dense, x, blocks=RATIO_BLOCKS, threads=threads)
+        if ratios[i] <= env.latency_target:
+            break
+    within = ratios[i] <= env.latency_target
+    chosen = i if within else int(np.argmin(ratios))
+    log(f"latency check: the search's best allocations timed against the dense model (batch 64, {threads} "
+        "thread(s)): " + ", ".join(f"{r:.3f}" for r in ratios if r is not None) + " of its latency; "
         + (f"keeping #{chosen + 1}, the best reward within the budget {env.latency_target}" if within else
-           f"none within the budget {env.latency_target}: keeping the fastest, #{chosen + 1}"))
+           f"none of {len(candidates)} within the budget {env.latency_target}: keeping the fastest, #{chosen + 1}"))
     return {"target": env.latency_target, "threads": threads, "chosen": chosen, "within": bool(within),
             "candidates": [{"source": source, "reward": reward, "keep_counts": list(info["keep_counts"]),
                             "flops_ratio": info["flops_ratio"], "predicted_latency_ratio": info.get("latency_ratio"),
@@ -180,7 +181,7 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
             models[name] = finetune(prune_channels(env.model, env.graph, env.kept_channels(keep)))
 
     # 5. Report: test split only, latency on the CPU with fixed threads, all models in one process.
-    results = measure_models(models, splits, config.threads, rounds=REPORT_ROUNDS)
+    results = measure_models(models, splits, config.threads)
     for name, keep in allocations.items():
         results[name]["keep_ratios"] = (keep / env.graph.num_channels).tolist()
     for result in results.values():
@@ -204,7 +205,8 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                    **({} if finalists is None else {"finalists": finalists})},
         "notes": "Every model measured in its inference form (BN folded into the convs where torch.fx can "
                  "trace it). FLOPs count 2 per multiply-add (FlopCounterMode). Latency: median ms on the CPU, "
-                 f"{config.threads} thread(s), the models timed interleaved call by call in {REPORT_ROUNDS} rounds; "
+                 f"{config.threads} thread(s); the dense model's the median of its passes, every other's the dense "
+                 "model's times their ratio, timed in alternating blocks of calls; "
                  "accuracy "
                  f"on the test split after {config.finetune_epochs} fine-tune epochs for every pruned model"
                  + (" (distilled from the dense model)." if config.distill else "."),

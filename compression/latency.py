@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +38,7 @@ from torch import nn
 
 from .channels import ChannelGraph, in_channels, out_channels
 from .fusion import inference_form
-from .metrics import measure_latency, num_threads
+from .metrics import measure_latency, relative_latency
 
 __all__ = ["LatencyTable", "widest_within"]
 
@@ -150,7 +148,7 @@ class LatencyTable:
             if key == dense_key:
                 self.entries[key] = _timed(*self._layer_and_input(index, cin, cout), self.threads)
             else:  # relative to the dense entry, timed with it: the machine's drift cancels
-                self.entries[key] = self.entries[dense_key] * _relative_time(
+                self.entries[key] = self.entries[dense_key] * _relative_seconds(
                     self._layer_and_input(index, cin, cout), self._layer_and_input(index, *self._dense_widths[index]),
                     self.threads)
         return self.entries[key]
@@ -254,25 +252,12 @@ def widest_within(table: LatencyTable, allowed: Sequence[np.ndarray], *, flops_t
 
 
 @torch.no_grad()
-def _relative_time(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.Tensor], threads: int) -> float:
-    """``a``'s module on its input over ``b``'s, timed in blocks of four calls, a b b a, so that a
-    drift of the machine's speed that is steady over a block lands on both alike: the median over
-    the blocks of each block's a seconds over its b seconds. At least ``_MIN_BLOCKS`` blocks, more
-    (up to ``_MAX_BLOCKS``) until they fill ``_TARGET_SECONDS``, after one untimed call of each."""
-    (module_a, x_a), (module_b, x_b) = a, b
-    ratios, spent = [], 0.0
-    with num_threads(threads):
-        module_a.eval()(x_a)
-        module_b.eval()(x_b)
-        while len(ratios) < _MIN_BLOCKS or (spent < _TARGET_SECONDS and len(ratios) < _MAX_BLOCKS):
-            times = []
-            for module, x in ((module_a, x_a), (module_b, x_b), (module_b, x_b), (module_a, x_a)):
-                start = time.perf_counter()
-                module(x)
-                times.append(time.perf_counter() - start)
-            ratios.append((times[0] + times[3]) / (times[1] + times[2]))
-            spent += sum(times)
-    return statistics.median(ratios)
+def _relative_seconds(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.Tensor], threads: int) -> float:
+    """``a``'s module on its input over ``b``'s (``relative_latency``): at least ``_MIN_BLOCKS``
+    blocks, more (up to ``_MAX_BLOCKS``) until they fill ``_TARGET_SECONDS``, after one untimed call
+    of each."""
+    return relative_latency(a[0], b[0], a[1], reference_input=b[1], blocks=_MIN_BLOCKS, threads=threads,
+                            fill_seconds=_TARGET_SECONDS, max_blocks=_MAX_BLOCKS)
 
 
 def _timed(module: nn.Module, x: torch.Tensor, threads: int, min_repeats: int = _MIN_REPEATS) -> float:

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_layer_flops", "count_params", "model_bytes", "saved_bytes", "measure_latency",
-           "measure_latency_rounds", "latency_rounds", "measure_input_latency", "num_threads", "keep_freed_memory"]
+           "measure_latency_rounds", "latency_rounds", "relative_latency", "measure_input_latency", "num_threads",
+           "keep_freed_memory"]
 
 
 @torch.no_grad()
@@ -137,6 +138,46 @@ def measure_latency(
             times.append(time.perf_counter() - start)
     model.train(was_training)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def relative_latency(model: nn.Module, reference: nn.Module, example_input: torch.Tensor, *,
+                     reference_input: torch.Tensor | None = None, blocks: int = 30, warmup: int = 1,
+                     threads: int | None = None, fill_seconds: float = 0.0, max_blocks: int | None = None) -> float:
+    """``model``'s latency over ``reference``'s: their wall-clock seconds timed in blocks of four calls,
+    model, reference, reference, model, and the median over the blocks of each block's model seconds
+    over its reference seconds. A drift of the machine's speed that is steady over a block lands on
+    both alike, and a slow spell spoils the blocks it falls in, not the estimate: on a shared machine
+    whose speed jumps from call to call this is about twice as stable as the ratio of two medians
+    timed together (docs/latency.md). ``reference_input`` is the reference's input when it differs
+    from ``example_input``. At least ``blocks`` blocks, more (up to ``max_blocks``) while they add up
+    to less than ``fill_seconds``, after ``warmup`` untimed calls of each."""
+    if blocks < 1 or warmup < 0:
+        raise ValueError(f"need blocks >= 1 and warmup >= 0, got blocks={blocks}, warmup={warmup}")
+    x_ref = example_input if reference_input is None else reference_input
+    most = blocks if max_blocks is None else max(blocks, max_blocks)
+    modes = model.training, reference.training
+    model.eval()
+    reference.eval()
+    ratios, spent = [], 0.0
+    try:
+        with num_threads(threads):
+            for _ in range(warmup):
+                model(example_input)
+                reference(x_ref)
+            while len(ratios) < blocks or (spent < fill_seconds and len(ratios) < most):
+                times = []
+                for module, x in ((model, example_input), (reference, x_ref), (reference, x_ref),
+                                  (model, example_input)):
+                    start = time.perf_counter()
+                    module(x)
+                    times.append(time.perf_counter() - start)
+                ratios.append((times[0] + times[3]) / (times[1] + times[2]))
+                spent += sum(times)
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+    return statistics.median(ratios)
 
 
 def measure_latency_rounds(models: list[nn.Module], example_input: torch.Tensor, *, rounds: int = 3,

@@ -42,7 +42,7 @@ def _fake_relative(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.
 @pytest.fixture
 def fake_timer(monkeypatch):
     monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
-    monkeypatch.setattr(latency_module, "_relative_time", _fake_relative)
+    monkeypatch.setattr(latency_module, "_relative_seconds", _fake_relative)
 
 
 def _resnet_table(**kwargs) -> tuple[nn.Module, ChannelGraph, LatencyTable]:
@@ -84,7 +84,7 @@ def test_a_pruned_entry_is_the_dense_entry_times_their_ratio_timed_together(monk
         return 0.25
 
     monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
-    monkeypatch.setattr(latency_module, "_relative_time", relative)
+    monkeypatch.setattr(latency_module, "_relative_seconds", relative)
     _, graph, table = _resnet_table()
     counts = graph.num_channels.copy()
     counts[1] = counts[1] // 2  # layer1.0.conv1's outputs, read by layer1.0.conv2
@@ -114,13 +114,12 @@ class _Clocked(nn.Module):
         return x
 
 
-def test_relative_time_cancels_a_drifting_machine(monkeypatch):
+def test_relative_seconds_cancels_a_drifting_machine(monkeypatch):
     clock = SimpleNamespace(perf_counter=lambda: _Clocked.clock[0])
-    monkeypatch.setattr(latency_module, "time", clock)
     monkeypatch.setattr(metrics_module, "time", clock)
     monkeypatch.setattr(_Clocked, "clock", [0.0, 1.0])
     x = torch.zeros(1)
-    ratio = latency_module._relative_time((_Clocked(0.002), x), (_Clocked(0.008), x), threads=1)
+    ratio = latency_module._relative_seconds((_Clocked(0.002), x), (_Clocked(0.008), x), threads=1)
     assert ratio == pytest.approx(0.25, rel=0.01)
     # the same two timed one after the other: the drift between them is what they measure
     monkeypatch.setattr(_Clocked, "clock", [0.0, 1.0])
@@ -150,13 +149,13 @@ def test_state_round_trips_through_json_without_timing_again(monkeypatch):
         raise AssertionError("a loaded entry was timed again")
 
     monkeypatch.setattr(latency_module, "_timed", no_timing)
-    monkeypatch.setattr(latency_module, "_relative_time", no_timing)
+    monkeypatch.setattr(latency_module, "_relative_seconds", no_timing)
     half = np.maximum(1, graph.num_channels // 2)
     assert other.seconds(half) == table.seconds(half)
 
 
 def test_a_resumed_table_times_new_entries_against_its_saved_dense_entries(monkeypatch):
-    monkeypatch.setattr(latency_module, "_relative_time", _fake_relative)
+    monkeypatch.setattr(latency_module, "_relative_seconds", _fake_relative)
     monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
     _, graph, saved = _resnet_table()
     state = json.loads(json.dumps(saved.state_dict()))
@@ -351,27 +350,28 @@ def test_the_job_keeps_the_best_allocation_whose_measured_latency_is_within_the_
                                                   ("search episode 4", -0.5)]  # the repeated allocation once
     logged = []
 
-    real = run_layer.measure_latency_rounds(*_timed_together(env, candidates), repeats=2, warmup=1, threads=1)
-    assert len(real) == 4 and all(s > 0 for s in real)
-    monkeypatch.setattr(run_layer, "measure_latency_rounds", lambda models, *a, **k: [1.0, 0.9, 0.7, 0.5])
+    timed = []
+    real_ratio = run_layer.relative_latency
+
+    def measured(model, dense, x, **kwargs):  # the candidates in turn, best reward first, each against the dense
+        timed.append(real_ratio(model, dense, x, **{**kwargs, "blocks": 2}))
+        return [0.9, 0.7, 0.5][len(timed) - 1]
+
+    monkeypatch.setattr(run_layer, "relative_latency", measured)
     check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
-    assert check["chosen"] == 0 and check["within"]  # the best reward is within 0.9
+    assert check["chosen"] == 0 and check["within"]  # the best reward is within 0.9: the rest are not timed
+    assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, None, None]
+    assert len(timed) == 1 and 0 < timed[0] < 1.5
     env.latency_target = 0.8
+    timed.clear()
     check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
     assert check["chosen"] == 1 and check["within"]
-    assert [c["measured_latency_ratio"] for c in check["candidates"]] == pytest.approx([0.9, 0.7, 0.5])
+    assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, 0.7, None]
     assert all(0 < c["predicted_latency_ratio"] <= 1 for c in check["candidates"])
     env.latency_target = 0.4
+    timed.clear()
     check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
     assert check["chosen"] == 2 and not check["within"]  # none within: the fastest, said so
-    assert "none within the budget 0.4: keeping the fastest, #3" in logged[-1]
+    assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, 0.7, 0.5]
+    assert "none of 3 within the budget 0.4: keeping the fastest, #3" in logged[-1]
     env.close()
-
-
-def _timed_together(env, candidates):
-    from prunegym.agents.job import batch_of_64
-    from prunegym.compression.channels import prune_channels
-
-    models = [env.dense] + [prune_channels(env.model, env.graph, env.kept_channels(np.asarray(c[2]["keep_counts"])))
-                            for c in candidates]
-    return [m.eval() for m in models], batch_of_64(env.splits.train.x)

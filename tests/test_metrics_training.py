@@ -129,6 +129,43 @@ def test_latency_rounds_interleave_the_models_call_by_call(monkeypatch):
     assert a.training  # the mode each came in
 
 
+def test_relative_latency_times_blocks_of_four_calls(monkeypatch):
+    """model, reference, reference, model in every block; the median of the blocks' ratios; more
+    blocks while they fill the seconds asked for; each model's mode as it came in."""
+    import types
+
+    import prunegym.compression.metrics as metrics
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    a, b = _Timed("a", 2.0, clock, calls), _Timed("b", 5.0, clock, calls)
+    assert metrics.relative_latency(a, b, torch.ones(1, 2), blocks=2, warmup=1) == pytest.approx(0.4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2
+    calls.clear()  # a block takes 14 s: 30 s fill three blocks, 1000 s stop at max_blocks
+    metrics.relative_latency(a, b, torch.ones(1, 2), blocks=1, warmup=0, fill_seconds=30.0, max_blocks=100)
+    assert len(calls) == 3 * 4
+    calls.clear()
+    metrics.relative_latency(a, b, torch.ones(1, 2), blocks=1, warmup=0, fill_seconds=1000.0, max_blocks=5)
+    assert len(calls) == 5 * 4
+    c = _Timed("c", 1.0, clock, calls, scaled=True)  # a reference input of its own
+    assert metrics.relative_latency(a, c, torch.ones(1, 2), reference_input=torch.full((1, 1), 8.0),
+                                    blocks=1, warmup=0) == pytest.approx(0.25)
+    assert a.training and b.training
+    with pytest.raises(ValueError, match="blocks=0"):
+        metrics.relative_latency(a, b, torch.ones(1, 2), blocks=0)
+
+
+def test_static_latency_is_the_first_models_times_each_ratio_to_it(monkeypatch):
+    import prunegym.agents.job as job
+
+    monkeypatch.setattr(job, "measure_latency", lambda model, x, **kwargs: 0.002 * len(x))
+    monkeypatch.setattr(job, "relative_latency", lambda model, reference, x, **kwargs: model.weight.shape[0] / 4)
+    models = [nn.Linear(2, 4), nn.Linear(2, 2), nn.Linear(2, 1)]
+    timed = job.static_latency(models, torch.randn(10, 1, 2, 2), threads=1)
+    assert [t["latency_b1_ms"] for t in timed] == pytest.approx([2.0, 1.0, 0.5])
+    assert [t["latency_b64_ms"] for t in timed] == pytest.approx([128.0, 64.0, 32.0])
+
+
 @pytest.mark.parametrize(("repeats", "warmup"), [(0, 1), (-1, 0), (3, -1)])
 def test_measure_latency_rejects_bad_counts(repeats, warmup):
     with pytest.raises(ValueError, match=f"repeats={repeats}, warmup={warmup}"):
