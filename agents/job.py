@@ -32,15 +32,14 @@ from .callbacks import ResumableCheckpointCallback, latest_checkpoint
 from .config import CONFIG_FORMAT, ENVS, RunDirError, TrainConfig, changed_settings, env_kwargs, load_config
 from .factory import ALGORITHMS, make_agent
 
-__all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "RATIO_BLOCKS", "REPORT_ROUNDS", "batch_of_64",
+__all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "RATIO_BLOCKS", "batch_of_64",
            "check_resumable", "distillation", "finish_report", "measure_model", "measure_models", "release_run_dir",
            "results_table", "search", "static_latency"]
 
 
-REPORT_ROUNDS = 3  # the per-input report's models take turns this many times at each latency measurement
 # Each latency ratio of a static model to the dense one: at least this many blocks of four calls
-# (relative_latency), more while they take under a second. On a noisy 2-core machine, 30 blocks of
-# ResNet-20 at batch 64 put repeated measurements of one ratio within about 2% (docs/latency.md).
+# (relative_latency), more while they take under a second. On a noisy 2-core machine, about 25 blocks
+# of ResNet-20 at batch 64 give a ratio with a standard deviation of about 2% (docs/latency.md).
 RATIO_BLOCKS = 30
 
 

@@ -28,12 +28,13 @@ from prunegym.envs.input_pruning import make_setup
 from .callbacks import InputPruningCallback
 from .config import env_kwargs
 from .gated import PolicyDecider
-from .job import REPORT_ROUNDS, add_ratios, batch_of_64, distillation, finish_report, results_table, search
+from .job import add_ratios, batch_of_64, distillation, finish_report, results_table, search
 from .vec_env import BatchedInputPruningVecEnv
 
 __all__ = ["train_input", "format_input_report"]
 
 LATENCY_INPUTS = 32  # test inputs the batch-1 latency is averaged over
+REPORT_ROUNDS = 3  # the report's models take turns this many times at each latency measurement
 
 
 def _latencies(models: dict[str, torch.nn.Module], x: torch.Tensor, threads: int) -> dict[str, dict[str, float]]:
