@@ -38,8 +38,8 @@ __all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "RATIO_BLOCKS", "batch
 
 
 # Each latency ratio of a static model to the dense one: at least this many blocks of four calls
-# (relative_latency), more while they take under a second. On a noisy 2-core machine, about 25 blocks
-# of ResNet-20 at batch 64 give a ratio with a standard deviation of about 2% (docs/latency.md).
+# (relative_latency). On a noisy 2-core machine, about 25 blocks of ResNet-20 at batch 64 give a
+# ratio with a standard deviation of about 2% (docs/latency.md).
 RATIO_BLOCKS = 30
 
 
@@ -60,14 +60,15 @@ def batch_of_64(x: torch.Tensor) -> torch.Tensor:
 def static_latency(models: list[torch.nn.Module], x: torch.Tensor, threads: int) -> list[dict[str, float]]:
     """Batch-1 and batch-64 latency (ms on the CPU) of each model, whose cost does not depend on the
     input. The first model's is the median of its passes (``measure_latency``); each other model's is
-    the first's times its ratio to it, timed in alternating blocks of calls (``relative_latency``), so
-    that the ratios hold when the machine's speed drifts or jumps between calls."""
+    the first's times its ratio to it, timed in alternating blocks of calls (``relative_latency``: at
+    least ``RATIO_BLOCKS`` blocks, more while they take under 0.25 s), so that the ratios hold when
+    the machine's speed drifts or jumps between calls."""
     per_batch = []
     for batch in (x[:1], batch_of_64(x)):
-        first = measure_latency(models[0], batch, repeats=30, warmup=5, threads=threads, fill_seconds=1.0,
+        first = measure_latency(models[0], batch, repeats=30, warmup=5, threads=threads, fill_seconds=0.25,
                                 max_repeats=1000)
         per_batch.append([first] + [first * relative_latency(model, models[0], batch, blocks=RATIO_BLOCKS,
-                                                             threads=threads, fill_seconds=1.0, max_blocks=1000)
+                                                             threads=threads, fill_seconds=0.25, max_blocks=1000)
                                     for model in models[1:]])
     return [{"latency_b1_ms": 1e3 * a, "latency_b64_ms": 1e3 * b} for a, b in zip(*per_batch, strict=True)]
 

@@ -45,6 +45,7 @@ from .job import (
 
 __all__ = ["format_report", "measured_latency_check", "parallel_envs", "train_layer"]
 
+
 def _layer_env(kwargs: dict[str, Any], device: str, threads: int) -> Monitor:
     torch.set_num_threads(threads)
     return Monitor(LayerPruningEnv(**kwargs, device=device))
@@ -81,6 +82,8 @@ def measured_latency_check(env: LayerPruningEnv, candidates: list[tuple[str, flo
     (NetAdapt measures instead). Each candidate is pruned from the searched model, in its inference
     form, and timed against the dense model (``relative_latency``), in order, until one is within
     the budget; when none is, the one measured fastest, said so in the log."""
+    if not candidates:
+        raise ValueError("no candidates to check the latency of")
     dense, _ = inference_form(copy.deepcopy(env.dense))
     x = batch_of_64(env.splits.train.x)
     ratios: list[float | None] = [None] * len(candidates)

@@ -251,7 +251,6 @@ def widest_within(table: LatencyTable, allowed: Sequence[np.ndarray], *, flops_t
         counts = best[1]
 
 
-@torch.no_grad()
 def _relative_seconds(a: tuple[nn.Module, torch.Tensor], b: tuple[nn.Module, torch.Tensor], threads: int) -> float:
     """``a``'s module on its input over ``b``'s (``relative_latency``): at least ``_MIN_BLOCKS``
     blocks, more (up to ``_MAX_BLOCKS``) until they fill ``_TARGET_SECONDS``, after one untimed call

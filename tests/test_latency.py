@@ -374,4 +374,6 @@ def test_the_job_keeps_the_best_allocation_whose_measured_latency_is_within_the_
     assert check["chosen"] == 2 and not check["within"]  # none within: the fastest, said so
     assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, 0.7, 0.5]
     assert "none of 3 within the budget 0.4: keeping the fastest, #3" in logged[-1]
+    with pytest.raises(ValueError, match="no candidates"):
+        run_layer.measured_latency_check(env, [], 1, logged.append)
     env.close()
