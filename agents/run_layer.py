@@ -92,9 +92,10 @@ def measured_latency_check(env: LayerPruningEnv, candidates: list[tuple[str, flo
         form, _ = inference_form(pruned)
         ratios[i] = relative_latency(form, dense, x, blocks=RATIO_BLOCKS, threads=threads)
         if ratios[i] <= env.latency_target:
+            chosen, within = i, True
             break
-    within = ratios[i] <= env.latency_target
-    chosen = i if within else int(np.argmin(ratios))
+    else:
+        chosen, within = int(np.argmin(ratios)), False
     log(f"latency check: the search's best allocations timed against the dense model (batch 64, {threads} "
         "thread(s)): " + ", ".join(f"{r:.3f}" for r in ratios if r is not None) + " of its latency; "
         + (f"keeping #{chosen + 1}, the best reward within the budget {env.latency_target}" if within else

@@ -84,6 +84,7 @@ class LatencyTable:
         self.threads = threads
         self.layers = self._find_layers(model, graph, example_input)
         self.entries: dict[tuple[int, int, int], float] = {}  # (layer, in, out) -> seconds
+        self._dense_layers: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # each pruned entry's reference
         self._dense_activations = sum(layer.out_size * layer.out_channels for layer in self.layers)
         self._dense_widths = [self._widths(i, graph.num_channels) for i in range(len(self.layers))]
         dense_layers = sum(self._layer_seconds(i, *widths) for i, widths in enumerate(self._dense_widths))
@@ -146,12 +147,18 @@ class LatencyTable:
         if key not in self.entries:
             dense_key = (index, *self._dense_widths[index])
             if key == dense_key:
-                self.entries[key] = _timed(*self._layer_and_input(index, cin, cout), self.threads)
+                self.entries[key] = _timed(*self._dense_layer(index), self.threads)
             else:  # relative to the dense entry, timed with it: the machine's drift cancels
                 self.entries[key] = self.entries[dense_key] * _relative_seconds(
-                    self._layer_and_input(index, cin, cout), self._layer_and_input(index, *self._dense_widths[index]),
-                    self.threads)
+                    self._layer_and_input(index, cin, cout), self._dense_layer(index), self.threads)
         return self.entries[key]
+
+    def _dense_layer(self, index: int) -> tuple[nn.Module, torch.Tensor]:
+        """Layer ``index`` at its dense widths and an input for it, built once and kept: every pruned
+        entry of the layer is timed against it."""
+        if index not in self._dense_layers:
+            self._dense_layers[index] = self._layer_and_input(index, *self._dense_widths[index])
+        return self._dense_layers[index]
 
     def _layer_and_input(self, index: int, cin: int, cout: int) -> tuple[nn.Module, torch.Tensor]:
         """A layer like ``index`` at these widths and an input for it, random, drawn without touching

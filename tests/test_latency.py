@@ -79,8 +79,11 @@ def test_table_times_each_conv_at_its_pruned_widths_once():
 def test_a_pruned_entry_is_the_dense_entry_times_their_ratio_timed_together(monkeypatch):
     timed_together = []
 
+    references = []
+
     def relative(a, b, threads):
         timed_together.append((a[0].weight.shape, b[0].weight.shape))
+        references.append(b[0])
         return 0.25
 
     monkeypatch.setattr(latency_module, "_timed", _fake_seconds)
@@ -96,6 +99,10 @@ def test_a_pruned_entry_is_the_dense_entry_times_their_ratio_timed_together(monk
     # each pruned layer timed with the same layer at its dense widths
     assert sorted(timed_together) == sorted([(torch.Size([8, 16, 3, 3]), torch.Size([16, 16, 3, 3])),
                                              (torch.Size([16, 8, 3, 3]), torch.Size([16, 16, 3, 3]))])
+    # the dense layer a pruned entry is timed against is built once per layer and kept
+    counts[1] = counts[1] // 4
+    table.seconds(counts)
+    assert len(references) == 4 and references[2] is references[0] and references[3] is references[1]
 
 
 class _Clocked(nn.Module):
