@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ from .channels import ChannelGraph, in_channels, out_channels
 from .fusion import inference_form
 from .metrics import measure_latency, relative_latency
 
-__all__ = ["LatencyTable", "widest_within"]
+__all__ = ["LatencyTable", "narrowed_within", "widest_within"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # A dense entry is the median of at least 10 passes filling about 30 ms; a pruned one, of at least 3
@@ -227,30 +227,86 @@ def widest_within(table: LatencyTable, allowed: Sequence[np.ndarray], *, flops_t
     FLOPs as each channel's worth, and a greedy baseline for the latency-aware search.
     """
     graph = table.graph
+    _check_allowed(graph, allowed, lookahead)
+    dense_flops = float(graph.dense_flops)
+    counts = np.array([int(a[0]) for a in allowed], dtype=np.int64)
+
+    def fits(c: np.ndarray) -> bool:
+        return ((flops_target is None or float(graph.flops(c)) <= flops_target * dense_flops * (1 + 1e-9))
+                and (latency_target is None or table.density(c) <= latency_target * (1 + 1e-9)))
+
+    if not fits(counts):
+        raise ValueError("no allocation fits the budgets: every group at its smallest count is already over them")
+    return _widened(table, allowed, counts, fits, lookahead)
+
+
+def narrowed_within(table: LatencyTable, allowed: Sequence[np.ndarray], counts: Sequence[int] | np.ndarray,
+                    latency_target: float, *, lookahead: int = 4) -> np.ndarray:
+    """``counts`` narrowed until the table predicts a latency ratio within ``latency_target``.
+
+    Each step narrows the one group, by up to ``lookahead`` allowed steps, that saves the most
+    predicted latency per FLOP it gives up (``widest_within`` run backwards; NetAdapt's step that
+    shrinks a network until it meets its latency budget, the layer chosen from the table). A step
+    can save more than the budget needed (latency falls a kernel block at a time), so the groups are
+    then widened back as ``widest_within`` widens, none past its count in ``counts``, while the
+    table keeps them within. Counts the table already puts within the budget come back unchanged;
+    each of ``counts`` must be one of its group's ``allowed`` counts.
+    """
+    graph = table.graph
+    _check_allowed(graph, allowed, lookahead)
+    original = np.asarray(counts, dtype=np.int64).copy()
+    if original.shape != (len(allowed),) or any(int(c) not in a for c, a in zip(original, allowed, strict=True)):
+        raise ValueError(f"keep counts must be one allowed count per group, got {original.tolist()}")
+    smallest = np.array([int(a[0]) for a in allowed], dtype=np.int64)
+    if table.density(smallest) > latency_target * (1 + 1e-9):
+        raise ValueError(f"no allocation fits the latency budget {latency_target}: every group at its smallest "
+                         f"count is predicted at {table.density(smallest):.3f}")
+    counts = original
+    if table.density(counts) <= latency_target * (1 + 1e-9):
+        return counts
+    while (latency := table.density(counts)) > latency_target * (1 + 1e-9):
+        flops = float(graph.flops(counts))
+        best: tuple[float, np.ndarray] | None = None
+        for candidate in _moves(counts, allowed, lookahead, wider=False):
+            saved = latency - table.density(candidate)
+            if saved > 0:  # latency need not fall with channels (a kernel block's edge)
+                worth = saved / max(flops - float(graph.flops(candidate)), 1e-9)
+                if best is None or worth > best[0]:
+                    best = (worth, candidate)
+        counts = smallest if best is None else best[1]  # nothing narrower is faster: the smallest counts are
+    return _widened(table, allowed, counts, lambda c: bool(np.all(c <= original))
+                    and table.density(c) <= latency_target * (1 + 1e-9), lookahead)
+
+
+def _check_allowed(graph: ChannelGraph, allowed: Sequence[np.ndarray], lookahead: int) -> None:
     if len(allowed) != len(graph.groups):
         raise ValueError(f"need allowed counts for {len(graph.groups)} groups, got {len(allowed)}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-    dense_flops = float(graph.dense_flops)
-    counts = np.array([int(a[0]) for a in allowed], dtype=np.int64)
 
-    def fits(flops: float, latency: float) -> bool:
-        return ((flops_target is None or flops <= flops_target * dense_flops * (1 + 1e-9))
-                and (latency_target is None or latency <= latency_target * (1 + 1e-9)))
 
-    if not fits(float(graph.flops(counts)), table.density(counts)):
-        raise ValueError("no allocation fits the budgets: every group at its smallest count is already over them")
+def _moves(counts: np.ndarray, allowed: Sequence[np.ndarray], lookahead: int, *, wider: bool) -> list[np.ndarray]:
+    """``counts`` with one group moved by 1 to ``lookahead`` of its allowed counts, wider or narrower."""
+    moves = []
+    for g, choices in enumerate(allowed):
+        for count in (choices[choices > counts[g]][:lookahead] if wider else choices[choices < counts[g]][-lookahead:]):
+            moved = counts.copy()
+            moved[g] = count
+            moves.append(moved)
+    return moves
+
+
+def _widened(table: LatencyTable, allowed: Sequence[np.ndarray], counts: np.ndarray,
+             fits: Callable[[np.ndarray], bool], lookahead: int) -> np.ndarray:
+    """From ``counts``, widen the one group (by up to ``lookahead`` allowed steps) that adds the most
+    FLOPs per second of predicted latency among the widenings that ``fits``, until none does."""
+    graph = table.graph
     while True:
         flops, latency = float(graph.flops(counts)), table.density(counts)
         best: tuple[float, np.ndarray] | None = None
-        for g, choices in enumerate(allowed):
-            for wider in choices[choices > counts[g]][:lookahead]:
-                candidate = counts.copy()
-                candidate[g] = wider
-                cand_flops, cand_latency = float(graph.flops(candidate)), table.density(candidate)
-                if not fits(cand_flops, cand_latency):
-                    continue
-                worth = (cand_flops - flops) / max(cand_latency - latency, 1e-9)
+        for candidate in _moves(counts, allowed, lookahead, wider=True):
+            if fits(candidate):
+                worth = (float(graph.flops(candidate)) - flops) / max(table.density(candidate) - latency, 1e-9)
                 if best is None or worth > best[0]:
                     best = (worth, candidate)
         if best is None:

@@ -403,6 +403,12 @@ class LayerPruningEnv(gym.Env):
             **({} if self.latency is None else {"latency_ratio": self.latency.density(counts)}),
         }
 
+    def reward_of(self, metrics: dict[str, Any]) -> float:
+        """An episode's reward from what ``evaluate_counts`` measured of its keep counts."""
+        if self.budgeted:
+            return float(-metrics["loss"] + self.capacity_weight * metrics["flops_ratio"])
+        return float(-metrics["loss"] - self.lam * metrics["density"])
+
     # ---- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -433,10 +439,7 @@ class LayerPruningEnv(gym.Env):
             return self._get_obs(), 0.0, False, False, info
         metrics = self.evaluate_counts(self._counts)
         info.update(metrics)
-        if self.budgeted:
-            reward = -metrics["loss"] + self.capacity_weight * metrics["flops_ratio"]
-        else:
-            reward = -metrics["loss"] - self.lam * metrics["density"]
+        reward = self.reward_of(metrics)
         # The observation after the last step is never acted on; it repeats the last group's.
         self._step = self.num_groups
         obs = self._static[-1].astype(np.float32)

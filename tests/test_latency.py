@@ -17,7 +17,7 @@ from torch import nn
 from prunegym.compression import latency as latency_module
 from prunegym.compression import metrics as metrics_module
 from prunegym.compression.channels import ChannelGraph
-from prunegym.compression.latency import LatencyTable, widest_within
+from prunegym.compression.latency import LatencyTable, narrowed_within, widest_within
 from prunegym.compression.models import build_model
 from prunegym.compression.supernet import width_choices
 from prunegym.envs import LAYER_PRUNING_ID
@@ -302,6 +302,32 @@ def test_widest_within_refuses_budgets_nothing_fits(fake_timer):
         widest_within(table, width_choices(graph, 0.25, 4), latency_target=0.01)
 
 
+def test_narrowed_within_narrows_until_the_table_puts_the_counts_within(fake_timer):
+    _, graph, table = _resnet_table()
+    allowed = width_choices(graph, 0.25, 4)
+    full = np.array([a[-1] for a in allowed])
+    for target in (0.8, 0.5, 0.3):
+        counts = narrowed_within(table, allowed, full, target)
+        assert table.density(counts) <= target * (1 + 1e-9)
+        assert np.all(counts <= full) and all(c in a for c, a in zip(counts, allowed, strict=True))
+        assert np.array_equal(narrowed_within(table, allowed, counts, target), counts)  # within: unchanged
+        for g, choices in enumerate(allowed):  # widened back: no group can widen (up to its count before) and fit
+            for wider in choices[(choices > counts[g]) & (choices <= full[g])][:4]:
+                grown = counts.copy()
+                grown[g] = wider
+                assert table.density(grown) > target
+    half = narrowed_within(table, allowed, full, 0.5)
+    assert graph.flops(half) < graph.flops(full)
+    with pytest.raises(ValueError, match="no allocation fits the latency budget 0.01"):
+        narrowed_within(table, allowed, full, 0.01)
+    odd = full.copy()
+    odd[0] -= 1
+    with pytest.raises(ValueError, match="one allowed count per group"):
+        narrowed_within(table, allowed, odd, 0.5)
+    with pytest.raises(ValueError, match="lookahead must be >= 1, got 0"):
+        narrowed_within(table, allowed, full, 0.5, lookahead=0)
+
+
 # ---- a run ---------------------------------------------------------------------------------------
 def test_resumed_latency_run_keeps_its_timings(prunegym_cache, tmp_path):
     target = tmp_path / "run"
@@ -365,22 +391,58 @@ def test_the_job_keeps_the_best_allocation_whose_measured_latency_is_within_the_
         return [0.9, 0.7, 0.5][len(timed) - 1]
 
     monkeypatch.setattr(run_layer, "relative_latency", measured)
-    check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
-    assert check["chosen"] == 0 and check["within"]  # the best reward is within 0.9: the rest are not timed
+    check, kept = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert check["chosen"] == 0 and check["within"] and kept == candidates[0]  # the rest are not timed
     assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, None, None]
     assert len(timed) == 1 and 0 < timed[0] < 1.5
     env.latency_target = 0.8
     timed.clear()
-    check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
-    assert check["chosen"] == 1 and check["within"]
+    check, kept = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert check["chosen"] == 1 and check["within"] and kept == candidates[1]
     assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, 0.7, None]
     assert all(0 < c["predicted_latency_ratio"] <= 1 for c in check["candidates"])
-    env.latency_target = 0.4
-    timed.clear()
-    check = run_layer.measured_latency_check(env, candidates, 1, logged.append)
-    assert check["chosen"] == 2 and not check["within"]  # none within: the fastest, said so
-    assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, 0.7, 0.5]
-    assert "none of 3 within the budget 0.4: keeping the fastest, #3" in logged[-1]
     with pytest.raises(ValueError, match="no candidates"):
         run_layer.measured_latency_check(env, [], 1, logged.append)
+    env.close()
+
+
+def test_when_no_candidate_is_within_the_check_narrows_the_best_and_times_it_again(fake_timer, monkeypatch):
+    from prunegym.agents import run_layer
+
+    env = gymnasium.make(LAYER_PRUNING_ID, latency_target=0.4, **SMALL).unwrapped
+    full = env.graph.num_channels
+    # allowed counts near 7/8, 5/8 and 3/8 of each group
+    infos = [env.evaluate_counts(np.array([a[min(np.searchsorted(a, c * k / 8), len(a) - 1)]
+                                           for a, c in zip(env.allowed, full, strict=True)])) for k in (7, 5, 3)]
+    candidates = [("best search episode", -0.2, infos[0]), ("final deterministic policy", -0.3, infos[1]),
+                  ("search episode 4", -0.5, infos[2])]
+    measures = []
+
+    def measured(model, dense, x, **kwargs):
+        measures.append(next(values))
+        return measures[-1]
+
+    monkeypatch.setattr(run_layer, "relative_latency", measured)
+    logged = []
+    values = iter([0.9, 0.7, 0.5, 0.45, 0.38])  # the three over 0.4; narrowed once, 0.45; twice, 0.38
+    check, kept = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert check["within"] and check["chosen"] == 4
+    narrowed = check["candidates"][3:]
+    assert [c["source"] for c in narrowed] == ["best search allocation narrowed (1)",
+                                               "best search allocation narrowed (2)"]
+    assert [c["measured_latency_ratio"] for c in check["candidates"]] == [0.9, 0.7, 0.5, 0.45, 0.38]
+    # each narrowed to the budget over the table's error just measured (0.9 and 0.45 measured for the last timed)
+    assert narrowed[0]["predicted_latency_ratio"] <= 0.4 * infos[0]["latency_ratio"] / 0.9 * (1 + 1e-9)
+    assert narrowed[1]["predicted_latency_ratio"] <= 0.4 * narrowed[0]["predicted_latency_ratio"] / 0.45 * (1 + 1e-9)
+    assert np.all(np.array(narrowed[1]["keep_counts"]) <= np.array(narrowed[0]["keep_counts"]))
+    assert np.all(np.array(narrowed[0]["keep_counts"]) <= np.array(infos[0]["keep_counts"]))
+    assert kept[0] == "best search allocation narrowed (2)" and kept[2]["keep_counts"] == narrowed[1]["keep_counts"]
+    assert kept[1] == pytest.approx(env.reward_of(env.evaluate_counts(np.array(kept[2]["keep_counts"]))))
+    assert "the best narrowed 2 time(s), #5, is" in logged[-1]
+
+    values = iter([0.9, 0.7, 0.5] + [0.6] * run_layer.NARROWING_STEPS)  # narrowing never gets within
+    check, kept = run_layer.measured_latency_check(env, candidates, 1, logged.append)
+    assert not check["within"] and check["chosen"] == 2 and kept == candidates[2]  # the fastest, said so
+    assert 3 < len(check["candidates"]) <= 3 + run_layer.NARROWING_STEPS
+    assert "keeping the fastest, #3" in logged[-1]
     env.close()
