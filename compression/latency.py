@@ -262,8 +262,6 @@ def narrowed_within(table: LatencyTable, allowed: Sequence[np.ndarray], counts: 
         raise ValueError(f"no allocation fits the latency budget {latency_target}: every group at its smallest "
                          f"count is predicted at {table.density(smallest):.3f}")
     counts = original
-    if table.density(counts) <= latency_target * (1 + 1e-9):
-        return counts
     while (latency := table.density(counts)) > latency_target * (1 + 1e-9):
         flops = float(graph.flops(counts))
         best: tuple[float, np.ndarray] | None = None

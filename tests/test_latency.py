@@ -77,9 +77,7 @@ def test_table_times_each_conv_at_its_pruned_widths_once():
 
 
 def test_a_pruned_entry_is_the_dense_entry_times_their_ratio_timed_together(monkeypatch):
-    timed_together = []
-
-    references = []
+    timed_together, references = [], []
 
     def relative(a, b, threads):
         timed_together.append((a[0].weight.shape, b[0].weight.shape))
