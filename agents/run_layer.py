@@ -2,8 +2,9 @@
 -> fine-tune -> report, everything in one run directory.
 
 Besides what every run directory holds (``prunegym.agents.job``): ``model.pt`` (the pruned,
-fine-tuned model with its architecture), ``uniform.pt`` (the uniform baseline; with a latency
-budget also ``latency_greedy.pt``, the widest counts the latency table fits in the budgets).
+fine-tuned model with its architecture), ``uniform.pt`` (the uniform baseline, cut from the same
+weights), with a supernet ``uniform_l1.pt`` (uniform L1 pruned from the dense model); with a latency
+budget also ``latency_greedy.pt``, the widest counts the latency table fits in the budgets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stable_baselines3.common.vec_env import SubprocVecEnv
 from prunegym.compression.channels import prune_channels
 from prunegym.compression.checkpoint import describe_architecture, save_checkpoint
 from prunegym.compression.fusion import inference_form
+from prunegym.compression.importance import L1Importance
 from prunegym.compression.latency import narrowed_within, widest_within
 from prunegym.compression.metrics import num_threads, relative_latency
 from prunegym.compression.sparsity import uniform_keep_counts
@@ -215,11 +217,15 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     log(f"best policy ({source}): reward {best_reward:.4f}, FLOPs ratio {best['flops_ratio']:.3f}, "
         f"keep ratios {np.round(best['keep_ratios'], 3).tolist()}")
 
-    # 4. Hard prune and fine-tune the RL choice and the uniform L1 baseline at the same FLOPs; under a
-    # latency budget also the latency-greedy baseline (the widest counts the table fits in the budgets).
+    # 4. Hard prune and fine-tune the RL choice and the uniform baseline at the same FLOPs, cut from the
+    # same weights; with a supernet also uniform L1 from the dense model, the classic rule, fine-tuned as
+    # many epochs since the base model as the supernet and the fine-tune together; under a latency budget
+    # also the latency-greedy baseline (the widest counts the table fits in the budgets).
     uniform = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
                                   env.channel_multiple)
     allocations = {"rl": counts, "uniform": uniform}
+    if env.model is not env.dense:
+        allocations["uniform_l1"] = uniform
     if env.latency_target is not None:
         allocations["latency_greedy"] = widest_within(env.latency, env.allowed, flops_target=env.flops_target,
                                                       latency_target=env.latency_target)
@@ -227,6 +233,10 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     for name, keep in allocations.items():
         if name == "rl" and finalist_model is not None:  # fine-tuned already, as a finalist
             models[name] = finalist_model
+        elif name == "uniform_l1":
+            kept = env.graph.kept_channels(env.graph.rankings(L1Importance(), model=env.dense), keep)
+            models[name] = finetune(prune_channels(env.dense, env.graph, kept),
+                                    epochs=config.finetune_epochs + config.supernet_epochs)
         else:
             models[name] = finetune(prune_channels(env.model, env.graph, env.kept_channels(keep)))
 
@@ -240,7 +250,7 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                                               splits.image_size)
     save_checkpoint(run_dir / "model.pt", models["rl"], arch_of(models["rl"]),
                     {"kind": "static", "keep_ratios": results["rl"]["keep_ratios"], "run_dir": str(run_dir)})
-    for name in ("uniform", "latency_greedy"):
+    for name in ("uniform", "uniform_l1", "latency_greedy"):
         if name in models:
             save_checkpoint(run_dir / f"{name}.pt", models[name], arch_of(models[name]),
                             {"kind": "static", "keep_ratios": results[name]["keep_ratios"]})
@@ -259,6 +269,9 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                  "model's times their ratio, timed in alternating blocks of calls; "
                  "accuracy "
                  f"on the test split after {config.finetune_epochs} fine-tune epochs for every pruned model"
+                 + (f" ({config.finetune_epochs + config.supernet_epochs} for uniform_l1, pruned from the dense "
+                    "model: as many epochs since it as the supernet's and the fine-tune)" if "uniform_l1" in models
+                    else "")
                  + (" (distilled from the dense model)." if config.distill else "."),
     }
     env.close()

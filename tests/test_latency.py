@@ -363,6 +363,7 @@ def test_a_latency_budgeted_run_reports_the_latency_greedy_baseline(prunegym_cac
     assert greedy["flops_ratio"] <= 0.6 + 1e-6
     assert greedy["flops_ratio"] >= report["results"]["rl"]["flops_ratio"] - 0.15  # it spends the budget
     assert (target / "latency_greedy.pt").is_file()
+    assert "uniform_l1" not in report["results"]  # no supernet: the uniform model is pruned from the dense one
     from prunegym.agents import load_inference_model
 
     assert load_inference_model(target, name="latency_greedy") is not None

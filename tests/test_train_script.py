@@ -40,7 +40,8 @@ def report(run_dir) -> dict:
 
 # ---- the run directory ---------------------------------------------------------------------------
 def test_run_dir_holds_everything(run_dir):
-    for name in ("config.json", "report.json", "agent.zip", "model.pt", "uniform.pt", "checkpoints/state.json"):
+    for name in ("config.json", "report.json", "agent.zip", "model.pt", "uniform.pt", "uniform_l1.pt",
+                 "checkpoints/state.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tb").rglob("events.out.tfevents.*"))
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
@@ -92,6 +93,12 @@ def test_the_default_search_prunes_a_supernet(run_dir, report):
     assert report["results"]["dense"]["test_accuracy"] == pytest.approx(evaluate(env.dense, env.splits.test)[1],
                                                                          abs=1.5 / len(env.splits.test))
     assert not torch.equal(env.model.features[0].weight, env.dense.features[0].weight)
+    # Beside the uniform widths cut from the supernet: uniform L1, the same widths pruned from the dense model.
+    uniform, classic = report["results"]["uniform"], report["results"]["uniform_l1"]
+    assert classic["keep_ratios"] == uniform["keep_ratios"] and classic["flops"] == uniform["flops"]
+    assert f"({1 + TrainConfig().supernet_epochs} for uniform_l1" in report["notes"]  # epochs since the base model
+    assert set(load_inference_model(run_dir, "uniform_l1").state_dict()) == \
+        set(load_inference_model(run_dir, "uniform").state_dict())
     assert [r.tolist() for r in env.ranking] == [list(range(n)) for n in env.graph.num_channels]
     counts = [round(r * n) for r, n in zip(report["results"]["rl"]["keep_ratios"], env.graph.num_channels,
                                            strict=True)]
