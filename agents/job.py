@@ -43,7 +43,7 @@ __all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "RATIO_BLOCKS", "batch
 RATIO_BLOCKS = 30
 
 
-FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "latency_greedy.pt", "gate.pt", "agent.zip")
+FINAL_OUTPUTS = ("report.json", "model.pt", "uniform.pt", "uniform_l1.pt", "latency_greedy.pt", "gate.pt", "agent.zip")
 
 
 def distillation(config: Any, dense: torch.nn.Module) -> Distillation | None:

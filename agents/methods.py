@@ -132,7 +132,8 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
                                      timesteps=c.input_timesteps or DEFAULT_TIMESTEPS["input"], run_dir=str(run_dir))
-    report = run_or_reuse(config, log=lambda text: None)
+    # a layer run's own uniform baselines are left out: the comparison runs them as methods of its own
+    report = run_or_reuse(config, log=lambda text: None, baselines=env == "input")
     if env == "layer":  # its RL row becomes a cell as it is
         check_row(report.get("results", {}).get("rl") if isinstance(report, dict) else None,
                    f"{run_dir / 'report.json'} (results.rl)")

@@ -19,12 +19,15 @@ __all__ = ["run_or_reuse", "train"]
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = False,
-          log: Any = print, trust_run: bool = False) -> dict[str, Any]:
+          log: Any = print, trust_run: bool = False, baselines: bool = True) -> dict[str, Any]:
     """Run the whole job and return the report.
 
     With ``resume``, ``config`` is the run's own (``resume_config``): the search continues from the
     latest checkpoint in ``config.run_dir``, the timestep count going on from where it stopped. The
     checkpoint is read without running code from it unless ``trust_run`` (``agent_files``).
+    ``baselines=False`` leaves the layer job's baselines (the uniform models, latency-greedy) out of
+    the report, and their fine-tunes undone: what a comparison, which runs them as methods of its
+    own, asks for. It changes nothing about the search or the RL model.
     """
     if resume:
         check_resumable(config)
@@ -33,17 +36,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress_bar: bool = Fal
     try:
         if config.env == "input":
             return train_input(config, resume=resume, progress_bar=progress_bar, log=log, trust_run=trust_run)
-        return train_layer(config, resume=resume, progress_bar=progress_bar, log=log, trust_run=trust_run)
+        return train_layer(config, resume=resume, progress_bar=progress_bar, log=log, trust_run=trust_run,
+                           baselines=baselines)
     finally:
         release_run_dir(config.run_dir)
 
 
-def run_or_reuse(config: TrainConfig, *, log: Any = print) -> dict[str, Any]:
+def run_or_reuse(config: TrainConfig, *, log: Any = print, baselines: bool = True) -> dict[str, Any]:
     """The report of the job ``config`` describes, in ``config.run_dir``: read back when that run is
     complete (with these settings: others are refused), continued from its latest checkpoint when it
     stopped, run from the start otherwise (what a run left before its first checkpoint goes). What
     a job that runs runs many times over (a comparison's cell, a sweep's trial) calls, so that a
-    retried or resumed job neither repeats finished work nor mixes settings."""
+    retried or resumed job neither repeats finished work nor mixes settings. ``baselines`` as ``train``'s
+    (a finished run is read back as it is, with or without them)."""
     if not config.run_dir:
         raise RunDirError("run_or_reuse needs config.run_dir, the run directory to use")
     config.resolve_defaults()
@@ -56,4 +61,4 @@ def run_or_reuse(config: TrainConfig, *, log: Any = print) -> dict[str, Any]:
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to keep
-    return train(config, resume=resume, log=log)
+    return train(config, resume=resume, log=log, baselines=baselines)

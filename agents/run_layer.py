@@ -152,8 +152,9 @@ def measured_latency_check(env: LayerPruningEnv, candidates: list[tuple[str, flo
     return record, candidates[chosen]
 
 
-def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: Any, trust_run: bool) -> dict[str, Any]:
-    """The per-layer job of ``train``."""
+def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: Any, trust_run: bool,
+                baselines: bool = True) -> dict[str, Any]:
+    """The per-layer job of ``train`` (``baselines`` as there)."""
     device = resolve_device(config.device)
     started = time.perf_counter()
     run_dir = Path(config.run_dir)
@@ -223,10 +224,10 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     # also the latency-greedy baseline (the widest counts the table fits in the budgets).
     uniform = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
                                   env.channel_multiple)
-    allocations = {"rl": counts, "uniform": uniform}
-    if env.model is not env.dense:
+    allocations = {"rl": counts, **({"uniform": uniform} if baselines else {})}
+    if baselines and env.model is not env.dense:
         allocations["uniform_l1"] = uniform
-    if env.latency_target is not None:
+    if baselines and env.latency_target is not None:
         allocations["latency_greedy"] = widest_within(env.latency, env.allowed, flops_target=env.flops_target,
                                                       latency_target=env.latency_target)
     models = {"dense": env.dense}  # the trained base model (env.model is the supernet, when there is one)

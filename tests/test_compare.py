@@ -66,6 +66,9 @@ def test_random_search_makes_as_many_reward_evaluations_as_the_agent(run):
     rows = {r["method"]: r for r in results["rows"]}
     report = json.loads((out / "runs" / "layer__b0.5__s0" / "report.json").read_text())
     assert rows["random_search"]["search_episodes"] == report["search"]["episodes"] > 0
+    # The comparison runs the uniform baselines as methods of its own: its RL run leaves them out.
+    assert set(report["results"]) == {"dense", "rl"}
+    assert not (out / "runs" / "layer__b0.5__s0" / "uniform.pt").exists()
     assert rows["random_search"]["flops_ratio"] <= 0.5 + 1e-6
     # Both search the same supernet: uniform counts from it are what the uniform row measures.
     assert rows["uniform_supernet"]["flops"] == rows["uniform_l1"]["flops"]
