@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_argument("--flops-ratios", type=_ratios, default=[0.25, 0.5, 0.75],
                          help="FLOPs targets of the uniformly pruned models (default: 0.25,0.5,0.75)")
     latency.add_argument("--threads", type=_positive_int, default=_available_cpus(),
-                         help=f"CPU threads for every timing (default: the CPUs available, {_available_cpus()})")
+                         help="CPU threads for every timing, and for all the work of proxy, finetune and scoring "
+                              f"(default: the CPUs available, {_available_cpus()})")
     latency.add_argument("--repeats", type=_positive_int, default=None,
                          help="timed passes per round (default: 200 at batch 1, 50 at batch 64)")
     latency.add_argument("--warmup", type=int, default=None,
@@ -367,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     dynamic.add_argument("--tune-kernels", action="store_true",
                          help="pick each conv slice's fastest batch-1 kernel (ATen, NNPACK, oneDNN) for the gated "
                               "models and a dense reference run through the same path")
-    proxy = parser.add_argument_group("proxy, finetune and scoring (also use --model, --seed, --base-epochs; "
-                                      "scoring: --dataset, --budgets, --candidates, --min-keep, --threads)")
+    proxy = parser.add_argument_group("proxy, finetune and scoring (also use --model, --seed, --base-epochs, "
+                                      "--threads; scoring: --dataset, --budgets, --candidates, --min-keep)")
     proxy.add_argument("--dataset", default="digits", help="dataset spec (default: digits)")
     proxy.add_argument("--budgets", type=_ratios, default=[0.25, 0.5],
                        help="proxy: FLOPs budgets the candidates are sampled at; finetune: the first is the "
@@ -415,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0, got {value}", file=sys.stderr)
             return 2
+    if args.what in ("proxy", "finetune", "scoring"):  # they train and score in this process: its threads
+        torch.set_num_threads(args.threads)
     figures: dict[str, Any] = {"machine": machine(), "keeps_freed_memory": keep_freed_memory()}
     m = figures["machine"]
     print(f"torch {m['torch']} on {m['platform']} ({m['processor']}); CPU count {m['cpu_count']}, "
@@ -454,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
                     args.supernet_sampling))
                 print(format_proxy(figures["proxy"][-1]))
         if args.what == "scoring":
-            torch.set_num_threads(args.threads)
             figures["scoring"] = bench_scoring(args.model, args.dataset, args.budgets, args.candidates, args.seed,
                                                base_epochs, args.min_keep)
             print()

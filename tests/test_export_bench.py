@@ -192,9 +192,10 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
 def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Path):
     out = tmp_path / "finetune.json"
     done = _run("bench.py", "--what", "finetune", "--model", "digits_cnn", "--budgets", "0.3", "--epochs-list", "0,1",
-                "--finetune-seeds", "0,1", "--base-epochs", "2", "--device", "cpu", "--json", out,
+                "--finetune-seeds", "0,1", "--base-epochs", "2", "--device", "cpu", "--threads", "1", "--json", out,
                 cache=cache, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert "torch.get_num_threads() = 1;" in done.stdout  # its training runs on the threads asked for
     r = json.loads(out.read_text())["finetune"]
     assert [row["epochs"] for row in r["rows"]] == [0, 1]
     assert all(len(row["accuracies"]) == 2 for row in r["rows"])
