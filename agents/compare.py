@@ -38,6 +38,7 @@ from prunegym.compression.training import (
     check_seed,
     resolve_device,
 )
+from prunegym.envs import TASK_LOSSES
 
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
 from .distributed import check_placement, require_ray, run_graph
@@ -81,6 +82,9 @@ class CompareConfig:
     reward_model: str = "supernet"
     """RL per-layer and random search: the model their reward scores candidates on, ``supernet`` or
     ``dense`` (``train.py --reward-model``)"""
+    task_loss: str = "cross_entropy"
+    """RL per-layer and random search: the task loss of their reward, ``cross_entropy`` or ``error``
+    (``train.py --task-loss``)"""
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
@@ -125,6 +129,8 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss {self.task_loss!r} is unknown; expected one of {TASK_LOSSES}")
         if self.supernet_sampling not in SUPERNET_SAMPLING:
             raise ValueError(f"supernet_sampling {self.supernet_sampling!r} is unknown; expected one of "
                              f"{SUPERNET_SAMPLING}")

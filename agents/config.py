@@ -19,7 +19,7 @@ from prunegym.compression.importance import IMPORTANCES
 from prunegym.compression.models import MODELS
 from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.compression.training import BASE_EPOCHS, check_seed, resolve_device
-from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS
+from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, TASK_LOSSES
 from prunegym.envs.reward import check_lam
 
 from .factory import ALGORITHMS
@@ -96,6 +96,9 @@ class TrainConfig:
     """layer env with a supernet: which model the search's reward scores a candidate on, ``supernet`` (the
     sub-network it will be cut from) or ``dense`` (the trained dense model, soft-masked; the winner is
     still cut from the supernet)"""
+    task_loss: str = "cross_entropy"
+    """layer env: the task loss of the search's reward on the reward split, ``cross_entropy`` or ``error``
+    (the error rate, 1 - accuracy)"""
     finalists: int = 0
     """layer env: fine-tune the search's this many best distinct allocations by reward with the report's
     recipe and keep the one with the lowest loss on the reward split (multi-fidelity: the reward ranks
@@ -155,7 +158,8 @@ class TrainConfig:
             defaults = TrainConfig()
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
                                             "channel_multiple", "supernet_epochs", "reward_model",
-                                            "supernet_extremes", "supernet_sampling", "capacity_weight", "finalists")
+                                            "supernet_extremes", "supernet_sampling", "capacity_weight", "finalists",
+                                            "task_loss")
                           if getattr(self, name) != getattr(defaults, name)]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -198,6 +202,8 @@ class TrainConfig:
                              "--flops-target or --latency-target")
         if self.reward_model not in REWARD_MODELS:
             raise ValueError(f"reward_model {self.reward_model!r} is unknown; expected one of {REWARD_MODELS}")
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss {self.task_loss!r} is unknown; expected one of {TASK_LOSSES}")
         if self.reward_model == "dense" and self.env == "layer" and not self.supernet_epochs:
             raise ValueError("reward_model 'dense' scores candidates on the dense model instead of the supernet; "
                              "it needs supernet_epochs > 0")
@@ -257,7 +263,8 @@ def env_kwargs(config: TrainConfig) -> dict[str, Any]:
             **({"supernet_extremes": config.supernet_extremes} if config.supernet_extremes else {}),
             **({"supernet_sampling": config.supernet_sampling} if config.supernet_sampling != "uniform" else {}),
             **({"capacity_weight": config.capacity_weight} if config.capacity_weight else {}),
-            **({"reward_model": config.reward_model} if config.reward_model != "supernet" else {})}
+            **({"reward_model": config.reward_model} if config.reward_model != "supernet" else {}),
+            **({"task_loss": config.task_loss} if config.task_loss != "cross_entropy" else {})}
 
 
 def _latency_kwargs(config: TrainConfig) -> dict[str, Any]:

@@ -126,6 +126,7 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
         config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                      timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                      supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
+                                     task_loss=c.task_loss,
                                      supernet_sampling=c.supernet_sampling, finalists=c.finalists,
                                      run_dir=str(run_dir))
     else:
@@ -258,6 +259,7 @@ def _random_search(state: SeedState, out: Path, budget: float) -> dict[str, Any]
     config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
                                  timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                  supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
+                                 task_loss=c.task_loss,
                                  supernet_sampling=c.supernet_sampling, finalists=c.finalists)
     env = LayerPruningEnv(**env_kwargs(config), device=str(state.device))
     try:

@@ -10,12 +10,11 @@ from .input_pruning import (
     make_setup,
     observation_size,
 )
-from .layer_pruning import DENSITY_KINDS, OBSERVATION_FEATURES, REWARD_MODELS, LayerPruningEnv
+from .layer_pruning import DENSITY_KINDS, OBSERVATION_FEATURES, REWARD_MODELS, TASK_LOSSES, LayerPruningEnv
 
 __all__ = ["LayerPruningEnv", "InputPruningEnv", "InputPruningEngine", "InputPruningSetup", "make_setup",
            "observation_size", "DENSITY_KINDS", "INPUT_DENSITY_KINDS", "OBSERVATION_FEATURES", "REWARD_MODELS",
-           "LAYER_PRUNING_ID",
-           "INPUT_PRUNING_ID"]
+           "TASK_LOSSES", "LAYER_PRUNING_ID", "INPUT_PRUNING_ID"]
 
 LAYER_PRUNING_ID = "prunegym/LayerPruning-v0"
 INPUT_PRUNING_ID = "prunegym/InputPruning-v0"

@@ -23,10 +23,11 @@ from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_devic
 
 from .reward import check_lam
 
-__all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES", "REWARD_MODELS"]
+__all__ = ["LayerPruningEnv", "DENSITY_KINDS", "OBSERVATION_FEATURES", "REWARD_MODELS", "TASK_LOSSES"]
 
 DENSITY_KINDS = ("flops", "params", "channels", "latency")
 REWARD_MODELS = ("supernet", "dense")
+TASK_LOSSES = ("cross_entropy", "error")  # the task_loss of the reward: its cross-entropy or error rate
 
 OBSERVATION_FEATURES = (
     "position",  # step index / (number of groups - 1)
@@ -134,6 +135,9 @@ class LayerPruningEnv(gym.Env):
       sub-network, the model the winner is cut from) or ``dense`` (the trained dense model
       soft-masked at its importance order, AMC's reward; the winner is still cut from the
       supernet, whose channels are in that order). ``dense`` needs ``supernet_epochs`` > 0.
+    - ``task_loss``: the reward's task loss on the reward split, ``cross_entropy`` or ``error`` (the
+      error rate, 1 - accuracy). On the digits CNN the supernet's cross-entropy ranks candidates'
+      fine-tuned accuracy against it and its accuracy ranks it (docs/search.md).
     """
 
     metadata = {"render_modes": []}
@@ -163,6 +167,7 @@ class LayerPruningEnv(gym.Env):
         supernet_extremes: float = 0.0,
         capacity_weight: float = 0.0,
         supernet_sampling: str = "uniform",
+        task_loss: str = "cross_entropy",
     ):
         check_lam(lam)
         check_lam(capacity_weight, "capacity_weight")
@@ -197,6 +202,8 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"supernet_extremes must be in [0, 1], got {supernet_extremes!r}")
         if reward_model not in REWARD_MODELS:
             raise ValueError(f"reward_model must be one of {REWARD_MODELS}, got {reward_model!r}")
+        if task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss must be one of {TASK_LOSSES}, got {task_loss!r}")
         if supernet_sampling not in SUPERNET_SAMPLING:
             raise ValueError(f"supernet_sampling must be one of {SUPERNET_SAMPLING}, got {supernet_sampling!r}")
         if supernet_sampling == "budget" and (flops_target is None or not supernet_epochs or supernet_extremes):
@@ -277,6 +284,7 @@ class LayerPruningEnv(gym.Env):
                     f"{min_latency:.4f} (every group at min_keep={self.min_keep}, as the latency table predicts)"
                 )
         self.reward_model = reward_model
+        self.task_loss = task_loss
         self.supernet_sampling = supernet_sampling
         if reward_model == "dense":  # the same channels: the supernet's prefixes are the dense model's ranking
             dense_graph = ChannelGraph(self.dense, example)
@@ -405,9 +413,10 @@ class LayerPruningEnv(gym.Env):
 
     def reward_of(self, metrics: dict[str, Any]) -> float:
         """An episode's reward from what ``evaluate_counts`` measured of its keep counts."""
+        task = metrics["loss"] if self.task_loss == "cross_entropy" else 1.0 - metrics["accuracy"]
         if self.budgeted:
-            return float(-metrics["loss"] + self.capacity_weight * metrics["flops_ratio"])
-        return float(-metrics["loss"] - self.lam * metrics["density"])
+            return float(-task + self.capacity_weight * metrics["flops_ratio"])
+        return float(-task - self.lam * metrics["density"])
 
     # ---- gymnasium API ----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -24,7 +24,7 @@ from prunegym.agents.factory import ALGORITHMS
 from prunegym.agents.methods import METHODS
 from prunegym.compression.metrics import keep_freed_memory
 from prunegym.compression.supernet import SUPERNET_SAMPLING
-from prunegym.envs import REWARD_MODELS
+from prunegym.envs import REWARD_MODELS, TASK_LOSSES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = optional_int if f.name.endswith("_timesteps") else type(default)
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS),
+                                         "task_loss": list(TASK_LOSSES),
                                          "supernet_sampling": list(SUPERNET_SAMPLING)}.get(f.name))
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show a progress bar over the cells (default: when the terminal is interactive)")

@@ -20,7 +20,7 @@ from prunegym.agents.config import ENVS, field_docs, resume_config
 from prunegym.compression import IMPORTANCES
 from prunegym.compression.metrics import keep_freed_memory
 from prunegym.compression.supernet import SUPERNET_SAMPLING
-from prunegym.envs import DENSITY_KINDS, REWARD_MODELS
+from prunegym.envs import DENSITY_KINDS, REWARD_MODELS, TASK_LOSSES
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     docs = field_docs(TrainConfig)
     choices = {"env": list(ENVS), "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
                "importance": sorted(IMPORTANCES), "reward_model": list(REWARD_MODELS),
+               "task_loss": list(TASK_LOSSES),
                "supernet_sampling": list(SUPERNET_SAMPLING)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -192,6 +192,7 @@ def test_a_foreign_folder_is_refused(tmp_path):
     ({"threads": 0}, "threads"),
     ({"device": "tpu"}, "tpu"),
     ({"supernet_sampling": "layers"}, "supernet_sampling 'layers'"),
+    ({"task_loss": "hinge"}, "task_loss 'hinge'"),
     ({"supernet_sampling": "budget", "supernet_epochs": 0, "methods": ["rl_layer"]}, "budget.*supernet_epochs > 0"),
 ])
 def test_bad_settings_name_the_value(tmp_path, overrides, message):
@@ -222,6 +223,17 @@ def test_summarize_pairs_rl_with_each_method_over_the_same_seeds():
 def test_uniform_supernet_needs_a_supernet(tmp_path):
     with pytest.raises(ValueError, match="supernet_epochs"):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
+
+
+def test_the_task_loss_reaches_rl_and_random_search(tmp_path):
+    out = tmp_path / "out"
+    results = compare(tiny(out, methods=["rl_layer", "random_search"], task_loss="error"), log=lambda text: None)
+    assert not results["failed"]
+    config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
+    assert config["config"]["task_loss"] == config["env_kwargs"]["task_loss"] == "error"
+    rows = {r["method"]: r for r in results["rows"]}
+    # a budget: the reward is minus the error rate on the reward split, between -1 and 0
+    assert -1.0 <= rows["random_search"]["best_reward"] <= 0.0
 
 
 def test_finalists_choose_rl_and_random_search_answers_alike(tmp_path):

@@ -159,6 +159,23 @@ def test_reward_is_minus_loss_minus_lam_density(lam):
     env.close()
 
 
+def test_task_loss_error_pays_the_error_rate():
+    """task_loss="error": the reward's task loss is the reward split's error rate, the same episode's
+    cross-entropy otherwise; in budget mode as without a budget. Anything else is refused by name."""
+    for kwargs in ({"lam": 2.0}, {"flops_target": 0.5}):
+        env, plain = _make(task_loss="error", **kwargs), _make(**kwargs)
+        actions = lambda t: np.array([0.3 - 0.4 * t], dtype=np.float32)  # noqa: E731
+        traj, ref = _episode(env, actions, seed=0), _episode(plain, actions, seed=0)
+        info = traj["infos"][-1]
+        price = 0.0 if "flops_target" in kwargs else 2.0 * info["density"]
+        assert traj["rewards"][-1] == pytest.approx(-(1.0 - info["accuracy"]) - price, abs=1e-12)
+        assert ref["rewards"][-1] == pytest.approx(-info["loss"] - price, abs=1e-12)
+        assert info["loss"] == ref["infos"][-1]["loss"]  # the same candidate, scored alike
+        env.close(), plain.close()
+    with pytest.raises(ValueError, match="task_loss must be one of.*'hinge'"):
+        _make(task_loss="hinge")
+
+
 @pytest.mark.parametrize("density", [k for k in DENSITY_KINDS if k != "latency"])  # timed: test_latency.py
 def test_density_kinds(density):
     env = _make(density=density)

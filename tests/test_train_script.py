@@ -144,6 +144,8 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--min-keep", "0"], "min_keep"), (["--finetune-lr", "-1"], "finetune_lr"),
                           (["--reward-finetune-steps", "-1"], "reward_finetune_steps"),
                           (["--reward-model", "teacher"], "reward-model"),
+                          (["--task-loss", "hinge"], "task-loss.*hinge"),
+                          (["--env", "input", "--task-loss", "error"], "task_loss.*layer env only"),
                           (["--reward-model", "dense", "--supernet-epochs", "0"], "supernet_epochs > 0"),
                           (["--supernet-extremes", "1.5"], "supernet_extremes.*1.5"),
                           (["--supernet-extremes", "0.5", "--supernet-epochs", "0"], "supernet_extremes=0.5.*needs"),
