@@ -78,6 +78,15 @@ class SeedState:
                            finetune_lr=c.finetune_lr, distill=c.distill, base_epochs=c.base_epochs, device=c.device,
                            threads=c.threads, **overrides)
 
+    def layer_search_config(self, budget: float, **overrides: Any):
+        """The per-layer search's settings at ``budget``: RL per-layer's run and random search share them."""
+        c = self.config
+        return self._train_config(env="layer", algo=c.algo, flops_target=budget,
+                                  timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
+                                  supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
+                                  task_loss=c.task_loss, supernet_sampling=c.supernet_sampling,
+                                  finalists=c.finalists, **overrides)
+
     def finetune(self, model: nn.Module, *, from_supernet: bool = False, **kwargs: Any) -> nn.Module:
         """Fine-tune a pruned model. One pruned from the dense model trains ``supernet_epochs`` more
         than one pruned from the supernet, so that every pruned model has trained as many epochs
@@ -123,12 +132,7 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
     c = state.config
     if env == "layer":
         run_dir = out / "runs" / f"layer__b{budget:g}__s{state.seed}"
-        config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
-                                     timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
-                                     supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
-                                     task_loss=c.task_loss,
-                                     supernet_sampling=c.supernet_sampling, finalists=c.finalists,
-                                     run_dir=str(run_dir))
+        config = state.layer_search_config(budget, run_dir=str(run_dir))
     else:
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,
@@ -256,11 +260,7 @@ def _random_search(state: SeedState, out: Path, budget: float) -> dict[str, Any]
     """Random search in RL per-layer's env (same reward, budget and number of episodes as its
     search), the best episode pruned and fine-tuned as the agent's is."""
     c = state.config
-    config = state._train_config(env="layer", algo=c.algo, flops_target=budget,
-                                 timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
-                                 supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
-                                 task_loss=c.task_loss,
-                                 supernet_sampling=c.supernet_sampling, finalists=c.finalists)
+    config = state.layer_search_config(budget)
     env = LayerPruningEnv(**env_kwargs(config), device=str(state.device))
     try:
         if "rl_layer" in c.methods:  # exactly as many reward evaluations as the agent's search made

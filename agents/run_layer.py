@@ -222,14 +222,15 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     # same weights; with a supernet also uniform L1 from the dense model, the classic rule, fine-tuned as
     # many epochs since the base model as the supernet and the fine-tune together; under a latency budget
     # also the latency-greedy baseline (the widest counts the table fits in the budgets).
-    uniform = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
-                                  env.channel_multiple)
-    allocations = {"rl": counts, **({"uniform": uniform} if baselines else {})}
-    if baselines and env.model is not env.dense:
-        allocations["uniform_l1"] = uniform
-    if baselines and env.latency_target is not None:
-        allocations["latency_greedy"] = widest_within(env.latency, env.allowed, flops_target=env.flops_target,
-                                                      latency_target=env.latency_target)
+    allocations = {"rl": counts}
+    if baselines:
+        allocations["uniform"] = uniform_keep_counts(env.graph, float(env.graph.flops(counts)) / env.graph.dense_flops,
+                                                     env.channel_multiple)
+        if env.model is not env.dense:
+            allocations["uniform_l1"] = allocations["uniform"]
+        if env.latency_target is not None:
+            allocations["latency_greedy"] = widest_within(env.latency, env.allowed, flops_target=env.flops_target,
+                                                          latency_target=env.latency_target)
     models = {"dense": env.dense}  # the trained base model (env.model is the supernet, when there is one)
     for name, keep in allocations.items():
         if name == "rl" and finalist_model is not None:  # fine-tuned already, as a finalist
