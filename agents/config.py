@@ -101,7 +101,7 @@ class TrainConfig:
     (the error rate, 1 - accuracy)"""
     finalists: int = 0
     """layer env: fine-tune the search's this many best distinct allocations by reward with the report's
-    recipe and keep the one with the lowest loss on the reward split (multi-fidelity: the reward ranks
+    recipe and keep the one with the lowest task loss on the reward split (multi-fidelity: the reward ranks
     every candidate, the fine-tune the best few; costs this many fine-tunes). 0: keep the best reward"""
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers

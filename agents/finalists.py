@@ -3,8 +3,9 @@
 A search's reward is cheap and, once a network is pruned hard, a weak judge of what a candidate is
 worth after the fine-tune (docs/search.md). With ``finalists=K`` (``train.py --finalists K``) the K best
 distinct allocations by reward are each cut out and fine-tuned with the report's recipe, then scored
-on the reward split; the one with the lowest loss there is kept, fine-tuned model and all. The test
-split stays unseen. Random search in the comparison chooses its answer the same way, so the two
+on the reward split by the env's task loss (its cross-entropy, or its error rate under
+``task_loss="error"``); the one with the lowest is kept, fine-tuned model and all. The test split
+stays unseen. Random search in the comparison chooses its answer the same way, so the two
 searches differ only in the candidates they find.
 """
 
@@ -37,7 +38,7 @@ def choose_finalist(env: LayerPruningEnv, candidates: Sequence[tuple[str, float,
     if not candidates:
         raise ValueError("no candidates to choose a finalist from")
     started = time.perf_counter()
-    best: tuple[float, int, nn.Module] | None = None
+    best: tuple[tuple[float, ...], int, nn.Module] | None = None
     records = []
     for i, (source, reward, info) in enumerate(candidates[:k]):
         counts = np.asarray(info["keep_counts"], dtype=np.int64)
@@ -46,9 +47,12 @@ def choose_finalist(env: LayerPruningEnv, candidates: Sequence[tuple[str, float,
         records.append({"source": source, "reward": float(reward), "keep_counts": counts.tolist(),
                         "flops_ratio": float(env.graph.flops(counts)) / env.dense_flops,
                         "reward_split_loss": loss, "reward_split_accuracy": accuracy})
-        if best is None or loss < best[0]:
-            best = (loss, i, model)
+        key = (loss,) if env.task_loss == "cross_entropy" else (1.0 - accuracy, loss)
+        if best is None or key < best[0]:
+            best = (key, i, model)
     _, chosen, model = best
-    log(f"finalists: the {len(records)} best allocations by reward, fine-tuned, have reward-split loss "
-        + ", ".join(f"{r['reward_split_loss']:.4f}" for r in records) + f"; keeping #{chosen + 1}")
+    scores = ([f"loss {r['reward_split_loss']:.4f}" for r in records] if env.task_loss == "cross_entropy" else
+              [f"error {1 - r['reward_split_accuracy']:.4f}" for r in records])
+    log(f"finalists: the {len(records)} best allocations by reward, fine-tuned, have reward-split "
+        + ", ".join(scores) + f"; keeping #{chosen + 1}")
     return chosen, model, {"chosen": chosen, "seconds": time.perf_counter() - started, "candidates": records}

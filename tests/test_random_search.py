@@ -80,3 +80,22 @@ def test_the_finalist_kept_has_the_lowest_fine_tuned_loss_on_the_reward_split(en
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="finalists"):
             choose_finalist(env, candidates, bad, finetune)
+
+
+def test_under_the_error_rate_the_finalist_kept_has_the_lowest_fine_tuned_error(env):
+    from prunegym.agents.finalists import choose_finalist
+    from prunegym.compression.training import train_classifier
+
+    top = random_search(env, 12, seed=3, top=3)["top"]
+    candidates = [(f"#{i}", e["reward"], e) for i, e in enumerate(top)]
+
+    def finetune(model):
+        return train_classifier(model, env.splits.train, epochs=1, lr=5e-4, seed=0)
+
+    env.task_loss = "error"
+    try:
+        chosen, _, record = choose_finalist(env, candidates, 3, finetune, log=lambda text: None)
+    finally:
+        env.task_loss = "cross_entropy"
+    keys = [(1 - r["reward_split_accuracy"], r["reward_split_loss"]) for r in record["candidates"]]
+    assert chosen == min(range(len(keys)), key=keys.__getitem__)
