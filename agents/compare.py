@@ -377,7 +377,8 @@ def _notes(config: CompareConfig) -> str:
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
             + (f"RL per-layer and random search each keep, of their {config.finalists} best allocations by reward, "
-               "the one with the lowest reward-split loss once fine-tuned (finalists). " if config.finalists else "")
+               f"the one with the lowest reward-split {'error rate' if config.task_loss == 'error' else 'loss'} "
+               "once fine-tuned (finalists). " if config.finalists else "")
             + "RL - this: RL per-layer's test accuracy minus the method's, in points, paired over the seeds (same "
             "base model and split), with its 95% confidence interval (Student's t) and the seeds RL won. "
             "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "

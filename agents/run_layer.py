@@ -202,7 +202,7 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
     latency_check = None
     if env.latency_target is not None:
         latency_check, checked = measured_latency_check(env, candidates, config.threads, log)
-    # With finalists, the best few by reward are fine-tuned and the lowest reward-split loss is kept.
+    # With finalists, the best few by reward are fine-tuned and the lowest reward-split task loss is kept.
     teacher = distillation(config, env.dense)
     finetune = functools.partial(train_classifier, split=splits.train, epochs=config.finetune_epochs,
                                  lr=config.finetune_lr, seed=config.seed, device=device, distill=teacher)
