@@ -47,12 +47,12 @@ def choose_finalist(env: LayerPruningEnv, candidates: Sequence[tuple[str, float,
         records.append({"source": source, "reward": float(reward), "keep_counts": counts.tolist(),
                         "flops_ratio": float(env.graph.flops(counts)) / env.dense_flops,
                         "reward_split_loss": loss, "reward_split_accuracy": accuracy})
-        key = (loss,) if env.task_loss == "cross_entropy" else (1.0 - accuracy, loss)
+        key = (env.task_loss_of(loss, accuracy), loss)
         if best is None or key < best[0]:
             best = (key, i, model)
     _, chosen, model = best
-    scores = ([f"loss {r['reward_split_loss']:.4f}" for r in records] if env.task_loss == "cross_entropy" else
-              [f"error {1 - r['reward_split_accuracy']:.4f}" for r in records])
-    log(f"finalists: the {len(records)} best allocations by reward, fine-tuned, have reward-split "
-        + ", ".join(scores) + f"; keeping #{chosen + 1}")
+    name = "loss" if env.task_loss == "cross_entropy" else "error rate"
+    log(f"finalists: the {len(records)} best allocations by reward, fine-tuned, have reward-split {name} "
+        + ", ".join(f"{env.task_loss_of(r['reward_split_loss'], r['reward_split_accuracy']):.4f}" for r in records)
+        + f"; keeping #{chosen + 1}")
     return chosen, model, {"chosen": chosen, "seconds": time.perf_counter() - started, "candidates": records}

@@ -411,9 +411,14 @@ class LayerPruningEnv(gym.Env):
             **({} if self.latency is None else {"latency_ratio": self.latency.density(counts)}),
         }
 
+    def task_loss_of(self, loss: float, accuracy: float) -> float:
+        """The reward's task loss of a model scored on the reward split: its cross-entropy ``loss``, or
+        under ``task_loss="error"`` its error rate, ``1 - accuracy``."""
+        return loss if self.task_loss == "cross_entropy" else 1.0 - accuracy
+
     def reward_of(self, metrics: dict[str, Any]) -> float:
         """An episode's reward from what ``evaluate_counts`` measured of its keep counts."""
-        task = metrics["loss"] if self.task_loss == "cross_entropy" else 1.0 - metrics["accuracy"]
+        task = self.task_loss_of(metrics["loss"], metrics["accuracy"])
         if self.budgeted:
             return float(-task + self.capacity_weight * metrics["flops_ratio"])
         return float(-task - self.lam * metrics["density"])
