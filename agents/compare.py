@@ -55,7 +55,7 @@ class CompareConfig:
     model: str = "digits_cnn"
     """zoo name (digits_cnn, resnet20, resnet56, vgg_small) or ``package.module:factory``"""
     dataset: str = "digits"
-    """``digits``, ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
+    """``digits``, ``digits_distorted`` (built in, harder), ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])
     """FLOPs budgets, as fractions of the dense model's FLOPs"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])

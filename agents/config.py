@@ -54,7 +54,7 @@ class TrainConfig:
     model: str = "digits_cnn"
     """zoo name (digits_cnn, resnet20, resnet56, vgg_small) or ``package.module:factory``"""
     dataset: str = "digits"
-    """``digits``, ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
+    """``digits``, ``digits_distorted`` (built in, harder), ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
     algo: str = "ppo"
     """the SB3 algorithm: ppo, a2c, sac, td3, ddpg (layer env); ppo, a2c, dqn (input env)"""
     lam: float = 1.0

@@ -1,8 +1,9 @@
 """Datasets as train/reward/test splits of standardised image tensors.
 
-A spec names the source: ``digits`` (scikit-learn's bundled 8x8 digits), ``mnist:PATH`` (a folder of
-IDX files, plain or gzipped), ``cifar10:PATH`` (the python-pickle batches) or ``npz:PATH`` (arrays
-``x`` and ``y``, optionally ``x_test`` and ``y_test``). Nothing is ever downloaded.
+A spec names the source: ``digits`` (scikit-learn's bundled 8x8 digits), ``digits_distorted`` (the same
+digits rotated, shifted and noised, a task they do not saturate; made from them, below), ``mnist:PATH``
+(a folder of IDX files, plain or gzipped), ``cifar10:PATH`` (the python-pickle batches) or ``npz:PATH``
+(arrays ``x`` and ``y``, optionally ``x_test`` and ``y_test``). Nothing is ever downloaded.
 
 The reward split is separate from the test split so that the RL agent is never optimised on the
 images whose accuracy is reported to users.
@@ -26,7 +27,8 @@ from .unpickling import restricted_loads
 
 __all__ = ["DATASETS", "Split", "Splits", "dataset_key", "load_dataset"]
 
-DATASETS = ("digits", "mnist", "cifar10", "npz")
+DATASETS = ("digits", "digits_distorted", "mnist", "cifar10", "npz")
+_BUNDLED = ("digits", "digits_distorted")  # made from scikit-learn's digits: no path
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -87,9 +89,9 @@ def _parse(spec: str) -> tuple[str, Path | None]:
     kind, sep, rest = spec.strip().partition(":")
     if kind not in DATASETS:
         raise ValueError(f"unknown dataset spec {spec!r}: the kind must be one of {', '.join(DATASETS)}")
-    if kind == "digits":
+    if kind in _BUNDLED:
         if sep:
-            raise ValueError(f"dataset spec {spec!r}: 'digits' is bundled with scikit-learn, no path")
+            raise ValueError(f"dataset spec {spec!r}: {kind!r} is made from scikit-learn's bundled digits, no path")
         return kind, None
     if not rest.strip():
         raise ValueError(f"dataset spec {spec!r} needs a path: write '{kind}:PATH'")
@@ -221,7 +223,36 @@ def _load_digits(_: Path | None) -> _Raw:
     return digits.images[:, None], digits.target, None, None
 
 
-_LOADERS = {"digits": _load_digits, "mnist": _load_mnist, "cifar10": _load_cifar10, "npz": _load_npz}
+def _load_digits_distorted(_: Path | None) -> _Raw:
+    """scikit-learn's digits, each rotated by up to ±20°, shifted by up to a pixel and noised (σ 2 on
+    their 0-16 scale): 1,437 train images, each distorted once, and 3,600 test images, ten distortions
+    of each of 360 other digits, the same for every seed. On this task a dense digits CNN scores about
+    91% and pruned allocations differ by points (docs/search.md gives the figures)."""
+    from scipy import ndimage  # imported here, as scikit-learn (which depends on SciPy) is
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images.astype(np.float64), digits.target
+    perm = np.random.default_rng(12345).permutation(len(images))
+    test_src, train_src = perm[:360], perm[360:]
+    rng = np.random.default_rng(0)
+    centre = np.array([3.5, 3.5])
+
+    def distort(img: np.ndarray) -> np.ndarray:
+        a = np.deg2rad(rng.uniform(-20, 20))
+        rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        offset = centre - rotation @ centre + rng.uniform(-1, 1, 2)
+        y = ndimage.affine_transform(img, rotation, offset=offset, order=1, mode="constant", cval=0.0)
+        return np.clip(y + rng.normal(0, 2.0, y.shape), 0, 16)
+
+    x = np.stack([distort(images[i]) for i in train_src]).astype(np.float32)
+    test_src = np.repeat(test_src, 10)
+    x_test = np.stack([distort(images[i]) for i in test_src]).astype(np.float32)
+    return x[:, None], labels[train_src], x_test[:, None], labels[test_src]
+
+
+_LOADERS = {"digits": _load_digits, "digits_distorted": _load_digits_distorted, "mnist": _load_mnist,
+            "cifar10": _load_cifar10, "npz": _load_npz}
 
 
 def _check(x: np.ndarray, y: np.ndarray, source: str, what: str) -> np.ndarray:

@@ -82,7 +82,8 @@ class LayerPruningEnv(gym.Env):
     ## Arguments
     - ``model``: a zoo name (``digits_cnn``, ``resnet20``, ``resnet56``, ``vgg_small``), an import
       path ``package.module:factory`` (trained and cached as the base model), or a trained ``nn.Module``.
-    - ``dataset``: ``digits``, ``mnist:PATH``, ``cifar10:PATH``, ``npz:PATH``, or loaded ``Splits``.
+    - ``dataset``: ``digits``, ``digits_distorted``, ``mnist:PATH``, ``cifar10:PATH``, ``npz:PATH``, or loaded
+      ``Splits``.
     - ``lam``: λ >= 0, the price of density in the reward.
     - ``density``: ``flops`` | ``params`` | ``channels`` | ``latency``. ``latency`` is the pruned
       model's CPU latency over the dense model's, predicted by a lookup table of its layers' timings

@@ -100,6 +100,20 @@ def test_digits_deterministic_per_seed() -> None:
     assert a.test.x.shape == c.test.x.shape and not torch.equal(a.test.x, c.test.x)
 
 
+def test_digits_distorted() -> None:
+    """The built-in harder digits: the same 1,797 digits, 360 held out and distorted ten times each
+    as the test set (the same for every seed), the rest distorted once and split by the seed."""
+    a, b, c = (load_dataset("digits_distorted", seed) for seed in (0, 0, 1))
+    assert (len(a.test), len(a.reward), len(a.train)) == (3600, 215, 1222)
+    assert (a.in_channels, a.num_classes, a.image_size, a.name) == (1, 10, 8, "digits_distorted")
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, c.test.y)
+    assert not torch.equal(a.train.y, c.train.y)  # the seed splits train and reward
+    assert torch.bincount(a.test.y).tolist() == [10 * n for n in torch.bincount(a.test.y[::10]).tolist()]
+    plain = load_dataset("digits", 0)
+    assert not any(torch.equal(plain.test.x[0], x) for x in a.test.x)  # distorted: no image as it ships
+    assert dataset_key("digits_distorted") == "digits_distorted"
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist(tmp_path: Path, gz: bool) -> None:
     s = load_dataset(f"mnist:{_mnist(tmp_path / 'm', gz)}")
@@ -188,9 +202,9 @@ def test_dataset_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("spec", ["imagenet:/data", "Digits", "", "mnist_x:/a"])
 def test_unknown_kind(spec: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(repr(spec)) + ".*digits, mnist, cifar10, npz"):
+    with pytest.raises(ValueError, match=re.escape(repr(spec)) + ".*digits, digits_distorted, mnist, cifar10, npz"):
         load_dataset(spec)
-    assert DATASETS == ("digits", "mnist", "cifar10", "npz")
+    assert DATASETS == ("digits", "digits_distorted", "mnist", "cifar10", "npz")
 
 
 @pytest.mark.parametrize("spec", ["mnist", "mnist:", "cifar10: ", "npz"])
@@ -201,9 +215,10 @@ def test_spec_without_path(spec: str) -> None:
         dataset_key(spec)
 
 
-def test_digits_with_path() -> None:
-    with pytest.raises(ValueError, match="no path"):
-        load_dataset("digits:/tmp/x")
+@pytest.mark.parametrize("spec", ["digits:/tmp/x", "digits_distorted:/tmp/x"])
+def test_digits_with_path(spec: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(spec)) + ".*no path"):
+        load_dataset(spec)
 
 
 @pytest.mark.parametrize(
