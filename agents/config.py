@@ -10,6 +10,7 @@ import math
 import os
 import textwrap
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from prunegym.envs.reward import check_lam
 from .factory import ALGORITHMS
 
 __all__ = ["CONFIG_FORMAT", "DEFAULT_TIMESTEPS", "ENVS", "INPUT_ALGORITHMS", "RunDirError", "TrainConfig",
-           "changed_settings", "env_kwargs", "field_docs", "load_config", "resume_config"]
+           "changed_settings", "resolve_given", "env_kwargs", "field_docs", "load_config", "resume_config"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
@@ -38,6 +39,14 @@ CONFIG_FORMAT = 2  # config.json's layout; 2: num_envs applies to the layer env 
 
 
 INPUT_ALGORITHMS = ("ppo", "a2c", "dqn")
+
+
+# Layer-env settings whose default the input env has no use for, and what an input run records instead.
+_INPUT_NEUTRAL = {"flops_target": None, "task_loss": "cross_entropy"}
+
+
+# What a config.json written before a setting existed ran with, where today's default differs.
+_BEFORE_THEY_EXISTED = {"task_loss": "cross_entropy"}
 
 
 class RunDirError(ValueError):
@@ -53,7 +62,7 @@ class TrainConfig:
     input, InputPruning-v0, with the gate baseline beside it)"""
     model: str = "digits_cnn"
     """zoo name (digits_cnn, resnet20, resnet56, vgg_small) or ``package.module:factory``"""
-    dataset: str = "digits"
+    dataset: str = "digits_distorted"
     """``digits``, ``digits_distorted`` (built in, harder), ``mnist:PATH``, ``cifar10:PATH`` or ``npz:PATH``"""
     algo: str = "ppo"
     """the SB3 algorithm: ppo, a2c, sac, td3, ddpg (layer env); ppo, a2c, dqn (input env)"""
@@ -63,9 +72,10 @@ class TrainConfig:
     """what density measures: flops, params, channels, or latency (layer env: the pruned model's batch-64
     CPU latency at ``threads`` threads, predicted from a lookup table of its layers' timings); input
     env: flops or channels"""
-    flops_target: float | None = None
+    flops_target: float | None = 0.2
     """budget mode (layer env): the largest FLOPs ratio the pruned model may have (the reward is then
-    ``-task_loss``)"""
+    ``-task_loss``); none: no budget, the reward prices density with λ. train.py and sweeps drop it when
+    --latency-target is given alone"""
     latency_target: float | None = None
     """budget mode (layer env) in latency: the largest batch-64 latency ratio the pruned model may have,
     as a lookup table of its layers' timings at ``threads`` threads predicts it (the reward is then
@@ -96,7 +106,7 @@ class TrainConfig:
     """layer env with a supernet: which model the search's reward scores a candidate on, ``supernet`` (the
     sub-network it will be cut from) or ``dense`` (the trained dense model, soft-masked; the winner is
     still cut from the supernet)"""
-    task_loss: str = "cross_entropy"
+    task_loss: str = "error"
     """layer env: the task loss of the search's reward on the reward split, ``cross_entropy`` or ``error``
     (the error rate, 1 - accuracy)"""
     finalists: int = 0
@@ -144,23 +154,29 @@ class TrainConfig:
     """overrides of the agent's default hyper-parameters"""
 
     def resolve_defaults(self) -> None:
-        """Fill in what depends on the env (the timesteps), so config.json records the number used."""
+        """Fill in what depends on the env (the timesteps, the number of envs; for the input env, no budget
+        and its own task loss where the layer env's defaults stand), so config.json records what is used."""
         if self.timesteps is None:
             self.timesteps = DEFAULT_TIMESTEPS.get(self.env, DEFAULT_TIMESTEPS["layer"])
         if self.num_envs is None:
             self.num_envs = 64 if self.env == "input" else 1
+        if self.env == "input":
+            defaults = TrainConfig()
+            for name, neutral in _INPUT_NEUTRAL.items():
+                if getattr(self, name) == getattr(defaults, name):
+                    setattr(self, name, neutral)
 
     def validate(self) -> None:
         if self.env not in ENVS:
             raise ValueError(f"env {self.env!r} is unknown; expected one of {sorted(ENVS)}")
         self.resolve_defaults()
         if self.env == "input":
-            defaults = TrainConfig()
+            neutral = {**dataclasses.asdict(TrainConfig()), **_INPUT_NEUTRAL}
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
                                             "channel_multiple", "supernet_epochs", "reward_model",
                                             "supernet_extremes", "supernet_sampling", "capacity_weight", "finalists",
                                             "task_loss")
-                          if getattr(self, name) != getattr(defaults, name)]
+                          if getattr(self, name) != neutral[name]]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
             if self.algo not in INPUT_ALGORITHMS:
@@ -235,6 +251,28 @@ class TrainConfig:
         return os.path.join("runs", f"{self.env}__{model}__{dataset}__{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def resolve_given(config: TrainConfig, given: Iterable[str]) -> None:
+    """Settle what depends on which settings the user gave (``given``, their names), as the main job
+    reads them: a latency budget given without a FLOPs budget has none of the default one; a setting
+    the run would not use is refused by name (the layer env's budget or task loss in an input run,
+    whose defaults are the layer env's; λ or the density kind where a budget makes the reward
+    ``-task_loss``)."""
+    given = set(given)
+    if config.env == "input":
+        unused = sorted(given & set(_INPUT_NEUTRAL))
+        if unused:
+            raise ValueError(f"{unused} apply to the layer env only, not to --env input")
+        return
+    if "latency_target" in given and "flops_target" not in given:
+        config.flops_target = None
+    budgeted = config.flops_target is not None or config.latency_target is not None
+    unused = sorted(given & {"lam", "density"}) if budgeted else []
+    if unused:
+        raise ValueError(f"{unused} price density only without a budget; with flops_target={config.flops_target} "
+                         f"and latency_target={config.latency_target} the reward is -task_loss (give flops_target "
+                         "none to price density instead)")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass (read from its source), as plain text for
     a ``--help`` line: reStructuredText's double backquotes dropped."""
@@ -288,7 +326,7 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise RunDirError(f"{run_dir} is not a prunegym run directory (no config.json)")
     data = read_json(Path(run_dir) / "config.json")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in data["config"].items() if k in known})
+    config = TrainConfig(**{**_BEFORE_THEY_EXISTED, **{k: v for k, v in data["config"].items() if k in known}})
     if data.get("format", 1) < 2 and config.env == "layer":
         config.num_envs = 1  # runs from before num_envs applied to the layer env recorded the input env's 64
     return config

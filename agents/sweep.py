@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from prunegym.compression.checkpoint import atomic_path, write_json
+from prunegym.compression.checkpoint import atomic_path, read_json, write_json
 from prunegym.compression.metrics import keep_freed_memory, num_threads
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_given
 from .distributed import TASK_RETRIES, check_placement, connect, require_ray
 from .job import claim_output
 from .run import run_or_reuse
@@ -63,6 +63,10 @@ class SweepConfig:
     """a Ray cluster to run the trials on instead (``auto``, or ``HOST:PORT`` of its head)"""
     threads: int = 1
     """CPU threads of each trial (training and latency measurements)"""
+    main_defaults: dict[str, Any] | None = None
+    """the main job's defaults that differ from train.py's first ones, as they were when the sweep started
+    (set by ``sweep``), so that a sweep continued after they change runs its trials as it began them.
+    None: a sweep from before they changed, whose trials ran with the first ones"""
 
     def validate(self) -> None:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -136,7 +140,8 @@ def _number(text: str) -> Any:
 def _train_config(config: SweepConfig, params: dict[str, Any], run_dir: str) -> TrainConfig:
     """The main job's settings for a trial: the shared settings, the trial's grid values, and its
     searched values (a name that is not a train.py setting is an agent hyper-parameter)."""
-    settings = {**config.settings, "threads": config.threads, "run_dir": run_dir}
+    first = _FIRST_DEFAULTS if config.main_defaults is None else config.main_defaults
+    settings = {**first, **config.settings, "threads": config.threads, "run_dir": run_dir}
     hyperparameters = dict(settings.get("hyperparameters", {}))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, value in params.items():
@@ -145,7 +150,28 @@ def _train_config(config: SweepConfig, params: dict[str, Any], run_dir: str) -> 
         elif value is not None:
             hyperparameters[name] = value
     settings["hyperparameters"] = hyperparameters
-    return TrainConfig(**settings)
+    train_config = TrainConfig(**settings)
+    resolve_given(train_config, {*config.settings, *config.grid, *config.search})
+    return train_config
+
+
+# train.py's defaults before the main job moved to the distorted digits at a FLOPs budget of 0.2
+_FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy"}
+
+
+def _saved_setting(out: Path, name: str) -> Any:
+    """A setting of the sweep whose ``config.json`` is in ``out`` (None where it has none, or is not a
+    sweep's: ``claim_output`` refuses such a folder by name)."""
+    try:
+        return read_json(out / "config.json")["config"].get(name)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return None
+
+
+def main_defaults() -> dict[str, Any]:
+    """Today's values of the main job's settings whose defaults changed (``_FIRST_DEFAULTS``)."""
+    defaults = TrainConfig()
+    return {name: getattr(defaults, name) for name in _FIRST_DEFAULTS}
 
 
 def trial_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -183,9 +209,12 @@ def _trial(params: dict[str, Any], *, config: SweepConfig, out: str) -> dict[str
 def sweep(config: SweepConfig, *, trust: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep, or continue the one in ``config.out`` (Tune's saved state is pickled and runs
     code as it loads: continuing needs ``trust``, for a folder you made or trust); return its results."""
-    config.validate()
     config.out = config.out or config.default_out()
     out = Path(config.out).resolve()
+    if config.main_defaults is None:  # a sweep continued runs its trials as it began them
+        config.main_defaults = _saved_setting(out, "main_defaults") if (out / "config.json").is_file() \
+            else main_defaults()
+    config.validate()
     if (out / "tune").exists() and not trust:
         raise ValueError(f"{out} holds a started sweep; Tune's saved state is pickled and runs code as it loads: "
                          "continue it with --trust-sweep (only for a sweep folder you made or trust)")

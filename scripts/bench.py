@@ -161,7 +161,9 @@ def bench_parallel(num_envs: list[int], timesteps: int, seed: int, base_epochs: 
 
     if min(num_envs) < 1:
         raise ValueError(f"--num-envs must be integers >= 1, got {num_envs}")
-    config = TrainConfig(seed=seed, **({} if base_epochs is None else {"base_epochs": base_epochs}))
+    # a fixed set-up, so that its figures stay comparable: the digits CNN on the digits, no budget
+    config = TrainConfig(seed=seed, dataset="digits", flops_target=None, task_loss="cross_entropy",
+                         **({} if base_epochs is None else {"base_epochs": base_epochs}))
     kwargs = env_kwargs(config)
     groups = LayerPruningEnv(**kwargs).num_groups  # trains or reads the base model and supernet, untimed
 

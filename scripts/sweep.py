@@ -2,7 +2,7 @@
 an Optuna search over the agent's hyper-parameters, then one table and one plot of test accuracy
 against FLOPs over all trials (the front that λ or the budget traces).
 
-    python scripts/sweep.py --grid lam=0.5,1,2 --grid seed=0,1 --workers 2
+    python scripts/sweep.py --set flops_target=none --grid lam=0.5,1,2 --grid seed=0,1 --workers 2
     python scripts/sweep.py --set flops_target=0.2 --search learning_rate=loguniform:1e-4:3e-3 --trials 8
 
 Each trial is a train.py run in <out>/runs/; run the same command again with --trust-sweep to continue

@@ -46,7 +46,7 @@ def report(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def splits():
-    return load_dataset("digits", 0)
+    return load_dataset(TrainConfig().dataset, 0)  # the run's: the main job's default
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +321,7 @@ def test_timesteps_default_per_env():
     assert config.timesteps is None
     config.validate()
     assert config.timesteps == 200_000
+    assert (config.flops_target, config.task_loss) == (None, "cross_entropy")  # the layer env's defaults unused
     layer = TrainConfig()
     layer.validate()
     assert layer.timesteps == 6000

@@ -330,7 +330,7 @@ def test_narrowed_within_narrows_until_the_table_puts_the_counts_within(fake_tim
 def test_resumed_latency_run_keeps_its_timings(prunegym_cache, tmp_path):
     target = tmp_path / "run"
     tiny = ["--timesteps", "48", "--finetune-epochs", "1", "--base-epochs", "2", "--checkpoint-freq", "24",
-            "--device", "cpu", "--density", "latency", "--lam", "0.5"]
+            "--device", "cpu", "--density", "latency", "--lam", "0.5", "--flops-target", "none"]
     ok(run_train("--run-dir", str(target), *tiny))
     config = json.loads((target / "config.json").read_text())
     assert config["env_kwargs"]["latency_threads"] == 1

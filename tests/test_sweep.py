@@ -13,13 +13,14 @@ import time
 import pytest
 from helpers import ROOT
 
-from prunegym.agents.sweep import SweepConfig, sweep
+from prunegym.agents import TrainConfig
+from prunegym.agents.sweep import SweepConfig, _train_config, main_defaults, sweep
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[distributed]')")
 
 SCRIPT = ROOT / "scripts" / "sweep.py"
-TINY = ["--set", "timesteps=64", "--set", "base_epochs=2", "--set", "finetune_epochs=1", "--set", "supernet_epochs=1",
-        "--set", "checkpoint_freq=16"]
+TINY = ["--set", "flops_target=none", "--set", "timesteps=64", "--set", "base_epochs=2", "--set", "finetune_epochs=1",
+        "--set", "supernet_epochs=1", "--set", "checkpoint_freq=16"]  # no budget: the grid's λ prices density
 
 
 def test_an_interrupted_sweep_resumes_without_running_a_finished_trial_again(tmp_path):
@@ -53,6 +54,7 @@ def test_an_interrupted_sweep_resumes_without_running_a_finished_trial_again(tmp
     by_lam = {t["params"]["lam"]: t["flops_ratio"] for t in results["trials"]}
     assert by_lam[2.0] < by_lam[0.5]
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["config"]["main_defaults"] == main_defaults()
     table = (out / "results.md").read_text()
     assert table.count("\n| lam=") == 3 and "*" in table
 
@@ -81,6 +83,7 @@ def test_a_hyperparameter_search_runs_optuna_trials(tmp_path):
     (dict(grid={"lam": []}), "one or more values"),
     (dict(grid={"lam": [1]}, trials=0), "trials must be >= 1"),
     (dict(grid={"lam": [1, 2]}, workers=2, address="auto"), "give one of the two"),
+    (dict(grid={"lam": [1, 2]}), "['lam'] price density only without a budget"),  # the default budget
 ])
 def test_bad_sweeps_are_refused_by_name(tmp_path, settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -95,3 +98,12 @@ def test_the_script_refuses_bad_values_before_starting(tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_runs_its_trials_with_the_defaults_it_began_with():
+    """A sweep folder from before the main job's defaults changed records none, and its trials keep the
+    first ones (digits, no budget, cross-entropy); a new one records today's."""
+    old = _train_config(SweepConfig(grid={"lam": [1.0]}), {"lam": 1.0}, "")
+    assert (old.dataset, old.flops_target, old.task_loss) == ("digits", None, "cross_entropy")
+    new = _train_config(SweepConfig(grid={"seed": [0]}, main_defaults=main_defaults()), {"seed": 0}, "")
+    assert (new.dataset, new.flops_target, new.task_loss) == (TrainConfig().dataset, 0.2, "error")

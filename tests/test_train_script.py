@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import ok, run_train, train_in_process, train_script
 
-from prunegym.agents import load_agent, load_inference_model
+from prunegym.agents import TrainConfig, load_agent, load_inference_model
 from prunegym.compression import count_flops, count_params, load_dataset
 from prunegym.envs import LAYER_PRUNING_ID
 
@@ -57,7 +57,9 @@ def test_config_json_records_the_arguments(run_dir):
     assert config["config"]["base_epochs"] == 2
     assert config["config"]["checkpoint_freq"] == 32
     assert config["env_kwargs"]["model"] == "digits_cnn"
-    assert config["env_kwargs"]["dataset"] == "digits"
+    # The main job's defaults: the distorted digits, at most a fifth of the FLOPs, the error-rate reward.
+    assert config["env_kwargs"]["dataset"] == "digits_distorted"
+    assert config["env_kwargs"]["flops_target"] == 0.2 and config["env_kwargs"]["task_loss"] == "error"
 
 
 def test_report_json(report):
@@ -73,6 +75,7 @@ def test_report_json(report):
     assert results["rl"]["flops"] <= results["dense"]["flops"]
     assert results["uniform"]["flops"] <= results["dense"]["flops"]
     assert results["dense"]["flops_ratio"] == 1.0
+    assert results["rl"]["flops_ratio"] <= 0.2 + 1e-9  # the default budget holds
     assert report["search"]["timesteps"] == 64
     assert report["search"]["seconds"] > 0
 
@@ -80,7 +83,6 @@ def test_report_json(report):
 def test_the_default_search_prunes_a_supernet(run_dir, report):
     """By default the job trains a supernet (once per base model, cached), searches it, and the env
     load_agent rebuilds scores the best widths as the search did."""
-    from prunegym.agents.config import TrainConfig
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["env_kwargs"]["supernet_epochs"] == TrainConfig().supernet_epochs > 0
@@ -146,13 +148,17 @@ def test_existing_run_dir_without_resume_fails(run_dir):
                           (["--reward-model", "teacher"], "reward-model"),
                           (["--task-loss", "hinge"], "task-loss.*hinge"),
                           (["--env", "input", "--task-loss", "error"], "task_loss.*layer env only"),
+                          (["--env", "input", "--flops-target", "0.2"], "flops_target.*layer env only"),
+                          (["--env", "input", "--min-keep", "0.5"], "min_keep.*layer env only"),
+                          (["--lam", "2"], r"\['lam'\] price density only without a budget.*flops_target=0.2"),
                           (["--reward-model", "dense", "--supernet-epochs", "0"], "supernet_epochs > 0"),
                           (["--supernet-extremes", "1.5"], "supernet_extremes.*1.5"),
                           (["--supernet-extremes", "0.5", "--supernet-epochs", "0"], "supernet_extremes=0.5.*needs"),
                           (["--supernet-sampling", "layers"], "supernet-sampling.*layers"),
-                          (["--supernet-sampling", "budget"], "supernet_sampling 'budget'.*--flops-target"),
+                          (["--supernet-sampling", "budget", "--flops-target", "none"],
+                           "supernet_sampling 'budget'.*--flops-target"),
                           (["--capacity-weight", "-1", "--flops-target", "0.5"], "capacity_weight.*-1"),
-                          (["--capacity-weight", "0.5"], "capacity_weight=0.5.*needs"),
+                          (["--capacity-weight", "0.5", "--flops-target", "none"], "capacity_weight=0.5.*needs"),
                           (["--finalists", "-1"], "finalists must be >= 0"),
                           (["--finalists", "2", "--flops-target", "0.5", "--latency-target", "0.6"],
                            "finalists=2.*latency"),
@@ -213,7 +219,6 @@ def test_resume_continues_the_timestep_count(tmp_path):
 
 
 def test_resume_without_timesteps_keeps_the_saved_total(run_dir, tmp_path, monkeypatch):
-    from prunegym.agents.config import TrainConfig
 
     target = tmp_path / "run"
     target.mkdir()
@@ -255,7 +260,7 @@ def test_load_inference_model(run_dir, report):
     model = load_inference_model(run_dir)
     assert isinstance(model, torch.nn.Module)
     assert not model.training
-    splits = load_dataset("digits", 0)
+    splits = load_dataset(TrainConfig().dataset, 0)
     x = splits.test.x[:16]
     with torch.no_grad():
         out = model(x)
@@ -318,7 +323,8 @@ def test_load_agent_rebuilds_its_env(run_dir):
         obs, reward, done, _, info = env.step(action)
         steps += 1
     assert steps == env.unwrapped.num_groups
-    assert reward == pytest.approx(-info["loss"] - env_kwargs["lam"] * info["density"], abs=1e-12)
+    # The main job's default reward: within the FLOPs budget, minus the reward split's error rate.
+    assert reward == pytest.approx(-(1 - info["accuracy"]), abs=1e-12)
     env.close()
 
 
@@ -352,7 +358,7 @@ def test_reward_finetune_steps_reach_the_env_and_its_reloaded_twin(prunegym_cach
 def test_finalists_keep_the_lowest_fine_tuned_loss_of_the_best_allocations(tmp_path, capsys):
     target = tmp_path / "run"
     status, stderr = train_in_process(capsys, "--run-dir", str(target), *TINY, "--flops-target", "0.5",
-                                      "--finalists", "3")
+                                      "--finalists", "3", "--dataset", "digits", "--task-loss", "cross_entropy")
     assert status == 0, stderr
     report = json.loads((target / "report.json").read_text())
     finalists = report["search"]["finalists"]
@@ -411,3 +417,21 @@ def test_num_envs_is_checked_and_old_layer_runs_load_with_one(tmp_path):
     old.mkdir()  # config.json of a layer run written before num_envs applied to the layer env
     (old / "config.json").write_text(json.dumps({"config": {"env": "layer", "num_envs": 64, "timesteps": 64}}))
     assert load_config(old).num_envs == 1
+    assert load_config(old).task_loss == "cross_entropy"  # what it ran with before the setting existed
+
+
+def test_settings_given_are_resolved_as_the_main_job_reads_them():
+    from prunegym.agents.config import resolve_given
+
+    config = TrainConfig(latency_target=0.5)
+    resolve_given(config, {"latency_target"})  # a latency budget alone: no FLOPs budget besides it
+    assert (config.flops_target, config.latency_target) == (None, 0.5)
+    config = TrainConfig(latency_target=0.5, flops_target=0.4)
+    resolve_given(config, {"latency_target", "flops_target"})
+    assert config.flops_target == 0.4
+    config = TrainConfig(flops_target=None, lam=2.0, density="params")
+    resolve_given(config, {"flops_target", "lam", "density"})  # no budget: λ prices density
+    with pytest.raises(ValueError, match=r"\['density', 'lam'\] price density only without a budget"):
+        resolve_given(TrainConfig(lam=2.0, density="params"), {"lam", "density"})
+    with pytest.raises(ValueError, match=r"\['task_loss'\] apply to the layer env only"):
+        resolve_given(TrainConfig(env="input"), {"task_loss"})
