@@ -85,8 +85,7 @@ _NUMPY_ACTIVATIONS: dict[type, Callable[[np.ndarray], Any]] = {
 class PooledMLP:
     """A small MLP on one input's per-channel feature sums, run in NumPy on preallocated vectors: how
     a decider decides for a single input. It runs at every gated layer, and at batch 1 a torch
-    operator costs one to two microseconds of dispatch where a NumPy one on a 64-vector costs well
-    under one (the bench's ResNet-20 policy: 15 us a decision in torch, 9 here).
+    operator's dispatch costs more than a NumPy one on a 64-vector (docs/per-input.md times a decision).
 
     The input vector holds the sums of ``features`` ``[1, C, H, W]`` over each channel, the
     ``extras`` scalars passed at the call, and a 1. So ``first`` (``[C + extras + 1, out]``) carries
