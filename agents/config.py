@@ -26,7 +26,7 @@ from prunegym.envs.reward import check_lam
 from .factory import ALGORITHMS
 
 __all__ = ["CONFIG_FORMAT", "DEFAULT_TIMESTEPS", "ENVS", "INPUT_ALGORITHMS", "RunDirError", "TrainConfig",
-           "changed_settings", "resolve_given", "env_kwargs", "field_docs", "load_config", "resume_config"]
+           "changed_settings", "env_kwargs", "field_docs", "load_config", "resolve_given", "resume_config"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}

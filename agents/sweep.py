@@ -137,6 +137,10 @@ def _number(text: str) -> Any:
     return text
 
 
+# train.py's defaults before the main job moved to the distorted digits at a FLOPs budget of 0.2
+_FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy"}
+
+
 def _train_config(config: SweepConfig, params: dict[str, Any], run_dir: str) -> TrainConfig:
     """The main job's settings for a trial: the shared settings, the trial's grid values, and its
     searched values (a name that is not a train.py setting is an agent hyper-parameter)."""
@@ -153,10 +157,6 @@ def _train_config(config: SweepConfig, params: dict[str, Any], run_dir: str) -> 
     train_config = TrainConfig(**settings)
     resolve_given(train_config, {*config.settings, *config.grid, *config.search})
     return train_config
-
-
-# train.py's defaults before the main job moved to the distorted digits at a FLOPs budget of 0.2
-_FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy"}
 
 
 def _saved_setting(out: Path, name: str) -> Any:
