@@ -25,8 +25,9 @@ from prunegym.envs.reward import check_lam
 
 from .factory import ALGORITHMS
 
-__all__ = ["CONFIG_FORMAT", "DEFAULT_TIMESTEPS", "ENVS", "INPUT_ALGORITHMS", "RunDirError", "TrainConfig",
-           "changed_settings", "env_kwargs", "field_docs", "load_config", "resolve_given", "resume_config"]
+__all__ = ["CONFIG_FORMAT", "DEFAULT_TIMESTEPS", "ENVS", "FIRST_DEFAULTS", "INPUT_ALGORITHMS", "RunDirError",
+           "TrainConfig", "changed_settings", "env_kwargs", "field_docs", "load_config", "main_defaults",
+           "resolve_given", "resume_config"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
@@ -45,8 +46,12 @@ INPUT_ALGORITHMS = ("ppo", "a2c", "dqn")
 _INPUT_NEUTRAL = {"flops_target": None, "task_loss": "cross_entropy"}
 
 
+# The main job's defaults before it moved to the distorted digits at a FLOPs budget of 0.2.
+FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy"}
+
+
 # What a config.json written before a setting existed ran with, where today's default differs.
-_BEFORE_THEY_EXISTED = {"task_loss": "cross_entropy"}
+_BEFORE_THEY_EXISTED = {"task_loss": FIRST_DEFAULTS["task_loss"]}
 
 
 class RunDirError(ValueError):
@@ -249,6 +254,12 @@ class TrainConfig:
         dataset = self.dataset.split(":")[0]
         model = self.model.replace(":", ".").replace("/", "_")
         return os.path.join("runs", f"{self.env}__{model}__{dataset}__{self.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def main_defaults() -> dict[str, Any]:
+    """Today's values of the main job's settings whose defaults changed (``FIRST_DEFAULTS``)."""
+    defaults = TrainConfig()
+    return {name: getattr(defaults, name) for name in FIRST_DEFAULTS}
 
 
 def resolve_given(config: TrainConfig, given: Iterable[str]) -> None:

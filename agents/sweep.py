@@ -27,7 +27,7 @@ import numpy as np
 from prunegym.compression.checkpoint import atomic_path, read_json, write_json
 from prunegym.compression.metrics import keep_freed_memory, num_threads
 
-from .config import TrainConfig, resolve_given
+from .config import FIRST_DEFAULTS, TrainConfig, main_defaults, resolve_given
 from .distributed import TASK_RETRIES, check_placement, connect, require_ray
 from .job import claim_output
 from .run import run_or_reuse
@@ -137,14 +137,10 @@ def _number(text: str) -> Any:
     return text
 
 
-# train.py's defaults before the main job moved to the distorted digits at a FLOPs budget of 0.2
-_FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy"}
-
-
 def _train_config(config: SweepConfig, params: dict[str, Any], run_dir: str) -> TrainConfig:
     """The main job's settings for a trial: the shared settings, the trial's grid values, and its
     searched values (a name that is not a train.py setting is an agent hyper-parameter)."""
-    first = _FIRST_DEFAULTS if config.main_defaults is None else config.main_defaults
+    first = FIRST_DEFAULTS if config.main_defaults is None else config.main_defaults
     settings = {**first, **config.settings, "threads": config.threads, "run_dir": run_dir}
     hyperparameters = dict(settings.get("hyperparameters", {}))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -166,12 +162,6 @@ def _saved_setting(out: Path, name: str) -> Any:
         return read_json(out / "config.json")["config"].get(name)
     except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return None
-
-
-def main_defaults() -> dict[str, Any]:
-    """Today's values of the main job's settings whose defaults changed (``_FIRST_DEFAULTS``)."""
-    defaults = TrainConfig()
-    return {name: getattr(defaults, name) for name in _FIRST_DEFAULTS}
 
 
 def trial_metrics(report: dict[str, Any]) -> dict[str, float]:

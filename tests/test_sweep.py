@@ -14,7 +14,8 @@ import pytest
 from helpers import ROOT
 
 from prunegym.agents import TrainConfig
-from prunegym.agents.sweep import SweepConfig, _train_config, main_defaults, sweep
+from prunegym.agents.config import main_defaults
+from prunegym.agents.sweep import SweepConfig, _train_config, sweep
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[distributed]')")
 
