@@ -18,7 +18,8 @@ __all__ = ["random_search"]
 def random_search(env: LayerPruningEnv, episodes: int, seed: int = 0, top: int = 1) -> dict[str, Any]:
     """Play ``episodes`` episodes of uniformly random actions; return the best episode's final
     ``info`` with its ``reward`` (``best``), the ``top`` best of distinct keep counts, best first (of
-    equal rewards, the earlier), and the search's ``episodes`` and ``seconds``."""
+    equal rewards, the earlier), how many keep counts it played (``distinct``), and the search's
+    ``episodes`` and ``seconds``."""
     if not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an int >= 1, got {episodes!r}")
     if not isinstance(top, int) or top < 1:
@@ -36,4 +37,5 @@ def random_search(env: LayerPruningEnv, episodes: int, seed: int = 0, top: int =
         if counts not in by_counts or reward > by_counts[counts]["reward"]:
             by_counts[counts] = {"reward": float(reward), **info}
     ranked = sorted(by_counts.values(), key=lambda e: -e["reward"])[:top]  # stable: of equal rewards, the earlier
-    return {"best": ranked[0], "top": ranked, "episodes": episodes, "seconds": time.perf_counter() - started}
+    return {"best": ranked[0], "top": ranked, "episodes": episodes, "distinct": len(by_counts),
+            "seconds": time.perf_counter() - started}

@@ -18,6 +18,8 @@ dynamic: batch-1 latency of per-input models against their mean FLOPs density
 allocations, and test accuracy against the fine-tune's length (prunegym.agents.proxy_bench).
 parallel: episodes per second of the search with --num-envs copies of the env. scoring: the
 search's reward for one candidate, on its sliced sub-network and soft-masked at full width.
+search: the best reward each agent's search finds against random search's, in as many episodes
+(prunegym.agents.search_bench).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from prunegym.agents.proxy_bench import (
     format_proxy,
     format_scoring,
 )
+from prunegym.agents.search_bench import SEARCHERS, bench_search, format_search
 from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.checkpoint import write_json
 from prunegym.compression.fusion import fold_batchnorm
@@ -329,9 +332,9 @@ def _counts(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", choices=["env", "latency", "dynamic", "all", "proxy", "finetune", "parallel",
-                                            "scoring"],
+                                            "scoring", "search"],
                         default="all", help="what to run (default: all: env, latency and dynamic; proxy, finetune, "
-                                            "parallel and scoring run for minutes and only when named)")
+                                            "parallel, scoring and search run for minutes and only when named)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the actions, weights and inputs (default: 0)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
     env = parser.add_argument_group("env")
@@ -405,6 +408,18 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--cells", type=Path, default=None,
                        help="proxy: save each fine-tuned accuracy in this folder as it is measured; a rerun with the "
                             "same folder and settings continues from them")
+    search = parser.add_argument_group("search (also uses --model, --dataset, --budgets, --supernet-epochs, "
+                                       "--supernet-sampling, --min-keep, --base-epochs, --threads, --device)")
+    search.add_argument("--searchers", type=lambda t: _comma_list(t, str, f"some of {','.join(SEARCHERS)}",
+                                                                  lambda v: v in SEARCHERS),
+                        default=["ppo", "random"],
+                        help="the agents, and random search, to compare (default: ppo,random)")
+    search.add_argument("--seeds", type=_counts, default=[0, 1, 2, 3, 4],
+                        help="seeds of the base model, supernet and searchers (default: 0,1,2,3,4)")
+    search.add_argument("--task-loss", default=TrainConfig.task_loss,
+                        help=f"the reward's task loss, as train.py's (default: {TrainConfig.task_loss})")
+    search.add_argument("--search-timesteps", type=_positive_int, default=None,
+                        help="each agent's timesteps (default: train.py's)")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="rounds: dense and pruned models (interleaved call by call), or wrapped and bare env "
                              "(in alternating chunks), are timed this many times (default: 3)")
@@ -418,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0, got {value}", file=sys.stderr)
             return 2
-    if args.what in ("proxy", "finetune", "scoring"):  # they train and score in this process: its threads
+    if args.what in ("proxy", "finetune", "scoring", "search"):  # they train and score in this process: its threads
         torch.set_num_threads(args.threads)
     figures: dict[str, Any] = {"machine": machine(), "keeps_freed_memory": keep_freed_memory()}
     m = figures["machine"]
@@ -469,6 +484,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  args.finetune_seeds or [0, 1, 2], args.seed, args.finetune_lr,
                                                  base_epochs, args.device)
             print(format_finetune(figures["finetune"]))
+        if args.what == "search":
+            config = TrainConfig(model=args.model, dataset=args.dataset, task_loss=args.task_loss,
+                                 supernet_epochs=args.supernet_epochs, supernet_sampling=args.supernet_sampling,
+                                 min_keep=args.min_keep, base_epochs=base_epochs, threads=args.threads,
+                                 timesteps=args.search_timesteps, device=args.device)
+            figures["search"] = bench_search(config, args.budgets, args.searchers, args.seeds)
+            print()
+            print(format_search(figures["search"]))
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
