@@ -9,7 +9,7 @@ for as many episodes as the agents played. The env remembers each candidate's sc
 depends on the candidate alone, so the searchers share those scores and none sees another's
 results. Per searcher: the best reward (the mean over seeds) and, paired over the seeds, its
 difference from random search's with a 95% interval and the seeds it found the higher reward on;
-the distinct candidates it scored and its seconds (searchers after the first find some
+the distinct allocations it played and its seconds (searchers after the first find some
 candidates scored already, so seconds compare only roughly).
 """
 
