@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunegym.agents.cli import json_dict
 from prunegym.agents.config import ENVS, TrainConfig
 from prunegym.agents.dynamic_bench import IMAGE_SIZE, bench_dynamic, format_dynamic
 from prunegym.agents.proxy_bench import (
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the reward's task loss, as train.py's (default: {TrainConfig.task_loss})")
     search.add_argument("--search-timesteps", type=_positive_int, default=None,
                         help="each agent's timesteps (default: train.py's)")
+    search.add_argument("--hyperparameters", type=json_dict, default={},
+                        help="a JSON object of overrides of every agent's default hyper-parameters, as train.py's "
+                             "(default: none)")
     parser.add_argument("--rounds", type=_positive_int, default=3,
                         help="rounds: dense and pruned models (interleaved call by call), or wrapped and bare env "
                              "(in alternating chunks), are timed this many times (default: 3)")
@@ -488,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig(model=args.model, dataset=args.dataset, task_loss=args.task_loss,
                                  supernet_epochs=args.supernet_epochs, supernet_sampling=args.supernet_sampling,
                                  min_keep=args.min_keep, base_epochs=base_epochs, threads=args.threads,
-                                 timesteps=args.search_timesteps, device=args.device)
+                                 timesteps=args.search_timesteps, device=args.device,
+                                 hyperparameters=args.hyperparameters)
             figures["search"] = bench_search(config, args.budgets, args.searchers, args.seeds)
             print()
             print(format_search(figures["search"]))

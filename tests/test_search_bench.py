@@ -73,17 +73,20 @@ def test_bad_budgets_and_seeds_are_refused_by_name(budgets, seeds, message):
         bench_search(TrainConfig(**SETTINGS), budgets, ["ppo", "random"], seeds)
 
 
-def test_bench_script_runs_the_search_and_names_a_bad_searcher(tmp_path: Path, prunegym_cache: Path):
+def test_bench_script_runs_the_search_and_names_bad_searchers_and_hyperparameters(tmp_path: Path, prunegym_cache: Path):
     env = {**os.environ, "PRUNEGYM_CACHE": str(prunegym_cache), "OMP_NUM_THREADS": "1"}
     common = [sys.executable, str(SCRIPTS / "bench.py"), "--what", "search", "--model", "digits_cnn", "--budgets",
               "0.3", "--seeds", "0", "--base-epochs", "2", "--supernet-epochs", "0", "--task-loss", "cross_entropy",
               "--search-timesteps", "16", "--threads", "1"]
     out = tmp_path / "search.json"
-    done = subprocess.run([*common, "--searchers", "a2c,random", "--json", str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*common, "--searchers", "a2c,random", "--hyperparameters", '{"n_steps": 8}', "--json",
+                           str(out)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "minus random search" in done.stdout
     assert [e["searcher"] for e in json.loads(out.read_text())["search"]["table"]] == ["a2c", "random"]
     bad = subprocess.run([*common, "--searchers", "a2c,dqn"], env=env, cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "'a2c,dqn'" in bad.stderr
+    bad = subprocess.run([*common, "--searchers", "a2c,random", "--hyperparameters", '{"n_epochs": 2}'], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "n_epochs" in bad.stderr  # A2C has no such argument
