@@ -21,9 +21,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
 
+from prunegym.agents.callbacks import PruningCallback
 from prunegym.agents.config import TrainConfig, env_kwargs
 from prunegym.agents.factory import ALGORITHMS, make_agent
 from prunegym.agents.random_search import random_search
@@ -33,25 +33,6 @@ __all__ = ["RANDOM", "SEARCHERS", "bench_search", "format_search"]
 
 RANDOM = "random"
 SEARCHERS = (*(a for a in ALGORITHMS if a != "dqn"), RANDOM)  # what can search the per-layer env's Box actions
-
-
-class _Episodes(BaseCallback):
-    """The best final reward over an agent's episodes, how many it played, and its distinct allocations."""
-
-    def __init__(self):
-        super().__init__()
-        self.best = float("-inf")
-        self.episodes = 0
-        self.allocations: set[tuple[int, ...]] = set()
-
-    def _on_step(self) -> bool:
-        for reward, info, done in zip(self.locals["rewards"], self.locals["infos"], self.locals["dones"],
-                                      strict=True):
-            if done and "keep_counts" in info:
-                self.episodes += 1
-                self.best = max(self.best, float(reward))
-                self.allocations.add(tuple(int(k) for k in info["keep_counts"]))
-        return True
 
 
 def _check(budgets: Sequence[float], searchers: Sequence[str], seeds: Sequence[int]) -> None:
@@ -85,7 +66,7 @@ def bench_search(config: TrainConfig, budgets: Sequence[float], searchers: Seque
     for budget in budgets:
         for seed in seeds:
             run = dataclasses.replace(config, flops_target=budget, seed=seed, env="layer")
-            run.resolve_defaults()
+            run.validate()  # every setting checked, by name, before an env is built
             env = LayerPruningEnv(**env_kwargs(run), device=device)
             played = 0
             for name in (*agents, RANDOM):
@@ -95,11 +76,12 @@ def bench_search(config: TrainConfig, budgets: Sequence[float], searchers: Seque
                     found = random_search(env, episodes, seed=seed)
                     best, distinct = found["best"]["reward"], found["distinct"]
                 else:
-                    counter = _Episodes()
+                    # the job's own record of a search; keeping every distinct allocation counts them
+                    record = PruningCallback([g.name for g in env.graph.groups], top=run.timesteps)
                     agent = make_agent(name, Monitor(env), episode_length=env.num_groups, seed=seed, device=device,
                                        hyperparameters=run.hyperparameters)
-                    agent.learn(run.timesteps, callback=counter)
-                    best, episodes, distinct = counter.best, counter.episodes, len(counter.allocations)
+                    agent.learn(run.timesteps, callback=record)
+                    best, episodes, distinct = record.best["reward"], record.episodes, len(record.top)
                     played = max(played, episodes)
                 rows.append({"budget": budget, "seed": seed, "searcher": name, "best_reward": best,
                              "episodes": episodes, "distinct": distinct,

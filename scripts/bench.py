@@ -64,6 +64,7 @@ from prunegym.compression.models import MODELS, build_model
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.compression.training import BASE_EPOCHS
+from prunegym.envs import TASK_LOSSES
 
 ENV_ID = ENVS["layer"]
 FINETUNE_EPOCHS, FINETUNE_LR = TrainConfig.finetune_epochs, TrainConfig.finetune_lr  # the report's fine-tune
@@ -417,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the agents, and random search, to compare (default: ppo,random)")
     search.add_argument("--seeds", type=_counts, default=[0, 1, 2, 3, 4],
                         help="seeds of the base model, supernet and searchers (default: 0,1,2,3,4)")
-    search.add_argument("--task-loss", default=TrainConfig.task_loss,
+    search.add_argument("--task-loss", choices=TASK_LOSSES, default=TrainConfig.task_loss,
                         help=f"the reward's task loss, as train.py's (default: {TrainConfig.task_loss})")
     search.add_argument("--search-timesteps", type=_positive_int, default=None,
                         help="each agent's timesteps (default: train.py's)")
