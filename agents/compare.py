@@ -42,6 +42,7 @@ from prunegym.envs import TASK_LOSSES
 
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
 from .distributed import check_placement, require_ray, run_graph
+from .factory import ALGORITHMS, check_hyperparameters
 from .job import add_ratios, claim_output
 from .methods import METHODS, SeedState, check_row
 
@@ -73,6 +74,9 @@ class CompareConfig:
     """the SB3 algorithm of the RL per-layer search"""
     layer_timesteps: int | None = None
     """timesteps of each RL per-layer search (default: the main job's, 6000)"""
+    layer_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    """overrides of the RL per-layer agent's default hyper-parameters (``train.py --hyperparameters``),
+    as a JSON object"""
     input_timesteps: int | None = None
     """timesteps of each RL per-input search (default: the per-input job's, 200000)"""
     supernet_epochs: int = 20
@@ -131,6 +135,9 @@ class CompareConfig:
             raise ValueError(f"unknown methods {unknown}; expected some of {list(METHODS)}")
         if self.task_loss not in TASK_LOSSES:
             raise ValueError(f"task_loss {self.task_loss!r} is unknown; expected one of {TASK_LOSSES}")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
+        check_hyperparameters(self.algo, self.layer_hyperparameters)
         if self.supernet_sampling not in SUPERNET_SAMPLING:
             raise ValueError(f"supernet_sampling {self.supernet_sampling!r} is unknown; expected one of "
                              f"{SUPERNET_SAMPLING}")

@@ -23,7 +23,7 @@ from prunegym.compression.training import BASE_EPOCHS, check_seed, resolve_devic
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, TASK_LOSSES
 from prunegym.envs.reward import check_lam
 
-from .factory import ALGORITHMS
+from .factory import ALGORITHMS, check_hyperparameters
 
 __all__ = ["CONFIG_FORMAT", "DEFAULT_TIMESTEPS", "ENVS", "FIRST_DEFAULTS", "INPUT_ALGORITHMS", "RunDirError",
            "TrainConfig", "changed_settings", "env_kwargs", "field_docs", "load_config", "main_defaults",
@@ -194,6 +194,7 @@ class TrainConfig:
                 raise ValueError(f"groups must be >= 2, got {self.groups}")
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
+        check_hyperparameters(self.algo, self.hyperparameters)
         check_seed(self.seed)
         if self.run_dir and Path(self.run_dir).exists() and not Path(self.run_dir).is_dir():
             raise RunDirError(f"--run-dir {self.run_dir} is a file, not a directory")

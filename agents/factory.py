@@ -12,7 +12,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-__all__ = ["ALGORITHMS", "make_agent", "default_hyperparameters"]
+__all__ = ["ALGORITHMS", "check_hyperparameters", "make_agent", "default_hyperparameters"]
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "ddpg": DDPG,
                                               "dqn": DQN}
@@ -57,6 +57,17 @@ def default_hyperparameters(algo: str, episode_length: int, action_dim: int | No
     return hyper
 
 
+def check_hyperparameters(algo: str, hyperparameters: Any) -> None:
+    """Refuse, by name, ``hyperparameters`` that are not a dict of arguments of ``algo``'s class (their
+    values are checked when the agent is built, by SB3)."""
+    if not isinstance(hyperparameters, dict) or not all(isinstance(k, str) for k in hyperparameters):
+        raise ValueError(f"hyperparameters must be a JSON object of argument names to values, got {hyperparameters!r}")
+    accepted = set(inspect.signature(ALGORITHMS[algo].__init__).parameters) - {"self", "policy", "env"}
+    unknown = sorted(set(hyperparameters) - accepted)
+    if unknown:
+        raise ValueError(f"hyperparameters {unknown} are not arguments of {ALGORITHMS[algo].__name__}")
+
+
 def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, device: str = "auto",
                tensorboard_log: str | None = None, verbose: int = 0,
                hyperparameters: dict[str, Any] | None = None) -> BaseAlgorithm:
@@ -80,10 +91,7 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
     num_envs = getattr(env, "num_envs", 1)
     batched = num_envs > 1 and not isinstance(env, DummyVecEnv | SubprocVecEnv)  # not copies of one env
     kwargs = default_hyperparameters(algo, episode_length, action_dim, num_envs, batched)
-    accepted = set(inspect.signature(ALGORITHMS[algo].__init__).parameters) - {"self", "policy", "env"}
-    unknown = sorted(set(hyperparameters or {}) - accepted)
-    if unknown:
-        raise ValueError(f"hyperparameters {unknown} are not arguments of {ALGORITHMS[algo].__name__}")
+    check_hyperparameters(algo, hyperparameters or {})
     kwargs.update(hyperparameters or {})
     kwargs.setdefault("policy_kwargs", {"net_arch": [64, 64]})
     try:

@@ -85,7 +85,7 @@ class SeedState:
                                   timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                   supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
                                   task_loss=c.task_loss, supernet_sampling=c.supernet_sampling,
-                                  finalists=c.finalists, **overrides)
+                                  finalists=c.finalists, hyperparameters=c.layer_hyperparameters, **overrides)
 
     def finetune(self, model: nn.Module, *, from_supernet: bool = False, **kwargs: Any) -> nn.Module:
         """Fine-tune a pruned model. One pruned from the dense model trains ``supernet_epochs`` more

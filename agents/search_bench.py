@@ -25,7 +25,7 @@ from stable_baselines3.common.monitor import Monitor
 
 from prunegym.agents.callbacks import PruningCallback
 from prunegym.agents.config import TrainConfig, env_kwargs
-from prunegym.agents.factory import ALGORITHMS, make_agent
+from prunegym.agents.factory import ALGORITHMS, check_hyperparameters, make_agent
 from prunegym.agents.random_search import random_search
 from prunegym.compression.statistics import paired_difference
 
@@ -62,10 +62,12 @@ def bench_search(config: TrainConfig, budgets: Sequence[float], searchers: Seque
     _check(budgets, searchers, seeds)
     device = str(resolve_device(config.device))
     agents = [s for s in searchers if s != RANDOM]
+    for name in agents:  # every agent takes the same overrides: each must accept them
+        check_hyperparameters(name, config.hyperparameters)
     rows: list[dict[str, Any]] = []
     for budget in budgets:
         for seed in seeds:
-            run = dataclasses.replace(config, flops_target=budget, seed=seed, env="layer")
+            run = dataclasses.replace(config, flops_target=budget, seed=seed, env="layer", algo=agents[0])
             run.validate()  # every setting checked, by name, before an env is built
             env = LayerPruningEnv(**env_kwargs(run), device=device)
             played = 0

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import sys
 
-from prunegym.agents.cli import failure_status, optional_int
+from prunegym.agents.cli import failure_status, json_dict, optional_int
 from prunegym.agents.compare import CompareConfig, compare, finished_table
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            kind = optional_int if f.name.endswith("_timesteps") else type(default)
+            kind = optional_int if f.name.endswith("_timesteps") else json_dict if isinstance(default, dict) \
+                else type(default)
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS),
                                          "task_loss": list(TASK_LOSSES),

@@ -193,6 +193,9 @@ def test_a_foreign_folder_is_refused(tmp_path):
     ({"device": "tpu"}, "tpu"),
     ({"supernet_sampling": "layers"}, "supernet_sampling 'layers'"),
     ({"task_loss": "hinge"}, "task_loss 'hinge'"),
+    ({"algo": "magic"}, "algo 'magic'"),
+    ({"layer_hyperparameters": {"n_epochs_typo": 3}}, r"\['n_epochs_typo'\] are not arguments of PPO"),
+    ({"layer_hyperparameters": [3]}, "JSON object.*3"),
     ({"supernet_sampling": "budget", "supernet_epochs": 0, "methods": ["rl_layer"]}, "budget.*supernet_epochs > 0"),
 ])
 def test_bad_settings_name_the_value(tmp_path, overrides, message):
@@ -225,12 +228,14 @@ def test_uniform_supernet_needs_a_supernet(tmp_path):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
 
 
-def test_the_task_loss_reaches_rl_and_random_search(tmp_path):
+def test_the_task_loss_reaches_rl_and_random_search_and_the_hyperparameters_rl(tmp_path):
     out = tmp_path / "out"
-    results = compare(tiny(out, methods=["rl_layer", "random_search"], task_loss="error"), log=lambda text: None)
+    results = compare(tiny(out, methods=["rl_layer", "random_search"], task_loss="error",
+                           layer_hyperparameters={"n_epochs": 2}), log=lambda text: None)
     assert not results["failed"]
     config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
     assert config["config"]["task_loss"] == config["env_kwargs"]["task_loss"] == "error"
+    assert config["config"]["hyperparameters"] == {"n_epochs": 2}
     rows = {r["method"]: r for r in results["rows"]}
     # a budget: the reward is minus the error rate on the reward split, between -1 and 0
     assert -1.0 <= rows["random_search"]["best_reward"] <= 0.0

@@ -73,6 +73,15 @@ def test_bad_budgets_and_seeds_are_refused_by_name(budgets, seeds, message):
         bench_search(TrainConfig(**SETTINGS), budgets, ["ppo", "random"], seeds)
 
 
+def test_hyperparameters_every_agent_takes_are_used_and_others_refused_before_any_search(prunegym_cache: Path):
+    with pytest.raises(ValueError, match=r"\['n_epochs'\] are not arguments of SAC"):  # PPO's, not SAC's
+        bench_search(TrainConfig(**SETTINGS, hyperparameters={"n_epochs": 2}), [0.3], ["ppo", "sac", "random"], [0],
+                     log=lambda _: None)
+    settings = {**SETTINGS, "timesteps": 16, "hyperparameters": {"buffer_size": 64, "learning_starts": 4}}
+    figures = bench_search(TrainConfig(**settings), [0.3], ["sac", "random"], [0], log=lambda _: None)
+    assert [r["episodes"] for r in figures["rows"]] == [4, 4]  # an off-policy agent's own argument, not PPO's
+
+
 def test_bench_script_runs_the_search_and_names_bad_searchers_and_hyperparameters(tmp_path: Path, prunegym_cache: Path):
     env = {**os.environ, "PRUNEGYM_CACHE": str(prunegym_cache), "OMP_NUM_THREADS": "1"}
     common = [sys.executable, str(SCRIPTS / "bench.py"), "--what", "search", "--model", "digits_cnn", "--budgets",
