@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from stable_baselines3.common.monitor import Monitor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -89,6 +90,19 @@ def test_hyperparameters_override_the_defaults(env):
     assert agent.n_steps == 8
     assert agent.batch_size == 8
     assert agent.gamma == 0.5
+
+
+def test_ppo_updates_every_four_episodes_from_a_narrow_policy(env):
+    agent = make_agent("ppo", env, episode_length=env.num_groups, device="cpu")
+    assert agent.n_steps == agent.batch_size == 4 * env.num_groups  # one minibatch of four episodes
+    assert torch.allclose(agent.policy.log_std, torch.tensor([-1.0]))  # std 0.37 at the start, not 1
+    # a policy_kwargs given replaces the keys it names and keeps the others
+    agent = make_agent("ppo", env, episode_length=env.num_groups, device="cpu",
+                       hyperparameters={"policy_kwargs": {"net_arch": [16]}})
+    assert torch.allclose(agent.policy.log_std, torch.tensor([-1.0]))
+    assert agent.policy.mlp_extractor.policy_net[0].out_features == 16
+    with pytest.raises(ValueError, match="policy_kwargs must be a JSON object, got \\[16\\]"):
+        make_agent("ppo", env, episode_length=env.num_groups, device="cpu", hyperparameters={"policy_kwargs": [16]})
 
 
 @pytest.mark.parametrize("algo", ["sac", "td3", "ddpg"])
