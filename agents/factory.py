@@ -29,8 +29,8 @@ def default_hyperparameters(algo: str, episode_length: int, action_dim: int | No
     (AMC's warm-up) and act with Gaussian noise after. PPO updates after every four episodes (one
     minibatch of them) from a Gaussian policy whose standard deviation starts at 0.37 (``log_std_init``
     -1), not 1, which on a [-1, 1] action clips a third of the draws to a bound: so set, it finds
-    higher rewards than random sampling in as many episodes on ResNet-20, which PPO with SB3's
-    usual rollouts (16 episodes, std 1) did not (docs/search.md). ``num_envs`` copies of one env stepping in
+    higher rewards than random sampling in as many episodes on ResNet-20, which PPO with the
+    earlier rollouts of 16 episodes and std 1 did not (docs/search.md). ``num_envs`` copies of one env stepping in
     parallel (``batched`` False) keep one env's rollout and update sizes: each holds its share of
     the rollout, and off-policy agents take a gradient step per timestep. A ``batched`` env (the
     per-input env, many inputs at once) gets rollouts of a few episodes of each input, and PPO a
@@ -46,7 +46,7 @@ def default_hyperparameters(algo: str, episode_length: int, action_dim: int | No
     if algo == "ppo":
         n_steps = episode_length * max(1, 4 // copies)
         return {"n_steps": n_steps, "batch_size": n_steps * copies, "n_epochs": 10, "gamma": 1.0, "gae_lambda": 0.95,
-                "learning_rate": 3e-4, "ent_coef": 0.0, "policy_kwargs": {"net_arch": [64, 64], "log_std_init": -1.0}}
+                "learning_rate": 3e-4, "ent_coef": 0.0, "policy_kwargs": {"log_std_init": -1.0}}
     if algo == "a2c":
         n_steps = episode_length * (1 if batched else max(1, 4 // copies))
         return {"n_steps": n_steps, "gamma": 1.0, "learning_rate": 7e-4}
@@ -100,7 +100,8 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
     kwargs = default_hyperparameters(algo, episode_length, action_dim, num_envs, batched)
     check_hyperparameters(algo, hyperparameters or {})
     given = dict(hyperparameters or {})
-    # a policy_kwargs given overrides the default's keys it names, not the whole of it
+    # every policy has two hidden layers of 64 unless told otherwise; a policy_kwargs given overrides the
+    # defaults' keys it names, not the whole of them
     policy_kwargs = {"net_arch": [64, 64], **kwargs.pop("policy_kwargs", {}), **given.pop("policy_kwargs", {})}
     kwargs.update(given)
     try:
