@@ -387,7 +387,9 @@ def _notes(config: CompareConfig) -> str:
                f"the one with the lowest reward-split {'error rate' if config.task_loss == 'error' else 'loss'} "
                "once fine-tuned (finalists). " if config.finalists else "")
             + "RL - this: RL per-layer's test accuracy minus the method's, in points, paired over the seeds (same "
-            "base model and split), with its 95% confidence interval (Student's t) and the seeds RL won. "
+            "base model and split), with its 95% confidence interval (Student's t) and the seeds RL won; "
+            "RL - this, test loss: the same for the test cross-entropy (negative: RL's is lower), with the "
+            "seeds where RL's is lower. "
             "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "
             f"Latency: median ms on the CPU, {config.threads} thread(s), models in their inference form "
             "(BN folded). Bytes: the state dict as torch.save writes it (int8: int8 weights; unstructured: "

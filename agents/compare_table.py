@@ -1,6 +1,6 @@
 """The comparison's table from its cells: mean and spread over seeds, RL per-layer's paired
-advantage over each method, the terminal and Markdown tables, the Pareto plot and the TensorBoard
-hparams."""
+advantage over each method (in test accuracy, and in test loss: finer where a test image is a
+quarter of a point), the terminal and Markdown tables, the Pareto plot and the TensorBoard hparams."""
 
 from __future__ import annotations
 
@@ -18,22 +18,25 @@ from .methods import METHODS
 __all__ = ["summarize", "format_table", "markdown_table", "pareto_plot", "write_hparams"]
 
 
-def _versus_rl(rows: list[dict[str, Any]], method: str, budget: float | None) -> dict[str, Any] | None:
-    """RL per-layer's test accuracy minus ``method``'s at ``budget``, in points, paired over the seeds
-    both have (same base model and split per seed): mean, 95% interval, seeds won and lost by RL."""
+def _versus_rl(rows: list[dict[str, Any]], method: str, budget: float | None, key: str = "test_accuracy",
+               scale: float = 100.0) -> dict[str, Any] | None:
+    """RL per-layer's ``key`` (times ``scale``: accuracy in points) minus ``method``'s at ``budget``, paired
+    over the seeds both have (same base model and split per seed): mean, 95% interval, seeds where RL's is
+    higher (``won``) and lower (``lost``). None for a method without a budget, RL itself, or no such seed."""
     if budget is None or method == "rl_layer":
         return None
-    rl = {r["seed"]: r["test_accuracy"] for r in rows if r["method"] == "rl_layer" and r["budget"] == budget}
-    other = {r["seed"]: r["test_accuracy"] for r in rows if r["method"] == method and r["budget"] == budget}
+    rl = {r["seed"]: r[key] for r in rows if r["method"] == "rl_layer" and r["budget"] == budget and key in r}
+    other = {r["seed"]: r[key] for r in rows if r["method"] == method and r["budget"] == budget and key in r}
     seeds = sorted(rl.keys() & other.keys())
     if not seeds:
         return None
-    return paired_difference([100 * rl[s] for s in seeds], [100 * other[s] for s in seeds]).as_dict()
+    return paired_difference([scale * rl[s] for s in seeds], [scale * other[s] for s in seeds]).as_dict()
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, budget): mean ± std of accuracy over seeds, means of the costs, and for
-    every per-budget method RL per-layer's paired advantage over it (``rl_minus_this``)."""
+    """One row per (method, budget): mean ± std of accuracy over seeds, the mean test loss, means of the
+    costs, and for every per-budget method RL per-layer's paired difference from it in test accuracy
+    (``rl_minus_this``, points) and in test loss (``rl_minus_this_loss``: negative where RL's is lower)."""
     table = []
     keys = []
     for r in rows:
@@ -45,13 +48,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry = {"method": method, "label": METHODS[method].label, "budget": budget, "seeds": len(group),
                  "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                  "note": METHODS[method].note}
-        for key in ("flops_ratio", "params", "bytes", "bytes_ratio", "latency_b1_ms", "latency_b64_ms",
+        for key in ("test_loss", "flops_ratio", "params", "bytes", "bytes_ratio", "latency_b1_ms", "latency_b64_ms",
                     "latency_ratio_b1", "latency_ratio_b64", "sparsity", "nonzero_flops_ratio"):
             if all(key in r for r in group):
                 entry[key] = float(np.mean([r[key] for r in group]))
         versus = _versus_rl(rows, method, budget)
         if versus is not None:
             entry["rl_minus_this"] = versus
+        versus_loss = _versus_rl(rows, method, budget, key="test_loss", scale=1.0)
+        if versus_loss is not None:
+            entry["rl_minus_this_loss"] = versus_loss
         table.append(entry)
     return table
 
@@ -65,6 +71,20 @@ def _versus_text(entry: dict[str, Any]) -> str:
     return f"{v['mean']:+.2f}{interval} {v['won']}/{v['n']}"
 
 
+def _versus_loss_text(entry: dict[str, Any]) -> str:
+    """RL per-layer's test loss minus the method's as ``-0.012 [-0.030, +0.006] 4/5`` (mean, 95% interval,
+    seeds where RL's loss is the lower)."""
+    v = entry.get("rl_minus_this_loss")
+    if v is None:
+        return "-"
+    interval = "" if v["low"] is None else f" [{v['low']:+.3f}, {v['high']:+.3f}]"
+    return f"{v['mean']:+.3f}{interval} {v['lost']}/{v['n']}"
+
+
+def _loss(entry: dict[str, Any]) -> str:
+    return f"{entry['test_loss']:.3f}" if "test_loss" in entry else "-"
+
+
 def _budget(entry: dict[str, Any]) -> str:
     return "-" if entry["budget"] is None else f"{entry['budget']:g}"
 
@@ -72,26 +92,29 @@ def _budget(entry: dict[str, Any]) -> str:
 def format_table(table: list[dict[str, Any]]) -> str:
     """The table for the terminal."""
     header = (f"{'method':<22}{'budget':>7}{'test acc %':>16}{'FLOPs':>7}{'params':>10}{'bytes':>10}"
-              f"{'b1 ms':>8}{'b64 ms':>8}  {'RL - this [95% CI] RL won':<28}")
+              f"{'b1 ms':>8}{'b64 ms':>8}  {'RL - this [95% CI] RL won':<28}  {'RL - this, test loss':<20}")
     lines = [header, "-" * len(header)]
     for e in table:
         acc = f"{e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f}"
         lines.append(f"{e['label']:<22}{_budget(e):>7}{acc:>16}{e['flops_ratio']:>7.3f}{e['params']:>10,.0f}"
-                     f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}  {_versus_text(e)}")
+                     f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}  "
+                     f"{_versus_text(e):<28}  {_versus_loss_text(e)}")
     return "\n".join(lines)
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
     """The table in Markdown."""
-    lines = ["| method | budget | test accuracy % | RL per-layer − this, points [95% CI], seeds RL won | FLOPs ratio "
-             "| params | bytes | b1 ms | b64 ms | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| method | budget | test accuracy % | RL per-layer − this, points [95% CI], seeds RL won | test loss "
+             "| RL per-layer − this, test loss [95% CI], seeds RL lower | FLOPs ratio | params | bytes | b1 ms "
+             "| b64 ms | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for e in table:
         note = e["note"]
         if "sparsity" in e:
             note += f"; sparsity {e['sparsity']:.2f}"
         lines.append(f"| {e['label']} | {_budget(e)} | {e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f} | "
-                     f"{_versus_text(e)} | {e['flops_ratio']:.3f} | {e['params']:,.0f} | {e['bytes']:,.0f} | "
+                     f"{_versus_text(e)} | {_loss(e)} | {_versus_loss_text(e)} | {e['flops_ratio']:.3f} | "
+                     f"{e['params']:,.0f} | {e['bytes']:,.0f} | "
                      f"{e['latency_b1_ms']:.3f} | {e['latency_b64_ms']:.3f} | {note} |")
     return "\n".join(lines)
 
@@ -142,7 +165,7 @@ def write_hparams(out: Path, table: list[dict[str, Any]]) -> None:
     shutil.rmtree(out / "tb", ignore_errors=True)  # a rerun writes the whole table again
     with SummaryWriter(str(out / "tb")) as writer:
         for e in table:
-            metrics = {f"compare/{k}": e[k] for k in ("accuracy_mean", "accuracy_std", "flops_ratio", "bytes",
-                                                      "latency_b1_ms", "latency_b64_ms") if k in e}
+            metrics = {f"compare/{k}": e[k] for k in ("accuracy_mean", "accuracy_std", "test_loss", "flops_ratio",
+                                                      "bytes", "latency_b1_ms", "latency_b64_ms") if k in e}
             writer.add_hparams({"method": e["method"], "budget": -1.0 if e["budget"] is None else e["budget"]},
                                metrics, run_name=f"{e['method']}__{_budget(e)}")

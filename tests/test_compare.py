@@ -221,6 +221,30 @@ def test_summarize_pairs_rl_with_each_method_over_the_same_seeds():
     assert (versus["won"], versus["lost"]) == (3, 1)
     assert versus["low"] == pytest.approx(0.75 - half) and versus["high"] == pytest.approx(0.75 + half)
     assert f"+0.75 [{0.75 - half:+.2f}, {0.75 + half:+.2f}] 3/4" in markdown_table([entry])
+    assert "rl_minus_this_loss" not in entry and "test_loss" not in entry  # cells without a test loss
+
+
+def test_summarize_pairs_rl_test_loss_with_each_method():
+    def row(method, seed, loss):
+        return {"method": method, "budget": 0.5, "seed": seed, "test_accuracy": 0.9, "test_loss": loss,
+                "flops_ratio": 0.5, "params": 10, "bytes": 100, "latency_b1_ms": 1.0, "latency_b64_ms": 2.0}
+
+    rl = [0.20, 0.30, 0.25]
+    other = [0.25, 0.33, 0.24]  # RL - other: -0.05, -0.03, +0.01: RL's loss lower on two seeds
+    rows = [row("rl_layer", s, v) for s, v in enumerate(rl)] + [row("random_search", s, v) for s, v in enumerate(other)]
+    table = summarize(rows)
+    entry = next(e for e in table if e["method"] == "random_search")
+    assert entry["test_loss"] == pytest.approx(np.mean(other))
+    versus = entry["rl_minus_this_loss"]
+    diffs = np.array([-0.05, -0.03, 0.01])
+    half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2) * s / sqrt(3)
+    assert versus["mean"] == pytest.approx(diffs.mean()) and versus["n"] == 3
+    assert (versus["won"], versus["lost"]) == (1, 2)  # won: RL's loss higher; lost: lower
+    assert versus["low"] == pytest.approx(diffs.mean() - half) and versus["high"] == pytest.approx(diffs.mean() + half)
+    mean = diffs.mean()
+    assert f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] 2/3" in markdown_table([entry])
+    assert "rl_minus_this_loss" not in next(e for e in table if e["method"] == "rl_layer")
+    assert "2/3" in format_table([entry])
 
 
 def test_uniform_supernet_needs_a_supernet(tmp_path):
