@@ -62,23 +62,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def _versus_text(entry: dict[str, Any]) -> str:
-    """RL per-layer's paired advantage as ``+1.23 [-0.40, 2.86] 4/5`` (mean, 95% interval, seeds RL won)."""
-    v = entry.get("rl_minus_this")
+def _versus_text(entry: dict[str, Any], loss: bool = False) -> str:
+    """RL per-layer's paired difference as ``+1.23 [-0.40, +2.86] 4/5``: mean, 95% interval and the seeds RL
+    won, in accuracy points; with ``loss``, in test loss (``-0.012 [-0.030, +0.006] 4/5``, the seeds where
+    RL's loss is the lower)."""
+    v = entry.get("rl_minus_this_loss" if loss else "rl_minus_this")
     if v is None:
         return "-"
-    interval = "" if v["low"] is None else f" [{v['low']:+.2f}, {v['high']:+.2f}]"
-    return f"{v['mean']:+.2f}{interval} {v['won']}/{v['n']}"
-
-
-def _versus_loss_text(entry: dict[str, Any]) -> str:
-    """RL per-layer's test loss minus the method's as ``-0.012 [-0.030, +0.006] 4/5`` (mean, 95% interval,
-    seeds where RL's loss is the lower)."""
-    v = entry.get("rl_minus_this_loss")
-    if v is None:
-        return "-"
-    interval = "" if v["low"] is None else f" [{v['low']:+.3f}, {v['high']:+.3f}]"
-    return f"{v['mean']:+.3f}{interval} {v['lost']}/{v['n']}"
+    f = "+.3f" if loss else "+.2f"
+    interval = "" if v["low"] is None else f" [{v['low']:{f}}, {v['high']:{f}}]"
+    return f"{v['mean']:{f}}{interval} {v['lost'] if loss else v['won']}/{v['n']}"
 
 
 def _loss(entry: dict[str, Any]) -> str:
@@ -98,7 +91,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
         acc = f"{e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f}"
         lines.append(f"{e['label']:<22}{_budget(e):>7}{acc:>16}{e['flops_ratio']:>7.3f}{e['params']:>10,.0f}"
                      f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}  "
-                     f"{_versus_text(e):<28}  {_versus_loss_text(e)}")
+                     f"{_versus_text(e):<28}  {_versus_text(e, loss=True)}")
     return "\n".join(lines)
 
 
@@ -113,7 +106,7 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         if "sparsity" in e:
             note += f"; sparsity {e['sparsity']:.2f}"
         lines.append(f"| {e['label']} | {_budget(e)} | {e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f} | "
-                     f"{_versus_text(e)} | {_loss(e)} | {_versus_loss_text(e)} | {e['flops_ratio']:.3f} | "
+                     f"{_versus_text(e)} | {_loss(e)} | {_versus_text(e, loss=True)} | {e['flops_ratio']:.3f} | "
                      f"{e['params']:,.0f} | {e['bytes']:,.0f} | "
                      f"{e['latency_b1_ms']:.3f} | {e['latency_b64_ms']:.3f} | {note} |")
     return "\n".join(lines)
