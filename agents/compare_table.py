@@ -85,7 +85,7 @@ def _budget(entry: dict[str, Any]) -> str:
 def format_table(table: list[dict[str, Any]]) -> str:
     """The table for the terminal."""
     header = (f"{'method':<22}{'budget':>7}{'test acc %':>16}{'FLOPs':>7}{'params':>10}{'bytes':>10}"
-              f"{'b1 ms':>8}{'b64 ms':>8}  {'RL - this [95% CI] RL won':<28}  {'RL - this, test loss':<20}")
+              f"{'b1 ms':>8}{'b64 ms':>8}  {'RL - this [95% CI] RL won':<28}  RL - this, test loss [95% CI] RL lower")
     lines = [header, "-" * len(header)]
     for e in table:
         acc = f"{e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f}"
