@@ -4,8 +4,9 @@ Ray is an optional dependency (the ``distributed`` extra); everything that needs
 through ``require_ray``, which names the extra when Ray is missing. The comparison's cells
 (``prunegym.agents.compare``) run through ``run_graph``: every task runs after the preparation of
 its group (a seed's base model and supernet, trained once) and after the task it names as its
-predecessor; results come back to this process, which records each as it arrives, so an
-interrupted graph continues from what was recorded. A task that raises or whose worker dies is
+predecessor; tasks go to Ray as CPUs free up, in the order of the keys, and results come back to
+this process, which records each as it arrives, so an interrupted graph has its first groups
+whole and continues from what was recorded. A task that raises or whose worker dies is
 retried; one that keeps failing is returned with its error, and the others still run.
 """
 
@@ -59,8 +60,8 @@ def connect(*, workers: int, cpus: int, address: str):
     return ray
 
 
-def _run(run: Callable[[Any, Any, Any], Any], context: Any, prepared: Any, key: Any, *predecessor: Any) -> Any:
-    return run(context, prepared, key)  # the predecessor's result only orders the tasks
+def _run(run: Callable[[Any, Any, Any], Any], context: Any, prepared: Any, key: Any) -> Any:
+    return run(context, prepared, key)
 
 
 def _reason(error: BaseException) -> str:
@@ -80,11 +81,13 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
     ``context`` goes to every task (once into Ray's object store). ``prepare`` runs once per
     group, before that group's tasks, and its result is passed to each of them (through the object
     store, so to other machines too). A key runs after the key ``after(key)`` names, when that one
-    is in ``keys``. ``finished(key, result)`` is called here, in this process, as each task
-    completes. ``workers``: the size of a Ray started here, in tasks at once; ``address``: a
-    running cluster to join instead. ``prepare`` and ``run`` must be importable module-level
-    functions. Returns the keys that failed after their retries, each with its error; the other
-    keys are finished.
+    is in ``keys``. Tasks go to Ray only as CPUs free up, the first runnable ones in the order of
+    ``keys`` (and a group's preparation when its first key comes up), so the keys finish about in
+    that order: a long graph stopped halfway has its first groups whole. ``finished(key, result)`` is
+    called here, in this process, as each task completes. ``workers``: the size of a Ray started
+    here, in tasks at once; ``address``: a running cluster to join instead, whose CPUs say how many
+    run at once. ``prepare`` and ``run`` must be importable module-level functions. Returns the keys
+    that failed after their retries, each with its error; the other keys are finished.
     """
     if not address and workers < 1:
         raise ValueError(f"workers must be >= 1 for a local Ray, got {workers}")
@@ -93,35 +96,58 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
         options = {"num_cpus": cpus, "max_retries": TASK_RETRIES, "retry_exceptions": True}
         prepare_task = ray.remote(prepare).options(**options)
         run_task = ray.remote(_run).options(**options)
-        wanted = set(keys)
         shared = ray.put(context)
-        prepared: dict[Hashable, Any] = {}
-        refs: dict[Hashable, Any] = {}
-
-        def submit(key: Hashable) -> Any:
-            if key not in refs:
-                before = after(key)
-                predecessor = [submit(before)] if before in wanted else []
-                name = group(key)
-                if name not in prepared:
-                    prepared[name] = prepare_task.remote(shared, name)
-                refs[key] = run_task.remote(run, shared, prepared[name], key, *predecessor)
-            return refs[key]
-
-        for key in keys:
-            submit(key)
-        pending = {ref: key for key, ref in refs.items()}
+        wanted = set(keys)
+        prepared: dict[Hashable, Any] = {}  # group -> its preparation's result, once finished
+        preparing: dict[Hashable, Any] = {}  # group -> the ref of its preparation, while it runs
+        done: set[Hashable] = set()
         failed: dict[Hashable, str] = {}
+        group_failed: dict[Hashable, str] = {}
+        pending: dict[Any, tuple[str, Hashable]] = {}  # ref -> ("prepare", group) or ("run", key)
+        waiting = list(keys)
+
+        def slots() -> int:
+            return max(1, int(ray.cluster_resources().get("CPU", 0)) // cpus)
+
+        def fill() -> None:
+            """Submit the first runnable keys (and preparations) in order until every slot is taken."""
+            limit = slots()
+            for key in list(waiting):
+                if len(pending) >= limit:
+                    return
+                name, before = group(key), after(key)
+                if name in group_failed:
+                    failed[key] = group_failed[name]
+                elif before in failed:
+                    failed[key] = f"after {before} failed"
+                elif name not in prepared:
+                    if name not in preparing:
+                        preparing[name] = prepare_task.remote(shared, name)
+                        pending[preparing[name]] = ("prepare", name)
+                    continue
+                elif before in wanted and before not in done:
+                    continue
+                else:
+                    pending[run_task.remote(run, shared, prepared[name], key)] = ("run", key)
+                waiting.remove(key)
+
+        fill()
         while pending:
             [ready], _ = ray.wait(list(pending), num_returns=1)
-            key = pending.pop(ready)
+            kind, name = pending.pop(ready)
             try:
                 result = ray.get(ready)
             except ray.exceptions.RayError as err:
-                before = after(key)
-                failed[key] = f"after {before} failed" if before in failed else _reason(err)
-                continue
-            finished(key, result)
+                (group_failed if kind == "prepare" else failed)[name] = _reason(err)
+            else:
+                if kind == "prepare":
+                    prepared[name] = ready  # the ref: each task reads it from the object store
+                else:
+                    done.add(name)
+                    finished(name, result)
+            fill()
+        for key in waiting:  # none: some waiting key is runnable whenever nothing runs
+            failed[key] = "never ran: its predecessor did not finish"
         return failed
     finally:
         ray.shutdown()

@@ -60,6 +60,20 @@ def test_workers_run_the_serial_cells_and_report_failures(tmp_path):
         [{k: e.get(k) for k in keys} for e in serial["table"]]
 
 
+def test_cells_finish_in_the_order_of_the_grid(tmp_path):
+    # One worker: each cell runs as soon as the one before it in the grid has finished (random search
+    # right after the RL run it reuses), so a comparison stopped halfway has its first seeds whole.
+    from prunegym.agents.compare import _cells
+    from prunegym.agents.methods import METHODS as ALL
+
+    lines: list[str] = []
+    config = tiny_comparison(tmp_path / "out", seeds=[0, 1], methods=METHODS, workers=1)
+    assert compare(config, log=lines.append)["failed"] == []
+    order = [line for line in lines if ": accuracy " in line]
+    expected = [f"{ALL[m].label:<22} budget {'-' if b is None else b:<5} seed {s}:" for m, b, s in _cells(config)]
+    assert [line[:len(e)] for line, e in zip(order, expected, strict=True)] == expected
+
+
 def test_settings_of_where_cells_run_do_not_split_a_comparison(tmp_path):
     config = tiny_comparison(tmp_path / "out", methods=["dense", "uniform_l1"])
     compare(config, log=lambda _: None)
