@@ -98,8 +98,8 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
         run_task = ray.remote(_run).options(**options)
         shared = ray.put(context)
         wanted = set(keys)
-        prepared: dict[Hashable, Any] = {}  # group -> its preparation's result, once finished
-        preparing: dict[Hashable, Any] = {}  # group -> the ref of its preparation, while it runs
+        preparations: dict[Hashable, Any] = {}  # group -> the ref of its preparation, once submitted
+        prepared: set[Hashable] = set()  # the groups whose preparation finished
         done: set[Hashable] = set()
         failed: dict[Hashable, str] = {}
         group_failed: dict[Hashable, str] = {}
@@ -121,14 +121,15 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
                 elif before in failed:
                     failed[key] = f"after {before} failed"
                 elif name not in prepared:
-                    if name not in preparing:
-                        preparing[name] = prepare_task.remote(shared, name)
-                        pending[preparing[name]] = ("prepare", name)
+                    if name not in preparations:
+                        preparations[name] = prepare_task.remote(shared, name)
+                        pending[preparations[name]] = ("prepare", name)
                     continue
                 elif before in wanted and before not in done:
                     continue
                 else:
-                    pending[run_task.remote(run, shared, prepared[name], key)] = ("run", key)
+                    # the preparation's ref: each task reads its result from the object store
+                    pending[run_task.remote(run, shared, preparations[name], key)] = ("run", key)
                 waiting.remove(key)
 
         fill()
@@ -141,7 +142,7 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
                 (group_failed if kind == "prepare" else failed)[name] = _reason(err)
             else:
                 if kind == "prepare":
-                    prepared[name] = ready  # the ref: each task reads it from the object store
+                    prepared.add(name)
                 else:
                     done.add(name)
                     finished(name, result)
