@@ -122,7 +122,7 @@ class TrainConfig:
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
     importance: str = "l1"
-    """which channels stay inside a group: l1, l2 or bn_scale"""
+    """which channels stay inside a group: l1, l2, group_l1 (DepGraph's group magnitude) or bn_scale"""
     channel_multiple: int = 1
     """keep channel counts at multiples of this, for the RL and the uniform model alike (16 suits
     AVX-512 fp32 kernels, 8 AVX2); a group may always keep all its channels"""

@@ -4,7 +4,15 @@ from .channels import ChannelGraph, ChannelGroup, SoftMask, prune_channels, reca
 from .checkpoint import build_from_architecture, describe_architecture, load_checkpoint, save_checkpoint
 from .data import DATASETS, Split, Splits, load_dataset
 from .fusion import fold_batchnorm, inference_form
-from .importance import IMPORTANCES, BNScaleImportance, Importance, L1Importance, L2Importance, make_importance
+from .importance import (
+    IMPORTANCES,
+    BNScaleImportance,
+    GroupL1Importance,
+    Importance,
+    L1Importance,
+    L2Importance,
+    make_importance,
+)
 from .latency import LatencyTable
 from .metrics import count_flops, count_layer_flops, count_params, measure_latency, model_bytes
 from .models import MODELS, build_model
@@ -15,6 +23,7 @@ __all__ = [
     "ChannelGraph",
     "ChannelGroup",
     "DATASETS",
+    "GroupL1Importance",
     "IMPORTANCES",
     "Importance",
     "L1Importance",

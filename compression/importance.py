@@ -11,7 +11,8 @@ from torch import nn
 if TYPE_CHECKING:
     from .channels import ChannelGroup
 
-__all__ = ["Importance", "L1Importance", "L2Importance", "BNScaleImportance", "IMPORTANCES", "make_importance"]
+__all__ = ["Importance", "L1Importance", "L2Importance", "GroupL1Importance", "BNScaleImportance", "IMPORTANCES",
+           "make_importance"]
 
 
 class Importance:
@@ -52,6 +53,43 @@ class L2Importance(_NormImportance):
     p = 2
 
 
+class GroupL1Importance(Importance):
+    """DepGraph's group magnitude (Fang et al. 2023; torch-pruning's ``MagnitudeImportance(p=1)``): a
+    channel's score is the mean, over every layer of its group, of the L1 norm of the weights that
+    the channel owns there: the producers' output filters, the batch norms' scales and the
+    consumers' input slices. A channel whose outputs nothing downstream reads ranks low even when
+    its own filter is large."""
+
+    name = "group_l1"
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+        modules = dict(model.named_modules())
+        score = torch.zeros(group.num_channels)
+        for name in group.producers:
+            score += modules[name].weight.detach().float().flatten(1).abs().sum(1).cpu()
+        parts = len(group.producers)
+        for name in group.norms:
+            if modules[name].weight is not None:
+                score += modules[name].weight.detach().float().abs().cpu()
+                parts += 1
+        for consumer in group.consumers:
+            score.index_add_(0, consumer.channel, _input_slice_l1(modules[consumer.name], consumer.input_index))
+            parts += 1
+        return score / parts
+
+
+def _input_slice_l1(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The L1 norm of the weights of ``module`` that read each of the input channels ``inputs``."""
+    weight = module.weight.detach().float().cpu()
+    groups = int(getattr(module, "groups", 1))
+    per_group_in = weight.shape[1]
+    per_group_out = weight.shape[0] // groups
+    rows = (inputs // per_group_in)[:, None] * per_group_out + torch.arange(per_group_out)  # (n, out per group)
+    columns = weight.abs().flatten(2).sum(2) if weight.dim() > 2 else weight.abs()  # (out, in per group)
+    return columns[rows, (inputs % per_group_in)[:, None]].sum(1)
+
+
 class BNScaleImportance(Importance):
     """Network slimming: |gamma| of the batch norms over the group's channels, summed."""
 
@@ -65,7 +103,8 @@ class BNScaleImportance(Importance):
         return sum(modules[n].weight.detach().abs().float().cpu() for n in group.norms)
 
 
-IMPORTANCES: dict[str, type[Importance]] = {"l1": L1Importance, "l2": L2Importance, "bn_scale": BNScaleImportance}
+IMPORTANCES: dict[str, type[Importance]] = {"l1": L1Importance, "l2": L2Importance, "group_l1": GroupL1Importance,
+                                            "bn_scale": BNScaleImportance}
 
 
 def make_importance(name: str) -> Importance:

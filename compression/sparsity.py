@@ -255,9 +255,11 @@ def sparse_bytes(model: nn.Module) -> int:
 
 def torch_pruning_magnitude(model: nn.Module, example_input: torch.Tensor, flops_ratio: float,
                             p: int = 1, tolerance: float = 0.005) -> nn.Module:
-    """torch-pruning's ``MagnitudePruner`` (L``p`` filter norms, one channel ratio for every layer),
-    its ratio found by bisection as the largest whose FLOPs fit within ``flops_ratio``: the same
-    method as the uniform L1 baseline, from an outside implementation."""
+    """torch-pruning's ``MagnitudePruner``: one channel ratio for every layer, found by bisection as the
+    largest whose FLOPs fit within ``flops_ratio``, as uniform L1's. Its channels are ranked by
+    torch-pruning's group magnitude, the L``p`` norm of every weight a channel owns across its group
+    (filters, batch-norm scales, the next layers' input slices; ``GroupL1Importance`` for p = 1),
+    not by the filter alone as uniform L1 ranks them."""
     _check_ratio("flops_ratio", flops_ratio)
     model = copy.deepcopy(model).cpu().eval()
     example_input = example_input.cpu()

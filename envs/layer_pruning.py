@@ -96,7 +96,8 @@ class LayerPruningEnv(gym.Env):
       kept only ``min_keep``, the model would fit.
     - ``min_keep``: the smallest keep ratio, in (0, 1].
     - ``action_levels``: ``None`` for a continuous action, or n >= 2 discrete keep ratios.
-    - ``importance``: ``l1`` | ``l2`` | ``bn_scale``, which channels stay inside a group.
+    - ``importance``: ``l1`` | ``l2`` | ``group_l1`` | ``bn_scale``, which channels stay inside a group
+      (``prunegym.compression.importance``).
     - ``channel_multiple``: keep channel counts at multiples of this (a group may always keep all
       its channels); 16 suits AVX-512 fp32 kernels, 8 AVX2.
     - ``recalibration_batches``: train batches (of 128) for BN recalibration before the reward; 0: none.

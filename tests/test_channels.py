@@ -17,7 +17,14 @@ from prunegym.compression.channels import (
     recalibrate_bn,
     reorder_channels,
 )
-from prunegym.compression.importance import IMPORTANCES, BNScaleImportance, L1Importance, L2Importance, make_importance
+from prunegym.compression.importance import (
+    IMPORTANCES,
+    BNScaleImportance,
+    GroupL1Importance,
+    L1Importance,
+    L2Importance,
+    make_importance,
+)
 from prunegym.compression.metrics import count_flops, count_params
 from prunegym.compression.models import build_model
 
@@ -276,7 +283,7 @@ def test_prune_channels_leaves_the_original_alone(zoo):
 
 
 # ---- importance --------------------------------------------------------------------------------
-@pytest.mark.parametrize("criterion", [L1Importance(), L2Importance(), BNScaleImportance()])
+@pytest.mark.parametrize("criterion", [L1Importance(), L2Importance(), GroupL1Importance(), BNScaleImportance()])
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_importance_scores_one_value_per_channel(zoo, name, criterion):
     model, graph = zoo[name]
@@ -316,6 +323,47 @@ def test_l1_importance_is_the_filter_norm(zoo):
     torch.testing.assert_close(L2Importance()(model, group), weight.norm(dim=1) / weight.shape[1])
     bn = dict(model.named_modules())[group.norms[0]]
     torch.testing.assert_close(BNScaleImportance()(model, group), bn.weight.detach().abs())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_group_l1_equals_torch_pruning_group_magnitude(zoo, name):
+    """Every group's scores are torch-pruning's MagnitudeImportance(p=1) (mean over the group's layers,
+    no normalisation) on the same group, residual groups and the flatten into the classifier included."""
+    import torch_pruning as tp
+
+    model, graph = zoo[name]
+    dependencies = tp.DependencyGraph().build_dependency(model, example_inputs=graph.example_input)
+    model.eval()
+    reference = tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+    modules = dict(model.named_modules())
+    for group in graph.groups:
+        producer = modules[group.producers[0]]
+        prune = tp.prune_linear_out_channels if isinstance(producer, nn.Linear) else tp.prune_conv_out_channels
+        tp_group = dependencies.get_pruning_group(producer, prune, idxs=list(range(group.num_channels)))
+        torch.testing.assert_close(GroupL1Importance()(model, group), reference(tp_group).float())
+
+
+def test_group_l1_ranks_a_channel_nothing_reads_last():
+    """A channel with the largest filter whose outputs the next layer ignores ranks below the others
+    by group L1, first by filter L1; a grouped consumer reads each channel through its own group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[0].weight[1] = 0.2  # the largest filter
+        model[1].weight.fill_(1.0)
+        model[3].weight.normal_()
+        model[3].weight[:4, 1] = 0.0  # outputs 0-3 (group 0) read input 1 at in-group index 1: nobody reads it now
+    graph = ChannelGraph(model, torch.randn(1, 1, SIZE, SIZE))
+    group = graph.groups[0]
+    assert int(torch.argmax(L1Importance()(model, group))) == 1
+    score = GroupL1Importance()(model, group)
+    filters = model[0].weight.detach().abs().flatten(1).sum(1)
+    read = torch.stack([model[3].weight.detach()[4 * (c // 2):4 * (c // 2) + 4, c % 2].abs().sum() for c in range(4)])
+    torch.testing.assert_close(score, (filters + model[1].weight.detach().abs() + read) / 3)
+    assert read[1] == 0 and int(torch.argmin(score)) == 1
 
 
 def test_bn_scale_ranking_follows_gamma(zoo):
@@ -358,7 +406,7 @@ def test_cost_model_and_pruning_without_batch_norm():
 
 
 def test_make_importance():
-    assert set(IMPORTANCES) == {"l1", "l2", "bn_scale"}
+    assert set(IMPORTANCES) == {"l1", "l2", "group_l1", "bn_scale"}
     for name, cls in IMPORTANCES.items():
         criterion = make_importance(name)
         assert isinstance(criterion, cls) and criterion.name == name
