@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prunegym.compression.checkpoint import atomic_path, read_json, write_json
+from prunegym.compression.importance import IMPORTANCES
 from prunegym.compression.metrics import (
     keep_freed_memory,
     num_threads,
@@ -92,6 +93,9 @@ class CompareConfig:
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
+    importance: str = "l1"
+    """RL per-layer, random search and uniform-from-supernet: the criterion that puts the channels in order
+    before the supernet trains (``train.py --importance``); the static methods keep their own"""
     finalists: int = 0
     """RL per-layer and random search: fine-tune the search's this many best allocations by reward and keep
     the lowest loss on the reward split (``train.py --finalists``); 0: keep the best reward"""
@@ -138,6 +142,8 @@ class CompareConfig:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"algo {self.algo!r} is unknown; expected one of {sorted(ALGORITHMS)}")
         check_hyperparameters(self.algo, self.layer_hyperparameters)
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance {self.importance!r} is unknown; expected one of {sorted(IMPORTANCES)}")
         if self.supernet_sampling not in SUPERNET_SAMPLING:
             raise ValueError(f"supernet_sampling {self.supernet_sampling!r} is unknown; expected one of "
                              f"{SUPERNET_SAMPLING}")
@@ -376,7 +382,9 @@ def finished_table(out: str | Path, *, log: Callable[[str], None] = print) -> di
 def _notes(config: CompareConfig) -> str:
     if config.supernet_epochs:
         training = (f"RL per-layer, random search and uniform-from-supernet are pruned from a supernet trained "
-                    f"{config.supernet_epochs} epochs from the base model and fine-tuned {config.finetune_epochs} "
+                    f"{config.supernet_epochs} epochs from the base model"
+                    + ("" if config.importance == "l1" else f", its channels put in {config.importance} order first")
+                    + f" and fine-tuned {config.finetune_epochs} "
                     f"epochs; every other pruned model is fine-tuned {config.finetune_epochs + config.supernet_epochs}"
                     f" epochs, as many since the base model (lr {config.finetune_lr}")
     else:

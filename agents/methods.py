@@ -85,7 +85,8 @@ class SeedState:
                                   timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                   supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
                                   task_loss=c.task_loss, supernet_sampling=c.supernet_sampling,
-                                  finalists=c.finalists, hyperparameters=c.layer_hyperparameters, **overrides)
+                                  finalists=c.finalists, importance=c.importance,
+                                  hyperparameters=c.layer_hyperparameters, **overrides)
 
     def finetune(self, model: nn.Module, *, from_supernet: bool = False, **kwargs: Any) -> nn.Module:
         """Fine-tune a pruned model. One pruned from the dense model trains ``supernet_epochs`` more
@@ -104,7 +105,7 @@ class SeedState:
             self._supernets[trained_for], _ = supernet_model(
                 self.config.model, self.dense, self.splits, self.seed, base_epochs=self.config.base_epochs,
                 epochs=self.config.supernet_epochs, min_keep=defaults.min_keep,
-                importance=make_importance(defaults.importance), extremes=defaults.supernet_extremes,
+                importance=make_importance(self.config.importance), extremes=defaults.supernet_extremes,
                 budget=trained_for, device=self.device)
         return self._supernets[trained_for]
 
@@ -286,7 +287,7 @@ def _random_search(state: SeedState, out: Path, budget: float) -> dict[str, Any]
 
 def _uniform_supernet(state: SeedState, out: Path, budget: float) -> dict[str, Any]:
     """Uniform L1's keep counts, taken from the supernet RL per-layer searches (its channels are in
-    L1 order, so a prefix): the same weights as RL's, another allocation."""
+    importance order, so a prefix): the same weights as RL's, another allocation."""
     counts = uniform_keep_counts(state.graph, budget)
     model = state.finetune(prune_channels(state.supernet(budget), state.graph, prefix_kept(counts)),
                            from_supernet=True)
@@ -330,7 +331,7 @@ METHODS: dict[str, Method] = {
     "slimming": Method("network slimming", True, "L1 on BN scales, then global BN-scale ranking", _slimming),
     "random": Method("random channels", True, "RL per-layer's channel counts, random channels", _random,
                      after="rl_layer"),
-    "torch_pruning": Method("torch-pruning L1", True, "torch-pruning's MagnitudePruner, one ratio per layer",
+    "torch_pruning": Method("torch-pruning L1", True, "torch-pruning's MagnitudePruner: one ratio per layer, group L1",
                             _torch_pruning),
     "magnitude_agp": Method("unstructured AGP", True, "sparsity 1 - budget; dense kernels run every FLOP",
                             _magnitude_agp),

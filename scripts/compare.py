@@ -22,6 +22,7 @@ from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.factory import ALGORITHMS
 from prunegym.agents.methods import METHODS
+from prunegym.compression.importance import IMPORTANCES
 from prunegym.compression.metrics import keep_freed_memory
 from prunegym.compression.supernet import SUPERNET_SAMPLING
 from prunegym.envs import REWARD_MODELS, TASK_LOSSES
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                 else type(default)
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS),
-                                         "task_loss": list(TASK_LOSSES),
+                                         "task_loss": list(TASK_LOSSES), "importance": sorted(IMPORTANCES),
                                          "supernet_sampling": list(SUPERNET_SAMPLING)}.get(f.name))
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show a progress bar over the cells (default: when the terminal is interactive)")

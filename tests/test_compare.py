@@ -193,6 +193,7 @@ def test_a_foreign_folder_is_refused(tmp_path):
     ({"device": "tpu"}, "tpu"),
     ({"supernet_sampling": "layers"}, "supernet_sampling 'layers'"),
     ({"task_loss": "hinge"}, "task_loss 'hinge'"),
+    ({"importance": "taylor"}, "importance 'taylor'"),
     ({"algo": "magic"}, "algo 'magic'"),
     ({"layer_hyperparameters": {"n_epochs_typo": 3}}, r"\['n_epochs_typo'\] are not arguments of PPO"),
     ({"layer_hyperparameters": [3]}, "JSON object.*3"),
@@ -296,6 +297,22 @@ def test_budget_sampling_gives_each_budget_its_supernet(tmp_path, monkeypatch):
     rows = {(r["method"], r["budget"]): r for r in results["rows"]}
     assert all(rows[(m, b)]["flops_ratio"] <= b + 1e-6 for m in ("rl_layer", "random_search", "uniform_supernet")
                for b in (0.3, 0.6))
+
+
+def test_importance_orders_the_supernet_of_every_method_cut_from_it(tmp_path, monkeypatch):
+    """``importance`` reaches RL's run and the supernet that RL per-layer and uniform-from-supernet cut
+    from (one supernet, cached under that criterion); the notes say so."""
+    prunegym_cache = tmp_path / "cache"
+    monkeypatch.setenv("PRUNEGYM_CACHE", str(prunegym_cache))
+    out = tmp_path / "out"
+    results = compare(tiny(out, budgets=[0.5], methods=["rl_layer", "uniform_supernet"], importance="group_l1"),
+                      log=lambda text: None)
+    assert not results["failed"]
+    assert len(list((prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.25_group_l1_*.pt"))) == 1
+    assert not list((prunegym_cache / "supernet").glob("*_k0.25_l1_*.pt"))  # no L1-ordered one
+    run = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
+    assert run["config"]["importance"] == "group_l1"
+    assert "in group_l1 order" in results["notes"]
 
 
 def test_summarize_gives_mean_and_std_over_seeds():
