@@ -383,7 +383,7 @@ def _notes(config: CompareConfig) -> str:
     if config.supernet_epochs:
         training = (f"RL per-layer, random search and uniform-from-supernet are pruned from a supernet trained "
                     f"{config.supernet_epochs} epochs from the base model"
-                    + ("" if config.importance == "l1" else f", its channels put in {config.importance} order first")
+                    + ("" if config.importance == "l1" else f" (its channels first put in {config.importance} order)")
                     + f" and fine-tuned {config.finetune_epochs} "
                     f"epochs; every other pruned model is fine-tuned {config.finetune_epochs + config.supernet_epochs}"
                     f" epochs, as many since the base model (lr {config.finetune_lr}")
