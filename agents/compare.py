@@ -95,7 +95,8 @@ class CompareConfig:
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
     importance: str = "l1"
     """RL per-layer, random search and uniform-from-supernet: the criterion that puts the channels in order
-    before the supernet trains (``train.py --importance``); the static methods keep their own"""
+    before the supernet trains, or with ``supernet_epochs`` 0 ranks those RL and random search keep of the
+    dense model (``train.py --importance``); the static methods keep their own"""
     finalists: int = 0
     """RL per-layer and random search: fine-tune the search's this many best allocations by reward and keep
     the lowest loss on the reward split (``train.py --finalists``); 0: keep the best reward"""
@@ -388,7 +389,9 @@ def _notes(config: CompareConfig) -> str:
                     f"epochs; every other pruned model is fine-tuned {config.finetune_epochs + config.supernet_epochs}"
                     f" epochs, as many since the base model (lr {config.finetune_lr}")
     else:
-        training = f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}"
+        training = (("" if config.importance == "l1" else
+                     f"RL per-layer and random search keep channels in {config.importance} order; ")
+                    + f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}")
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
             + (f"RL per-layer and random search each keep, of their {config.finalists} best allocations by reward, "

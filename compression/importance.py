@@ -54,11 +54,13 @@ class L2Importance(_NormImportance):
 
 
 class GroupL1Importance(Importance):
-    """DepGraph's group magnitude (Fang et al. 2023; torch-pruning's ``MagnitudeImportance(p=1)``): a
-    channel's score is the mean, over every layer of its group, of the L1 norm of the weights that
-    the channel owns there: the producers' output filters, the batch norms' scales and the
-    consumers' input slices. A channel whose outputs nothing downstream reads ranks low even when
-    its own filter is large."""
+    """DepGraph's group magnitude (Fang et al. 2023): a channel's score is the mean, over every layer
+    of its group, of the L1 norm of the weights that the channel owns there: the producers' output
+    filters, the affine batch norms' scales and the consumers' input slices. A channel whose outputs
+    nothing downstream reads ranks low even when its own filter is large. Without grouped convs this
+    is torch-pruning's ``MagnitudeImportance(p=1)``; a grouped consumer is read through the filters
+    of the channel's own group (torch-pruning sums the column over every group), and a depthwise
+    consumer counts as a layer (torch-pruning leaves it out)."""
 
     name = "group_l1"
 

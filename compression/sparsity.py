@@ -258,8 +258,8 @@ def torch_pruning_magnitude(model: nn.Module, example_input: torch.Tensor, flops
     """torch-pruning's ``MagnitudePruner``: one channel ratio for every layer, found by bisection as the
     largest whose FLOPs fit within ``flops_ratio``, as uniform L1's. Its channels are ranked by
     torch-pruning's group magnitude, the L``p`` norm of every weight a channel owns across its group
-    (filters, batch-norm scales, the next layers' input slices; ``GroupL1Importance`` for p = 1),
-    not by the filter alone as uniform L1 ranks them."""
+    (filters, batch-norm scales, the next layers' input slices; ``GroupL1Importance`` for p = 1 on a
+    network without grouped convs), not by the filter alone as uniform L1 ranks them."""
     _check_ratio("flops_ratio", flops_ratio)
     model = copy.deepcopy(model).cpu().eval()
     example_input = example_input.cpu()

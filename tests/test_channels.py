@@ -366,6 +366,18 @@ def test_group_l1_ranks_a_channel_nothing_reads_last():
     assert read[1] == 0 and int(torch.argmin(score)) == 1
 
 
+def test_group_l1_leaves_out_a_batch_norm_without_scales():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+    graph = ChannelGraph(model, torch.randn(1, 1, SIZE, SIZE))
+    group = graph.groups[0]
+    assert group.norms == ("1",)
+    filters = model[0].weight.detach().abs().flatten(1).sum(1)
+    read = model[3].weight.detach().abs().sum((0, 2, 3))
+    torch.testing.assert_close(GroupL1Importance()(model, group), (filters + read) / 2)
+
+
 def test_bn_scale_ranking_follows_gamma(zoo):
     model, graph = zoo["vgg_small"]
     group = graph.groups[2]
