@@ -60,10 +60,6 @@ def connect(*, workers: int, cpus: int, address: str):
     return ray
 
 
-def _run(run: Callable[[Any, Any, Any], Any], context: Any, prepared: Any, key: Any) -> Any:
-    return run(context, prepared, key)
-
-
 def _reason(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip().splitlines()
@@ -95,7 +91,7 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
     try:
         options = {"num_cpus": cpus, "max_retries": TASK_RETRIES, "retry_exceptions": True}
         prepare_task = ray.remote(prepare).options(**options)
-        run_task = ray.remote(_run).options(**options)
+        run_task = ray.remote(run).options(**options)
         shared = ray.put(context)
         wanted = set(keys)
         preparations: dict[Hashable, Any] = {}  # group -> the ref of its preparation, once submitted
@@ -129,7 +125,7 @@ def run_graph(keys: Sequence[Hashable], *, context: Any, prepare: Callable[[Any,
                     continue
                 else:
                     # the preparation's ref: each task reads its result from the object store
-                    pending[run_task.remote(run, shared, preparations[name], key)] = ("run", key)
+                    pending[run_task.remote(shared, preparations[name], key)] = ("run", key)
                 waiting.remove(key)
 
         fill()
