@@ -48,7 +48,7 @@ def train_setting(name: str, text: str):
     f = fields[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     kind = {"flops_target": optional_float, "latency_target": optional_float, "timesteps": optional_int,
-            "num_envs": optional_int, "hyperparameters": json_dict}.get(name, type(default))
+            "num_envs": optional_int, "importance": str, "hyperparameters": json_dict}.get(name, type(default))
     if kind is bool:
         if text.lower() not in ("true", "false"):
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")

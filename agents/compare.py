@@ -93,7 +93,7 @@ class CompareConfig:
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
-    importance: str = "l1"
+    importance: str = "group_l1"
     """RL per-layer, random search and uniform-from-supernet: the criterion that puts the channels in order
     before the supernet trains, or with ``supernet_epochs`` 0 ranks those RL and random search keep of the
     dense model (``train.py --importance``); the static methods keep their own"""
@@ -384,14 +384,13 @@ def _notes(config: CompareConfig) -> str:
     if config.supernet_epochs:
         training = (f"RL per-layer, random search and uniform-from-supernet are pruned from a supernet trained "
                     f"{config.supernet_epochs} epochs from the base model"
-                    + ("" if config.importance == "l1" else f" (its channels first put in {config.importance} order)")
+                    + f" (its channels first put in {config.importance} order)"
                     + f" and fine-tuned {config.finetune_epochs} "
                     f"epochs; every other pruned model is fine-tuned {config.finetune_epochs + config.supernet_epochs}"
                     f" epochs, as many since the base model (lr {config.finetune_lr}")
     else:
-        training = (("" if config.importance == "l1" else
-                     f"RL per-layer and random search keep channels in {config.importance} order; ")
-                    + f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}")
+        training = (f"RL per-layer and random search keep channels in {config.importance} order; "
+                    f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}")
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
             + (f"RL per-layer and random search each keep, of their {config.finalists} best allocations by reward, "

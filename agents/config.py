@@ -25,8 +25,8 @@ from prunegym.envs.reward import check_lam
 
 from .factory import ALGORITHMS, check_hyperparameters
 
-__all__ = ["CONFIG_FORMAT", "DEFAULT_TIMESTEPS", "ENVS", "FIRST_DEFAULTS", "INPUT_ALGORITHMS", "RunDirError",
-           "TrainConfig", "changed_settings", "env_kwargs", "field_docs", "load_config", "main_defaults",
+__all__ = ["CONFIG_FORMAT", "DEFAULT_IMPORTANCE", "DEFAULT_TIMESTEPS", "ENVS", "FIRST_DEFAULTS", "INPUT_ALGORITHMS",
+           "RunDirError", "TrainConfig", "changed_settings", "env_kwargs", "field_docs", "load_config", "main_defaults",
            "resolve_given", "resume_config"]
 
 
@@ -34,6 +34,8 @@ ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"
 
 
 DEFAULT_TIMESTEPS = {"layer": 6000, "input": 200_000}
+# group_l1 was measured against l1 for the layer env's supernet (docs/search.md); the input env's figures are l1's.
+DEFAULT_IMPORTANCE = {"layer": "group_l1", "input": "l1"}
 
 
 CONFIG_FORMAT = 2  # config.json's layout; 2: num_envs applies to the layer env too
@@ -46,8 +48,9 @@ INPUT_ALGORITHMS = ("ppo", "a2c", "dqn")
 _INPUT_NEUTRAL = {"flops_target": None, "task_loss": "cross_entropy"}
 
 
-# The main job's defaults before it moved to the distorted digits at a FLOPs budget of 0.2.
-FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy"}
+# The main job's defaults before they changed: before it moved to the distorted digits at a FLOPs budget
+# of 0.2, and before the supernet's channels were put in group-L1 order.
+FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy", "importance": "l1"}
 
 
 # What a config.json written before a setting existed ran with, where today's default differs.
@@ -121,8 +124,10 @@ class TrainConfig:
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
-    importance: str = "l1"
-    """which channels stay inside a group: l1, l2, group_l1 (DepGraph's group magnitude) or bn_scale"""
+    importance: str | None = None
+    """which channels stay inside a group: group_l1 (DepGraph's group magnitude: a channel's filter, BN scale
+    and the next layers' weights that read it), l1, l2 or bn_scale; with a supernet, the order its channels
+    are put in before it trains. Default group_l1 for the layer env, l1 for the input env"""
     channel_multiple: int = 1
     """keep channel counts at multiples of this, for the RL and the uniform model alike (16 suits
     AVX-512 fp32 kernels, 8 AVX2); a group may always keep all its channels"""
@@ -159,12 +164,15 @@ class TrainConfig:
     """overrides of the agent's default hyper-parameters"""
 
     def resolve_defaults(self) -> None:
-        """Fill in what depends on the env (the timesteps, the number of envs; for the input env, no budget
-        and its own task loss where the layer env's defaults stand), so config.json records what is used."""
+        """Fill in what depends on the env (the timesteps, the number of envs, the importance; for the input
+        env, no budget and its own task loss where the layer env's defaults stand), so config.json records
+        what is used."""
         if self.timesteps is None:
             self.timesteps = DEFAULT_TIMESTEPS.get(self.env, DEFAULT_TIMESTEPS["layer"])
         if self.num_envs is None:
             self.num_envs = 64 if self.env == "input" else 1
+        if self.importance is None:
+            self.importance = DEFAULT_IMPORTANCE.get(self.env, DEFAULT_IMPORTANCE["layer"])
         if self.env == "input":
             defaults = TrainConfig()
             for name, neutral in _INPUT_NEUTRAL.items():
@@ -299,7 +307,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def env_kwargs(config: TrainConfig) -> dict[str, Any]:
-    """The keywords of the env (``ENVS[config.env]``) this config trains on."""
+    """The keywords of the env (``ENVS[config.env]``) this config trains on (its defaults that depend on
+    the env resolved first)."""
+    config.resolve_defaults()
     if config.env == "input":
         return {"model": config.model, "dataset": config.dataset, "lam": config.lam, "density": config.density,
                 "seed": config.seed, "groups": config.groups, "importance": config.importance,

@@ -140,7 +140,8 @@ def _number(text: str) -> Any:
 def _train_config(config: SweepConfig, params: dict[str, Any], run_dir: str) -> TrainConfig:
     """The main job's settings for a trial: the shared settings, the trial's grid values, and its
     searched values (a name that is not a train.py setting is an agent hyper-parameter)."""
-    first = FIRST_DEFAULTS if config.main_defaults is None else config.main_defaults
+    # A setting a sweep's record lacks had not changed when it started: it ran with the first default.
+    first = {**FIRST_DEFAULTS, **(config.main_defaults or {})}
     settings = {**first, **config.settings, "threads": config.threads, "run_dir": run_dir}
     hyperparameters = dict(settings.get("hyperparameters", {}))
     known = {f.name for f in dataclasses.fields(TrainConfig)}

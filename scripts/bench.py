@@ -51,7 +51,7 @@ from prunegym.agents.search_bench import SEARCHERS, bench_search, format_search
 from prunegym.compression.channels import ChannelGraph, prune_channels
 from prunegym.compression.checkpoint import write_json
 from prunegym.compression.fusion import fold_batchnorm
-from prunegym.compression.importance import L1Importance
+from prunegym.compression.importance import IMPORTANCES, L1Importance
 from prunegym.compression.latency import LatencyTable
 from prunegym.compression.metrics import (
     count_flops,
@@ -167,7 +167,7 @@ def bench_parallel(num_envs: list[int], timesteps: int, seed: int, base_epochs: 
     if min(num_envs) < 1:
         raise ValueError(f"--num-envs must be integers >= 1, got {num_envs}")
     # a fixed set-up, so that its figures stay comparable: the digits CNN on the digits, no budget
-    config = TrainConfig(seed=seed, dataset="digits", flops_target=None, task_loss="cross_entropy",
+    config = TrainConfig(seed=seed, dataset="digits", flops_target=None, task_loss="cross_entropy", importance="l1",
                          **({} if base_epochs is None else {"base_epochs": base_epochs}))
     kwargs = env_kwargs(config)
     groups = LayerPruningEnv(**kwargs).num_groups  # trains or reads the base model and supernet, untimed
@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the reward's task loss, as train.py's (default: {TrainConfig.task_loss})")
     search.add_argument("--search-timesteps", type=_positive_int, default=None,
                         help="each agent's timesteps (default: train.py's)")
+    search.add_argument("--importance", choices=sorted(IMPORTANCES), default=None,
+                        help="the order the supernet's channels are put in (default: train.py's, group_l1; the "
+                             "searches of docs/search.md before group_l1 became the default ran with l1)")
     search.add_argument("--hyperparameters", type=json_dict, default={},
                         help="a JSON object of overrides of every agent's default hyper-parameters, as train.py's "
                              "(default: none)")
@@ -493,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig(model=args.model, dataset=args.dataset, task_loss=args.task_loss,
                                  supernet_epochs=args.supernet_epochs, supernet_sampling=args.supernet_sampling,
                                  min_keep=args.min_keep, base_epochs=base_epochs, threads=args.threads,
-                                 timesteps=args.search_timesteps, device=args.device,
+                                 timesteps=args.search_timesteps, device=args.device, importance=args.importance,
                                  hyperparameters=args.hyperparameters)
             figures["search"] = bench_search(config, args.budgets, args.searchers, args.seeds)
             print()

@@ -103,8 +103,17 @@ def test_the_script_refuses_bad_values_before_starting(tmp_path):
 
 def test_a_sweep_runs_its_trials_with_the_defaults_it_began_with():
     """A sweep folder from before the main job's defaults changed records none, and its trials keep the
-    first ones (digits, no budget, cross-entropy); a new one records today's."""
+    first ones (digits, no budget, cross-entropy, L1 order); a new one records today's, and one that
+    recorded them before the channel order's changed keeps the L1 order."""
     old = _train_config(SweepConfig(grid={"lam": [1.0]}), {"lam": 1.0}, "")
     assert (old.dataset, old.flops_target, old.task_loss) == ("digits", None, "cross_entropy")
     new = _train_config(SweepConfig(grid={"seed": [0]}, main_defaults=main_defaults()), {"seed": 0}, "")
     assert (new.dataset, new.flops_target, new.task_loss) == (TrainConfig().dataset, 0.2, "error")
+    new.validate()
+    assert new.importance == "group_l1"  # resolved for the layer env when the trial runs
+    assert old.importance == "l1"
+    # A sweep that recorded its defaults before the importance's changed keeps the L1 order.
+    before = {"dataset": "digits_distorted", "flops_target": 0.2, "task_loss": "error"}
+    kept = _train_config(SweepConfig(grid={"seed": [0]}, main_defaults=before), {"seed": 0}, "")
+    assert (kept.dataset, kept.flops_target, kept.task_loss) == ("digits_distorted", 0.2, "error")
+    assert kept.importance == "l1"

@@ -60,6 +60,7 @@ def test_config_json_records_the_arguments(run_dir):
     # The main job's defaults: the distorted digits, at most a fifth of the FLOPs, the error-rate reward.
     assert config["env_kwargs"]["dataset"] == "digits_distorted"
     assert config["env_kwargs"]["flops_target"] == 0.2 and config["env_kwargs"]["task_loss"] == "error"
+    assert config["config"]["importance"] == config["env_kwargs"]["importance"] == "group_l1"  # recorded resolved
 
 
 def test_report_json(report):
@@ -418,6 +419,23 @@ def test_num_envs_is_checked_and_old_layer_runs_load_with_one(tmp_path):
     (old / "config.json").write_text(json.dumps({"config": {"env": "layer", "num_envs": 64, "timesteps": 64}}))
     assert load_config(old).num_envs == 1
     assert load_config(old).task_loss == "cross_entropy"  # what it ran with before the setting existed
+
+
+def test_importance_defaults_per_env_and_a_given_one_stays():
+    """The supernet's channel order defaults to group L1 for the layer env (measured against L1 there) and
+    to L1 for the input env; a criterion given is kept for either."""
+    from prunegym.agents.config import TrainConfig
+
+    for env, expected in (("layer", "group_l1"), ("input", "l1")):
+        config = TrainConfig(env=env)
+        config.validate()
+        assert config.importance == expected
+        for given in ("l1", "group_l1", "bn_scale"):
+            config = TrainConfig(env=env, importance=given)
+            config.validate()
+            assert config.importance == given
+    with pytest.raises(ValueError, match="importance 'taylor' is unknown"):
+        TrainConfig(importance="taylor").validate()
 
 
 def test_settings_given_are_resolved_as_the_main_job_reads_them():
