@@ -212,6 +212,11 @@ _HOW = ("out", "device", "workers", "address", "methods", "budgets", "seeds")
 continues under others, and grows by methods, budgets or seeds with the cells it has"""
 
 
+_BEFORE_THEY_EXISTED = {"importance": "l1"}
+"""what a comparison whose config.json lacks a setting (written before it existed) ran with, where today's
+default differs"""
+
+
 def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method of ``config`` (reusing cells already in ``config.out``); return the results."""
     config.validate()
@@ -219,7 +224,7 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
     resolve_device(config.device)
     started = time.perf_counter()
     lock = claim_output(Path(config.out), kind="comparison", config=config, free=_HOW,
-                        outputs=("results.json", "results.md", "pareto.png"))
+                        outputs=("results.json", "results.md", "pareto.png"), before_they_existed=_BEFORE_THEY_EXISTED)
     try:
         return _compare(config, Path(config.out), started, progress=progress, log=log)
     finally:

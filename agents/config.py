@@ -54,7 +54,7 @@ FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross
 
 
 # What a config.json written before a setting existed ran with, where today's default differs.
-_BEFORE_THEY_EXISTED = {"task_loss": FIRST_DEFAULTS["task_loss"]}
+_BEFORE_THEY_EXISTED = {"task_loss": FIRST_DEFAULTS["task_loss"], "importance": FIRST_DEFAULTS["importance"]}
 
 
 class RunDirError(ValueError):

@@ -143,13 +143,13 @@ def check_resumable(config: TrainConfig) -> None:
 
 
 def claim_output(out: Path, *, kind: str, config: Any, free: tuple[str, ...],
-                 outputs: tuple[str, ...]) -> DirectoryLock:
+                 outputs: tuple[str, ...], before_they_existed: dict[str, Any] | None = None) -> DirectoryLock:
     """Claim the output folder of a ``kind`` of job that many runs continue (a comparison, a sweep):
     one process at a time writes it; it must hold this job's settings (the dataclass ``config``, other
     than the ``free`` ones, which say where and how it runs) or nothing; its final ``outputs`` go
     (incomplete until written again) and ``config.json`` is written. A setting the folder's
-    ``config.json`` lacks (one added since it was written) counts as its default. The claim is
-    returned, held."""
+    ``config.json`` lacks (one added since it was written) counts as its default, or as its value in
+    ``before_they_existed`` where the default has changed since. The claim is returned, held."""
     settings, defaults = dataclasses.asdict(config), dataclasses.asdict(type(config)())
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for the {kind}")
@@ -163,7 +163,7 @@ def claim_output(out: Path, *, kind: str, config: Any, free: tuple[str, ...],
     try:
         kept = {k: v for k, v in settings.items() if k not in free}
         if (out / "config.json").is_file():
-            before = {**defaults, **read_json(out / "config.json")["config"]}
+            before = {**defaults, **(before_they_existed or {}), **read_json(out / "config.json")["config"]}
             before = {k: v for k, v in before.items() if k not in free}
             changed = sorted(k for k in kept if before.get(k) != kept[k])
             if changed:

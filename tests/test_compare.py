@@ -166,6 +166,14 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"other settings.*\['supernet_sampling'\]"):
         compare(tiny(out, methods=["uniform_l1"], supernet_sampling="budget"), log=lambda text: None)
     compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    # One whose default has changed since continues with the value it ran with: before importance
+    # existed the supernet's channels were in L1 order, today's default is group_l1.
+    saved = json.loads((out / "config.json").read_text())
+    del saved["config"]["importance"]
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"other settings.*\['importance'\]"):
+        compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
+    compare(tiny(out, methods=["uniform_l1"], importance="l1"), log=lambda text: None)
 
 
 def test_a_foreign_folder_is_refused(tmp_path):

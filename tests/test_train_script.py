@@ -419,6 +419,7 @@ def test_num_envs_is_checked_and_old_layer_runs_load_with_one(tmp_path):
     (old / "config.json").write_text(json.dumps({"config": {"env": "layer", "num_envs": 64, "timesteps": 64}}))
     assert load_config(old).num_envs == 1
     assert load_config(old).task_loss == "cross_entropy"  # what it ran with before the setting existed
+    assert load_config(old).importance == "l1"
 
 
 def test_importance_defaults_per_env_and_a_given_one_stays():
