@@ -42,6 +42,7 @@ from prunegym.compression.training import (
 from prunegym.envs import TASK_LOSSES
 
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
+from .config import FIRST_DEFAULTS
 from .distributed import check_placement, require_ray, run_graph
 from .factory import ALGORITHMS, check_hyperparameters
 from .job import add_ratios, claim_output
@@ -212,7 +213,7 @@ _HOW = ("out", "device", "workers", "address", "methods", "budgets", "seeds")
 continues under others, and grows by methods, budgets or seeds with the cells it has"""
 
 
-_BEFORE_THEY_EXISTED = {"importance": "l1"}
+_BEFORE_THEY_EXISTED = {"importance": FIRST_DEFAULTS["importance"]}
 """what a comparison whose config.json lacks a setting (written before it existed) ran with, where today's
 default differs"""
 
