@@ -28,7 +28,9 @@ from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.compression.importance import L1Importance
 from prunegym.compression.supernet import SUPERNET_SAMPLING
 
-__all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "format_proxy",
+from .config import DEFAULT_IMPORTANCE
+
+__all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "allocation_headroom", "format_proxy",
            "bench_finetune", "format_finetune", "bench_scoring", "format_scoring"]
 
 PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
@@ -36,11 +38,13 @@ PROXY_SOURCES = ("dense", "supernet")  # the models candidates are pruned from
 
 
 def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
-                   min_keep: float, device: torch.device,
-                   supernet_budget: float | None = None) -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
-    """The splits, and each model candidates are pruned from: its channel graph and ranking (the
-    supernet's widths sampled at ``supernet_budget``, when given)."""
+                   min_keep: float, device: torch.device, supernet_budget: float | None = None,
+                   importance: str = "l1") -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
+    """The splits, and each model candidates are pruned from: its channel graph and ranking (the dense
+    model's by L1 norm; the supernet's channels put in ``importance`` order before it trains, its widths
+    sampled at ``supernet_budget``, when given)."""
     from prunegym.compression.data import load_dataset
+    from prunegym.compression.importance import make_importance
     from prunegym.compression.supernet import prefix_kept, supernet_model
     from prunegym.compression.training import base_model
 
@@ -51,7 +55,7 @@ def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, s
     sources = {"dense": (dense, graph, graph.rankings(L1Importance()))}
     if supernet_epochs:
         supernet, _ = supernet_model(model_name, dense, splits, seed, base_epochs=base_epochs, epochs=supernet_epochs,
-                                     min_keep=min_keep, importance=L1Importance(), budget=supernet_budget,
+                                     min_keep=min_keep, importance=make_importance(importance), budget=supernet_budget,
                                      device=device)
         supernet_graph = ChannelGraph(supernet, example)
         sources["supernet"] = (supernet, supernet_graph, prefix_kept(supernet_graph.num_channels))
@@ -86,18 +90,21 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
                 finetune_lr: float, supernet_epochs: int, finetune_steps: list[int], min_keep: float,
                 base_epochs: int, device: str, finetune_seeds: list[int], cells: Path | None = None,
                 finetune_from: Sequence[str] = PROXY_SOURCES, supernet_sampling: str = "uniform",
-                log: Any = print) -> dict[str, Any]:
+                importance: str = DEFAULT_IMPORTANCE["layer"], log: Any = print) -> dict[str, Any]:
     """Sample ``candidates`` random allocations at ``budget`` (EagleEye's sampler), fine-tune each
     with the report's recipe once per fine-tune seed (pruned from each model in ``finetune_from``:
-    the dense model, the supernet, whose widths are sampled as ``supernet_sampling`` says:
-    ``"uniform"`` or at the ``"budget"``), and score each with every candidate evaluation a search can use;
-    returns every score and the fine-tuned accuracies. With ``cells``, each fine-tuned accuracy is
-    saved there as it is measured and read back by a rerun with the same settings."""
+    the dense model, the supernet, whose channels are put in ``importance`` order and whose widths are
+    sampled as ``supernet_sampling`` says: ``"uniform"`` or at the ``"budget"``), and score each with
+    every candidate evaluation a search can use; returns every score and the fine-tuned accuracies.
+    The uniform widths at the budget (uniform L1's keep counts) are fine-tuned alike, as the reference
+    ``allocation_headroom`` measures the candidates against. With ``cells``, each fine-tuned accuracy
+    is saved there as it is measured and read back by a rerun with the same settings."""
     import math
 
     from prunegym.compression.channels import prune_channels as prune
+    from prunegym.compression.importance import IMPORTANCES
     from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator
-    from prunegym.compression.sparsity import random_keep_counts
+    from prunegym.compression.sparsity import random_keep_counts, uniform_keep_counts
     from prunegym.compression.supernet import width_choices
     from prunegym.compression.training import evaluate, resolve_device, train_classifier
 
@@ -108,9 +115,11 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         raise ValueError("fine-tuning candidates cut from the supernet needs supernet_epochs > 0")
     if supernet_sampling not in SUPERNET_SAMPLING:
         raise ValueError(f"supernet_sampling must be one of {SUPERNET_SAMPLING}, got {supernet_sampling!r}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {sorted(IMPORTANCES)}, got {importance!r}")
     device = resolve_device(device)
     splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device,
-                                     budget if supernet_sampling == "budget" else None)
+                                     budget if supernet_sampling == "budget" else None, importance)
     _, graph, _ = sources["dense"]
     rng = np.random.default_rng([seed, round(budget * 1e6)])
     choices = width_choices(graph, min_keep)
@@ -137,26 +146,41 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
     truth: dict[str, list[list[float]]] = {source: [] for source in sources if source in finetune_from}
     truth_loss: dict[str, list[list[float]]] = {source: [] for source in truth}
     spent: dict[str, list[float]] = {source: [] for source in truth}
+    uniform = uniform_keep_counts(graph, budget)
+    reference: dict[str, dict[str, list[float]]] = {source: {"accuracy": [], "loss": []} for source in truth}
+
+    def finetuned_seeds(source: str, candidate: int | str, counts: np.ndarray) -> tuple[list[float], list[float]]:
+        """``counts`` pruned from ``source`` and fine-tuned once per fine-tune seed (or read from ``cells``)."""
+        model, source_graph, ranking = sources[source]
+        kept = source_graph.kept_channels(ranking, counts)
+        accuracies, losses = [], []
+        for s in finetune_seeds:
+            settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
+                        "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
+                        "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
+                        "budget": budget, "candidate": candidate, "finetune_seed": s, "keep_counts": counts.tolist()}
+            # settings at their first values stay unnamed, so that cells measured before them stay valid
+            if source == "supernet" and supernet_sampling != "uniform":
+                settings["supernet_sampling"] = supernet_sampling
+            if source == "supernet" and importance != "l1":
+                settings["importance"] = importance
+            accuracy, loss, seconds = _finetune_cell(cells, settings, partial(finetuned, model, source_graph, kept, s))
+            accuracies.append(accuracy)
+            losses.append(loss)
+            spent[source].append(seconds)
+        return accuracies, losses
+
+    for source in truth:  # the reference first: an interrupted run has it for every source
+        reference[source]["accuracy"], reference[source]["loss"] = finetuned_seeds(source, "uniform", uniform)
+        log(f"  {source} uniform widths: fine-tuned test accuracy "
+            f"{np.round(reference[source]['accuracy'], 4).tolist()}")
     for i, counts in enumerate(allocations):
         for source in truth:
-            model, source_graph, ranking = sources[source]
-            kept = source_graph.kept_channels(ranking, counts)
-            truth[source].append([])
-            truth_loss[source].append([])
-            for s in finetune_seeds:
-                settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
-                            "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
-                            "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr, "source": source,
-                            "budget": budget, "candidate": i, "finetune_seed": s, "keep_counts": counts.tolist()}
-                if source == "supernet" and supernet_sampling != "uniform":  # cells measured before it stay valid
-                    settings["supernet_sampling"] = supernet_sampling
-                accuracy, loss, seconds = _finetune_cell(cells, settings,
-                                                         partial(finetuned, model, source_graph, kept, s))
-                truth[source][-1].append(accuracy)
-                truth_loss[source][-1].append(loss)
-                spent[source].append(seconds)
+            accuracies, losses = finetuned_seeds(source, i, counts)
+            truth[source].append(accuracies)
+            truth_loss[source].append(losses)
             log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
-                f"{np.round(truth[source][-1], 4).tolist()}")
+                f"{np.round(accuracies, 4).tolist()}")
     truth_seconds = {source: float(np.mean(seconds)) for source, seconds in spent.items()}  # as measured
     rows = []
     for name, source, kwargs in proxies:
@@ -172,11 +196,14 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         rows.append({"proxy": name, "source": source, "seconds": seconds, "scores": scores})
     return {"model": model_name, "dataset": dataset, "budget": budget, "candidates": candidates, "seed": seed,
             "min_keep": min_keep, "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr,
-            "supernet_epochs": supernet_epochs, "supernet_sampling": supernet_sampling,
+            "supernet_epochs": supernet_epochs, "supernet_sampling": supernet_sampling, "importance": importance,
             "finetune_seeds": finetune_seeds,
             "keep_counts": [c.tolist() for c in allocations],
             "flops_ratios": [float(graph.flops(c)) / graph.dense_flops for c in allocations],
             "finetuned_accuracy": truth, "finetuned_loss": truth_loss, "finetune_seconds": truth_seconds,
+            "uniform": {"keep_counts": uniform.tolist(), "flops_ratio": float(graph.flops(uniform)) / graph.dense_flops,
+                        "finetuned_accuracy": {src: v["accuracy"] for src, v in reference.items()},
+                        "finetuned_loss": {src: v["loss"] for src, v in reference.items()}},
             "proxies": rows}
 
 
@@ -195,13 +222,54 @@ def proxy_reliability(r: dict[str, Any]) -> dict[str, float]:
             for source, acc in r["finetuned_accuracy"].items() if np.asarray(acc).shape[1] > 1}
 
 
+def allocation_headroom(r: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per source, how much any of the sampled allocations fine-tunes better than the uniform widths:
+    what no better search could exceed among these candidates. Accuracy figures are fractions, losses
+    nats; every difference is candidate minus uniform widths, per fine-tune seed, so positive
+    accuracy and negative loss favour the candidates.
+
+    ``between_std``: the spread of the candidates' fine-tuned accuracy with the fine-tune seeds'
+    noise taken out (the square root of the variance of their means less the mean within-candidate
+    variance over the number of seeds; 0 when the noise explains all of it). ``oracle``: the candidate
+    best by test accuracy after one fine-tune seed, read after another, minus the uniform widths
+    after that one, averaged over the ordered pairs of seeds (``oracle_loss`` likewise by test loss):
+    what choosing by the fine-tuned outcome itself gains once its luck is not counted. Needs the
+    uniform reference (results measured before it lack it: ``{}``); the oracle needs two fine-tune
+    seeds or more (NaN otherwise)."""
+    if "uniform" not in r:
+        return {}
+    out = {}
+    for source, per_seed in r["finetuned_accuracy"].items():
+        acc, loss = np.asarray(per_seed, dtype=float), np.asarray(r["finetuned_loss"][source], dtype=float)
+        ref_acc = np.asarray(r["uniform"]["finetuned_accuracy"][source], dtype=float)
+        ref_loss = np.asarray(r["uniform"]["finetuned_loss"][source], dtype=float)
+        seeds = acc.shape[1]
+        within = acc.var(axis=1, ddof=1).mean() if seeds > 1 else 0.0
+        between = acc.mean(axis=1).var(ddof=1) - within / seeds if len(acc) > 1 else float("nan")
+        pairs = [(a, b) for a in range(seeds) for b in range(seeds) if a != b]
+        oracle = [acc[np.argmax(acc[:, a]), b] - ref_acc[b] for a, b in pairs]
+        oracle_loss = [loss[np.argmin(loss[:, a]), b] - ref_loss[b] for a, b in pairs]
+        out[source] = {
+            "uniform_accuracy": float(ref_acc.mean()), "uniform_loss": float(ref_loss.mean()),
+            "candidates_accuracy": float(acc.mean()), "candidates_loss": float(loss.mean()),
+            "best_accuracy": float(acc.mean(axis=1).max()),
+            "share_above": float((acc.mean(axis=1) > ref_acc.mean()).mean()),
+            "seed_std": float(np.sqrt(within)) if seeds > 1 else float("nan"),
+            "between_std": float(np.sqrt(max(between, 0.0))) if np.isfinite(between) else float("nan"),
+            "oracle": float(np.mean(oracle)) if pairs else float("nan"),
+            "oracle_loss": float(np.mean(oracle_loss)) if pairs else float("nan"),
+        }
+    return out
+
+
 def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Per proxy and metric: Spearman with each source's fine-tuned test accuracy and with its
     negated test loss (means over the fine-tune seeds; the loss ranks candidates whose accuracies tie
-    on a small test split), and the fine-tuned accuracy of the candidate it ranks first."""
+    on a small test split), and the fine-tuned accuracy of the candidate it ranks first (and that minus
+    the uniform widths', when they were measured)."""
     from prunegym.compression.statistics import spearman
 
-    truth, truth_loss = _mean_truth(r), _mean_truth(r, "loss")
+    truth, truth_loss, headroom = _mean_truth(r), _mean_truth(r, "loss"), allocation_headroom(r)
     table = []
     for row in r["proxies"]:
         for metric, sign in PROXY_METRICS:
@@ -213,6 +281,8 @@ def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
                 entry[f"spearman_{source}_loss"] = spearman(score, -loss)
             entry["top1_accuracy"] = (float(truth[row["source"]][int(np.argmax(score))]) if row["source"] in truth
                                       else float("nan"))  # its own model's candidates were not fine-tuned
+            if row["source"] in headroom:
+                entry["top1_over_uniform"] = entry["top1_accuracy"] - headroom[row["source"]]["uniform_accuracy"]
             table.append(entry)
     return table
 
@@ -221,13 +291,13 @@ def format_proxy(r: dict[str, Any]) -> str:
     sources = list(r["finetuned_accuracy"])
     columns = [(f"ρ {s}", f"spearman_{s}") for s in sources] + [(f"ρ {s} loss", f"spearman_{s}_loss")
                                                                  for s in r.get("finetuned_loss", {})]
-    truth, reliability = _mean_truth(r), proxy_reliability(r)
+    truth, reliability, headroom = _mean_truth(r), proxy_reliability(r), allocation_headroom(r)
     lines = [f"proxy fidelity: {r['model']} on {r['dataset']}, {r['candidates']} random allocations at FLOPs "
              f"{r['budget']:g} (ratios {min(r['flops_ratios']):.3f}-{max(r['flops_ratios']):.3f}), seed {r['seed']}, "
              f"min_keep {r['min_keep']:g}; each fine-tuned {r['finetune_epochs']} epochs at lr {r['finetune_lr']:g} "
              f"with fine-tune seeds {r['finetune_seeds']}"
-             + (f"; supernet trained {r['supernet_epochs']} epochs, widths sampled "
-                + ("at the budget" if r.get("supernet_sampling") == "budget" else "uniformly")
+             + (f"; supernet trained {r['supernet_epochs']} epochs in {r.get('importance', 'l1')} order, widths "
+                "sampled " + ("at the budget" if r.get("supernet_sampling") == "budget" else "uniformly")
                 if r["supernet_epochs"] else "")]
     for source in sources:
         acc = 100 * truth[source]
@@ -237,17 +307,31 @@ def format_proxy(r: dict[str, Any]) -> str:
                      f" (min {acc.min():.2f}, max {acc.max():.2f}); over fine-tune seeds ± {spread:.2f}; "
                      f"ρ between two fine-tune seeds {reliability.get(source, float('nan')):.2f}; "
                      f"{r['finetune_seconds'][source]:.1f} s per fine-tune")
+        if source in headroom:
+            h = headroom[source]
+            ref = h["uniform_accuracy"]
+            lines.append(
+                f"  against the uniform widths (FLOPs {r['uniform']['flops_ratio']:.3f}: {100 * ref:.2f}%, loss "
+                f"{h['uniform_loss']:.4f}): candidates' mean {100 * (h['candidates_accuracy'] - ref):+.2f}, best "
+                f"{100 * (h['best_accuracy'] - ref):+.2f}, {h['share_above']:.0%} above; spread between candidates "
+                f"± {100 * h['between_std']:.2f} beyond the fine-tune seeds' ± {100 * h['seed_std']:.2f};"
+                f" oracle (best after one fine-tune seed, read after another) {100 * h['oracle']:+.2f} points,"
+                f" by loss {h['oracle_loss']:+.4f}")
+    top1_over = any(source in headroom for source in sources)
     header = f"{'candidate evaluation':<40}{'score':>14}" + "".join(f"{c:>17}" for c, _ in columns) + \
-        f"{'top-1 acc':>11}{'s/eval':>9}"
+        f"{'top-1 acc':>11}" + (f"{'− uniform':>11}" if top1_over else "") + f"{'s/eval':>9}"
     lines += [header, "-" * len(header)]
     for e in proxy_table(r):
         score = ("-" if e["metric"] != "accuracy" else "") + e["metric"]
         lines.append(f"{e['proxy']:<40}{score:>14}" + "".join(f"{e[key]:>17.2f}" for _, key in columns)
-                     + f"{100 * e['top1_accuracy']:>11.2f}{e['seconds']:>9.3f}")
+                     + f"{100 * e['top1_accuracy']:>11.2f}"
+                     + (f"{100 * e.get('top1_over_uniform', float('nan')):>+11.2f}" if top1_over else "")
+                     + f"{e['seconds']:>9.3f}")
     lines.append("ρ: Spearman rank correlation of the score with the test accuracy (ρ ... loss: the negated test "
                  "loss) after the fine-tune, for candidates "
                  "pruned from that model; top-1 acc: the fine-tuned accuracy of the candidate the score ranks first "
-                 "(from the model the evaluation prunes); scores on the reward split.")
+                 "(from the model the evaluation prunes)" + (", − uniform: that minus the uniform widths'" if top1_over
+                                                              else "") + "; scores on the reward split.")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from prunegym.agents.cli import json_dict
-from prunegym.agents.config import ENVS, TrainConfig
+from prunegym.agents.config import DEFAULT_IMPORTANCE, ENVS, TrainConfig
 from prunegym.agents.dynamic_bench import IMAGE_SIZE, bench_dynamic, format_dynamic
 from prunegym.agents.proxy_bench import (
     PROXY_SOURCES,
@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--supernet-sampling", choices=SUPERNET_SAMPLING, default="uniform",
                        help="proxy: the supernet's random widths: uniform over every width, or candidates at the "
                             "budget (EagleEye's sampler; one supernet per budget) (default: uniform)")
+    proxy.add_argument("--importance", choices=sorted(IMPORTANCES), default=None,
+                       help="proxy and search: the order the supernet's channels are put in (default: train.py's, "
+                            "group_l1; the tables of docs/search.md before group_l1 became the default ran with l1)")
     proxy.add_argument("--finetune-steps", type=_counts, default=[20, 60],
                        help="proxy: lengths of the short-term fine-tune evaluation, in batches of 64 "
                             "(default: 20,60)")
@@ -411,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="proxy: save each fine-tuned accuracy in this folder as it is measured; a rerun with the "
                             "same folder and settings continues from them")
     search = parser.add_argument_group("search (also uses --model, --dataset, --budgets, --supernet-epochs, "
-                                       "--supernet-sampling, --min-keep, --base-epochs, --threads, --device)")
+                                       "--supernet-sampling, --importance, --min-keep, --base-epochs, --threads, "
+                                       "--device)")
     search.add_argument("--searchers", type=lambda t: _comma_list(t, str, f"some of {','.join(SEARCHERS)}",
                                                                   lambda v: v in SEARCHERS),
                         default=["ppo", "random"],
@@ -422,9 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the reward's task loss, as train.py's (default: {TrainConfig.task_loss})")
     search.add_argument("--search-timesteps", type=_positive_int, default=None,
                         help="each agent's timesteps (default: train.py's)")
-    search.add_argument("--importance", choices=sorted(IMPORTANCES), default=None,
-                        help="the order the supernet's channels are put in (default: train.py's, group_l1; the "
-                             "searches of docs/search.md before group_l1 became the default ran with l1)")
     search.add_argument("--hyperparameters", type=json_dict, default={},
                         help="a JSON object of overrides of every agent's default hyper-parameters, as train.py's "
                              "(default: none)")
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.model, args.dataset, budget, args.candidates, args.seed, args.finetune_epochs,
                     args.finetune_lr, args.supernet_epochs, args.finetune_steps, args.min_keep, base_epochs,
                     args.device, args.finetune_seeds or [0, 1], args.cells, args.finetune_from,
-                    args.supernet_sampling))
+                    args.supernet_sampling, args.importance or DEFAULT_IMPORTANCE["layer"]))
                 print(format_proxy(figures["proxy"][-1]))
         if args.what == "scoring":
             figures["scoring"] = bench_scoring(args.model, args.dataset, args.budgets, args.candidates, args.seed,

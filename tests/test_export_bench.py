@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,9 +146,14 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
              "--cells", cells]
     done = _run("bench.py", *flags, "--finetune-epochs", "1", "--json", out, cache=cache, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert len(list(cells.glob("*.json"))) == 2 * 4 * 2  # (dense, supernet) x candidates x fine-tune seeds
+    # (dense, supernet) x (candidates and the uniform widths) x fine-tune seeds
+    assert len(list(cells.glob("*.json"))) == 2 * (4 + 1) * 2
     (r,) = json.loads(out.read_text())["proxy"]
     assert len(r["keep_counts"]) == 4 and all(0.3 * 0.97 <= f <= 0.3 + 1e-9 for f in r["flops_ratios"])
+    assert r["importance"] == "group_l1"  # train.py's default order for the supernet
+    assert r["uniform"]["flops_ratio"] <= 0.3 and len(r["uniform"]["keep_counts"]) == len(r["keep_counts"][0])
+    for measure in ("finetuned_accuracy", "finetuned_loss"):
+        assert {source: len(v) for source, v in r["uniform"][measure].items()} == {"dense": 2, "supernet": 2}
     assert set(r["finetuned_accuracy"]) == {"dense", "supernet"}
     assert all(len(per_seed) == 2 for per_seed in r["finetuned_accuracy"]["dense"])
     assert set(r["finetuned_loss"]) == {"dense", "supernet"}
@@ -159,6 +165,7 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
         assert len(proxy["scores"]) == 4 and proxy["seconds"] > 0
         assert {"loss", "accuracy", "distillation"} <= set(proxy["scores"][0])
     assert "ρ dense" in done.stdout and "ρ supernet loss" in done.stdout and "top-1 acc" in done.stdout
+    assert done.stdout.count("against the uniform widths") == 2 and "− uniform" in done.stdout
 
     # A rerun continues from the saved fine-tunes (each cell's seconds come back as measured) ...
     first = {c.name: c.read_text() for c in cells.glob("*.json")}
@@ -187,6 +194,34 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert r3["finetuned_accuracy"] == {"supernet": r["finetuned_accuracy"]["supernet"]}
     assert [p["proxy"] for p in r3["proxies"]] == names
     assert "ρ supernet" in alone.stdout and "ρ dense" not in alone.stdout
+
+
+def test_allocation_headroom_of_known_candidates():
+    """Three candidates and the uniform widths, two fine-tune seeds: every figure worked out by hand."""
+    from prunegym.agents.proxy_bench import allocation_headroom
+
+    r = {"finetuned_accuracy": {"supernet": [[0.90, 0.92], [0.95, 0.93], [0.80, 0.82]]},
+         "finetuned_loss": {"supernet": [[0.30, 0.20], [0.25, 0.35], [0.50, 0.40]]},
+         "uniform": {"finetuned_accuracy": {"supernet": [0.91, 0.91]}, "finetuned_loss": {"supernet": [0.30, 0.30]}}}
+    h = allocation_headroom(r)["supernet"]
+    assert h["uniform_accuracy"] == pytest.approx(0.91) and h["uniform_loss"] == pytest.approx(0.30)
+    assert h["candidates_accuracy"] == pytest.approx(5.32 / 6) and h["best_accuracy"] == pytest.approx(0.94)
+    assert h["share_above"] == pytest.approx(1 / 3)  # 0.91 is not above 0.91
+    assert h["seed_std"] == pytest.approx(0.0002 ** 0.5)  # each candidate's two seeds 0.02 apart
+    # variance of the means [0.91, 0.94, 0.81] less the noise's share of it, 0.0002 / 2 seeds
+    assert h["between_std"] == pytest.approx((0.0092667 / 2 - 0.0001) ** 0.5, rel=1e-4)
+    # best after seed 0 (0.95) read after seed 1: 0.93 - 0.91; best after seed 1 (0.93) read after seed 0: 0.95 - 0.91
+    assert h["oracle"] == pytest.approx(0.03)
+    # lowest loss after seed 0 (0.25) read after seed 1: 0.35 - 0.30; after seed 1 (0.20), after seed 0: 0.30 - 0.30
+    assert h["oracle_loss"] == pytest.approx(0.025)
+    # one fine-tune seed: no oracle that its luck does not choose, and no noise to take out
+    one = allocation_headroom({**r, "finetuned_accuracy": {"supernet": [[0.9], [0.95], [0.8]]},
+                               "finetuned_loss": {"supernet": [[0.3], [0.25], [0.5]]},
+                               "uniform": {"finetuned_accuracy": {"supernet": [0.91]},
+                                           "finetuned_loss": {"supernet": [0.3]}}})["supernet"]
+    assert np.isnan(one["oracle"]) and np.isnan(one["seed_std"])
+    assert one["between_std"] == pytest.approx(np.std([0.9, 0.95, 0.8], ddof=1))
+    assert allocation_headroom({k: v for k, v in r.items() if k != "uniform"}) == {}  # measured before the reference
 
 
 def test_bench_finetune_measures_each_length_and_seed(tmp_path: Path, cache: Path):
