@@ -71,7 +71,9 @@ def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -
     if cells is not None:
         name = "__".join(f"{k}{v}" for k, v in settings.items()
                          if k in ("source", "budget", "candidate", "finetune_seed"))
-        path = cells / f"{name}.json"
+        # several seeds share a folder; seed 0's cells keep the names they had before the seed was in them
+        seed = settings["seed"]
+        path = cells / f"{name}{'' if seed == 0 else f'__seed{seed}'}.json"
         if path.is_file():
             saved = read_json(path)
             if saved.get("settings") != settings:

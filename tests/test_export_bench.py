@@ -196,6 +196,23 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert "ρ supernet" in alone.stdout and "ρ dense" not in alone.stdout
 
 
+def test_proxy_cells_of_several_seeds_share_a_folder(tmp_path: Path):
+    """A cell's name holds its seed (seed 0's keep the names of cells saved before): seeds run into one
+    --cells folder continue each from its own cells, and a cell with other settings is still refused."""
+    from prunegym.agents.proxy_bench import _finetune_cell
+
+    settings = {"seed": 0, "source": "supernet", "budget": 0.5, "candidate": 3, "finetune_seed": 1}
+    for seed, measured in ((0, (0.9, 0.3)), (1, (0.8, 0.4))):
+        assert _finetune_cell(tmp_path, {**settings, "seed": seed}, lambda m=measured: m)[:2] == measured
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "sourcesupernet__budget0.5__candidate3__finetune_seed1.json",
+        "sourcesupernet__budget0.5__candidate3__finetune_seed1__seed1.json"]
+    for seed, saved in ((0, (0.9, 0.3)), (1, (0.8, 0.4))):  # read back, not measured again
+        assert _finetune_cell(tmp_path, {**settings, "seed": seed}, lambda: pytest.fail("measured again"))[:2] == saved
+    with pytest.raises(ValueError, match="other settings"):
+        _finetune_cell(tmp_path, {**settings, "seed": 1, "finetune_epochs": 2}, lambda: (0.5, 0.5))
+
+
 def test_allocation_headroom_of_known_candidates():
     """Three candidates and the uniform widths, two fine-tune seeds: every figure worked out by hand."""
     from prunegym.agents.proxy_bench import allocation_headroom
