@@ -30,11 +30,17 @@ from prunegym.compression.supernet import SUPERNET_SAMPLING
 
 from .config import DEFAULT_IMPORTANCE
 
-__all__ = ["PROXY_SOURCES", "bench_proxy", "proxy_table", "proxy_reliability", "allocation_headroom", "format_proxy",
-           "bench_finetune", "format_finetune", "bench_scoring", "format_scoring"]
+__all__ = ["PROXY_SOURCES", "FINETUNED_MEASURES", "bench_proxy", "proxy_table", "proxy_reliability",
+           "allocation_headroom", "format_proxy", "bench_finetune", "format_finetune", "bench_scoring",
+           "format_scoring"]
 
 PROXY_METRICS = (("loss", -1.0), ("accuracy", 1.0), ("distillation", -1.0))  # (metric, sign: higher is better)
 PROXY_SOURCES = ("dense", "supernet")  # the models candidates are pruned from
+
+
+def _named(source: str) -> str:
+    """How a candidate evaluation's name says the model it prunes: nothing for the dense model."""
+    return "" if source == "dense" else f"{source}, "
 
 
 def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
@@ -62,10 +68,17 @@ def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, s
     return splits, sources
 
 
-def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -> tuple[float, float, float]:
-    """``compute()`` (test accuracy and loss) and the seconds it took, or what was saved for the same
-    ``settings`` in ``cells`` (then saved there): an interrupted benchmark continues where it stopped.
-    A cell saved with other settings is refused; one saved without the loss is measured again."""
+FINETUNED_MEASURES = ("accuracy", "loss", "reward_accuracy", "reward_loss")
+"""what each fine-tuned candidate is measured by: test accuracy and loss, and the same on the reward
+split (what ``--finalists`` chooses the kept candidate by)"""
+
+
+def _finetune_cell(cells: Path | None, settings: dict[str, Any],
+                   compute: Any) -> tuple[dict[str, float], float]:
+    """``compute()`` (``FINETUNED_MEASURES`` by name) and the seconds it took, or what was saved for the
+    same ``settings`` in ``cells`` (then saved there): an interrupted benchmark continues where it
+    stopped. A cell saved with other settings is refused; one saved without every measure (before
+    it was recorded) is measured again."""
     started = time.perf_counter()
     path = None
     if cells is not None:
@@ -79,13 +92,13 @@ def _finetune_cell(cells: Path | None, settings: dict[str, Any], compute: Any) -
             if saved.get("settings") != settings:
                 raise ValueError(f"{path} was measured with other settings ({saved.get('settings')}, not {settings}); "
                                  "pass another --cells folder")
-            if "loss" in saved:
-                return float(saved["accuracy"]), float(saved["loss"]), float(saved["seconds"])
-    accuracy, loss = map(float, compute())
+            if all(m in saved for m in FINETUNED_MEASURES):
+                return {m: float(saved[m]) for m in FINETUNED_MEASURES}, float(saved["seconds"])
+    measured = {m: float(v) for m, v in compute().items()}
     seconds = time.perf_counter() - started
     if path is not None:
-        write_json(path, {"settings": settings, "accuracy": accuracy, "loss": loss, "seconds": seconds})
-    return accuracy, loss, seconds
+        write_json(path, {"settings": settings, **measured, "seconds": seconds})
+    return measured, seconds
 
 
 def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, seed: int, finetune_epochs: int,
@@ -129,7 +142,7 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
     all_batches = math.ceil(len(splits.train) / RECALIBRATION_BATCH)
     proxies = []
     for source in sources:
-        prefix = "" if source == "dense" else "supernet, "
+        prefix = _named(source)
         proxies += [(f"{prefix}BN 2 batches", source, {"recalibration_batches": 2}),
                     (f"{prefix}BN {all_batches} batches (adaptive BN)", source,
                      {"recalibration_batches": all_batches})]
@@ -137,25 +150,28 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
                     for n in finetune_steps]
 
     def finetuned(model: nn.Module, graph: ChannelGraph, kept: list[torch.Tensor],
-                  finetune_seed: int) -> tuple[float, float]:
+                  finetune_seed: int) -> dict[str, float]:
         pruned = train_classifier(prune(model, graph, kept), splits.train, epochs=finetune_epochs, lr=finetune_lr,
                                   seed=finetune_seed, device=device)
         loss, accuracy = evaluate(pruned, splits.test, device=device)
-        return accuracy, loss
+        reward_loss, reward_accuracy = evaluate(pruned, splits.reward, device=device)
+        return {"accuracy": accuracy, "loss": loss, "reward_accuracy": reward_accuracy, "reward_loss": reward_loss}
 
-    # source -> per candidate, the accuracy after each fine-tune seed; candidate by candidate, every
-    # source in turn, so that an interrupted run (--cells) leaves the same candidates for each source
-    truth: dict[str, list[list[float]]] = {source: [] for source in sources if source in finetune_from}
-    truth_loss: dict[str, list[list[float]]] = {source: [] for source in truth}
-    spent: dict[str, list[float]] = {source: [] for source in truth}
+    # measure -> source -> per candidate, its value after each fine-tune seed; candidate by candidate,
+    # every source in turn, so that an interrupted run (--cells) leaves the same candidates for each source
+    fine_tuned = [source for source in sources if source in finetune_from]
+    truth: dict[str, dict[str, list[list[float]]]] = {m: {source: [] for source in fine_tuned}
+                                                      for m in FINETUNED_MEASURES}
+    spent: dict[str, list[float]] = {source: [] for source in fine_tuned}
     uniform = uniform_keep_counts(graph, budget)
-    reference: dict[str, dict[str, list[float]]] = {source: {"accuracy": [], "loss": []} for source in truth}
+    reference: dict[str, dict[str, list[float]]] = {m: {} for m in FINETUNED_MEASURES}
 
-    def finetuned_seeds(source: str, candidate: int | str, counts: np.ndarray) -> tuple[list[float], list[float]]:
-        """``counts`` pruned from ``source`` and fine-tuned once per fine-tune seed (or read from ``cells``)."""
+    def finetuned_seeds(source: str, candidate: int | str, counts: np.ndarray) -> dict[str, list[float]]:
+        """``counts`` pruned from ``source`` and fine-tuned once per fine-tune seed (or read from ``cells``):
+        each measure, per fine-tune seed."""
         model, source_graph, ranking = sources[source]
         kept = source_graph.kept_channels(ranking, counts)
-        accuracies, losses = [], []
+        per_seed: dict[str, list[float]] = {m: [] for m in FINETUNED_MEASURES}
         for s in finetune_seeds:
             settings = {"model": model_name, "dataset": dataset, "seed": seed, "base_epochs": base_epochs,
                         "supernet_epochs": supernet_epochs if source == "supernet" else 0, "min_keep": min_keep,
@@ -166,23 +182,23 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
                 settings["supernet_sampling"] = supernet_sampling
             if source == "supernet" and importance != "l1":
                 settings["importance"] = importance
-            accuracy, loss, seconds = _finetune_cell(cells, settings, partial(finetuned, model, source_graph, kept, s))
-            accuracies.append(accuracy)
-            losses.append(loss)
+            measured, seconds = _finetune_cell(cells, settings, partial(finetuned, model, source_graph, kept, s))
+            for m in FINETUNED_MEASURES:
+                per_seed[m].append(measured[m])
             spent[source].append(seconds)
-        return accuracies, losses
+        return per_seed
 
-    for source in truth:  # the reference first: an interrupted run has it for every source
-        reference[source]["accuracy"], reference[source]["loss"] = finetuned_seeds(source, "uniform", uniform)
+    for source in fine_tuned:  # the reference first: an interrupted run has it for every source
+        for m, values in finetuned_seeds(source, "uniform", uniform).items():
+            reference[m][source] = values
         log(f"  {source} uniform widths: fine-tuned test accuracy "
-            f"{np.round(reference[source]['accuracy'], 4).tolist()}")
+            f"{np.round(reference['accuracy'][source], 4).tolist()}")
     for i, counts in enumerate(allocations):
-        for source in truth:
-            accuracies, losses = finetuned_seeds(source, i, counts)
-            truth[source].append(accuracies)
-            truth_loss[source].append(losses)
+        for source in fine_tuned:
+            for m, values in finetuned_seeds(source, i, counts).items():
+                truth[m][source].append(values)
             log(f"  {source} candidate {i + 1}/{candidates}: fine-tuned test accuracy "
-                f"{np.round(accuracies, 4).tolist()}")
+                f"{np.round(truth['accuracy'][source][-1], 4).tolist()}")
     truth_seconds = {source: float(np.mean(seconds)) for source, seconds in spent.items()}  # as measured
     rows = []
     for name, source, kwargs in proxies:
@@ -202,10 +218,9 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
             "finetune_seeds": finetune_seeds,
             "keep_counts": [c.tolist() for c in allocations],
             "flops_ratios": [float(graph.flops(c)) / graph.dense_flops for c in allocations],
-            "finetuned_accuracy": truth, "finetuned_loss": truth_loss, "finetune_seconds": truth_seconds,
+            **{f"finetuned_{m}": truth[m] for m in FINETUNED_MEASURES}, "finetune_seconds": truth_seconds,
             "uniform": {"keep_counts": uniform.tolist(), "flops_ratio": float(graph.flops(uniform)) / graph.dense_flops,
-                        "finetuned_accuracy": {src: v["accuracy"] for src, v in reference.items()},
-                        "finetuned_loss": {src: v["loss"] for src, v in reference.items()}},
+                        **{f"finetuned_{m}": reference[m] for m in FINETUNED_MEASURES}},
             "proxies": rows}
 
 
@@ -264,6 +279,18 @@ def allocation_headroom(r: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _finetuned_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The full fine-tune as a candidate evaluation, one row per fine-tuned source: each candidate's
+    reward-split loss and accuracy once fine-tuned (means over the fine-tune seeds), the score
+    ``--finalists`` keeps a candidate by; none in results measured before they were recorded."""
+    return [{"proxy": f"{_named(source)}fine-tune {r['finetune_epochs']} epochs (finalists)", "source": source,
+             "seconds": r["finetune_seconds"][source],
+             "scores": [{"loss": float(np.mean(loss)), "accuracy": float(np.mean(accuracy))}
+                        for loss, accuracy in zip(r["finetuned_reward_loss"][source],
+                                                  r["finetuned_reward_accuracy"][source], strict=True)]}
+            for source in r.get("finetuned_reward_loss", {})]
+
+
 def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Per proxy and metric: Spearman with each source's fine-tuned test accuracy and with its
     negated test loss (means over the fine-tune seeds; the loss ranks candidates whose accuracies tie
@@ -273,8 +300,10 @@ def proxy_table(r: dict[str, Any]) -> list[dict[str, Any]]:
 
     truth, truth_loss, headroom = _mean_truth(r), _mean_truth(r, "loss"), allocation_headroom(r)
     table = []
-    for row in r["proxies"]:
+    for row in r["proxies"] + _finetuned_rows(r):
         for metric, sign in PROXY_METRICS:
+            if metric not in row["scores"][0]:
+                continue
             score = [sign * s[metric] for s in row["scores"]]
             entry = {"proxy": row["proxy"], "metric": metric, "source": row["source"], "seconds": row["seconds"]}
             for source, accuracy in truth.items():

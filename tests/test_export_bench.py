@@ -152,8 +152,10 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert len(r["keep_counts"]) == 4 and all(0.3 * 0.97 <= f <= 0.3 + 1e-9 for f in r["flops_ratios"])
     assert r["importance"] == "group_l1"  # train.py's default order for the supernet
     assert r["uniform"]["flops_ratio"] <= 0.3 and len(r["uniform"]["keep_counts"]) == len(r["keep_counts"][0])
-    for measure in ("finetuned_accuracy", "finetuned_loss"):
-        assert {source: len(v) for source, v in r["uniform"][measure].items()} == {"dense": 2, "supernet": 2}
+    for measure in ("accuracy", "loss", "reward_accuracy", "reward_loss"):
+        assert {source: len(v) for source, v in r["uniform"][f"finetuned_{measure}"].items()} == {"dense": 2,
+                                                                                                  "supernet": 2}
+        assert all(len(per_seed) == 2 for per_seed in r[f"finetuned_{measure}"]["supernet"])
     assert set(r["finetuned_accuracy"]) == {"dense", "supernet"}
     assert all(len(per_seed) == 2 for per_seed in r["finetuned_accuracy"]["dense"])
     assert set(r["finetuned_loss"]) == {"dense", "supernet"}
@@ -166,6 +168,8 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
         assert {"loss", "accuracy", "distillation"} <= set(proxy["scores"][0])
     assert "ρ dense" in done.stdout and "ρ supernet loss" in done.stdout and "top-1 acc" in done.stdout
     assert done.stdout.count("against the uniform widths") == 2 and "− uniform" in done.stdout
+    # the full fine-tune, the score --finalists keeps a candidate by, is a row of the table
+    assert "supernet, fine-tune 1 epochs (finalists)" in done.stdout
 
     # A rerun continues from the saved fine-tunes (each cell's seconds come back as measured) ...
     first = {c.name: c.read_text() for c in cells.glob("*.json")}
@@ -176,13 +180,14 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert r2["finetuned_accuracy"] == r["finetuned_accuracy"] and r2["finetune_seconds"] == r["finetune_seconds"]
     assert r2["finetuned_loss"] == r["finetuned_loss"]
     assert {c.name: c.read_text() for c in cells.glob("*.json")} == first
-    # A cell saved before the loss was recorded is measured again, to the same accuracy.
+    # A cell saved before the reward split's measures were recorded is measured again, to the same accuracy.
     old = next(iter(sorted(cells.glob("*.json"))))
     saved = json.loads(old.read_text())
-    old.write_text(json.dumps({k: v for k, v in saved.items() if k != "loss"}))
+    old.write_text(json.dumps({k: v for k, v in saved.items() if k != "reward_loss"}))
     assert _run("bench.py", *flags, "--finetune-epochs", "1", cache=cache, cwd=tmp_path).returncode == 0
     remeasured = json.loads(old.read_text())
     assert remeasured["accuracy"] == saved["accuracy"] and remeasured["loss"] == pytest.approx(saved["loss"])
+    assert remeasured["reward_loss"] == pytest.approx(saved["reward_loss"])
     # ... and refuses cells measured with other settings, naming the cell.
     other = _run("bench.py", *flags, "--finetune-epochs", "2", cache=cache, cwd=tmp_path)
     assert other.returncode == 2 and "other settings" in other.stderr and str(cells) in other.stderr
@@ -199,18 +204,19 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
 def test_proxy_cells_of_several_seeds_share_a_folder(tmp_path: Path):
     """A cell's name holds its seed (seed 0's keep the names of cells saved before): seeds run into one
     --cells folder continue each from its own cells, and a cell with other settings is still refused."""
-    from prunegym.agents.proxy_bench import _finetune_cell
+    from prunegym.agents.proxy_bench import FINETUNED_MEASURES, _finetune_cell
 
     settings = {"seed": 0, "source": "supernet", "budget": 0.5, "candidate": 3, "finetune_seed": 1}
-    for seed, measured in ((0, (0.9, 0.3)), (1, (0.8, 0.4))):
-        assert _finetune_cell(tmp_path, {**settings, "seed": seed}, lambda m=measured: m)[:2] == measured
+    measures = {seed: dict.fromkeys(FINETUNED_MEASURES, value) for seed, value in ((0, 0.9), (1, 0.8))}
+    for seed, measured in measures.items():
+        assert _finetune_cell(tmp_path, {**settings, "seed": seed}, lambda m=measured: m)[0] == measured
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "sourcesupernet__budget0.5__candidate3__finetune_seed1.json",
         "sourcesupernet__budget0.5__candidate3__finetune_seed1__seed1.json"]
-    for seed, saved in ((0, (0.9, 0.3)), (1, (0.8, 0.4))):  # read back, not measured again
-        assert _finetune_cell(tmp_path, {**settings, "seed": seed}, lambda: pytest.fail("measured again"))[:2] == saved
+    for seed, saved in measures.items():  # read back, not measured again
+        assert _finetune_cell(tmp_path, {**settings, "seed": seed}, lambda: pytest.fail("measured again"))[0] == saved
     with pytest.raises(ValueError, match="other settings"):
-        _finetune_cell(tmp_path, {**settings, "seed": 1, "finetune_epochs": 2}, lambda: (0.5, 0.5))
+        _finetune_cell(tmp_path, {**settings, "seed": 1, "finetune_epochs": 2}, lambda: measures[1])
 
 
 def test_allocation_headroom_of_known_candidates():
