@@ -4,11 +4,13 @@ after a search must be: the benchmarks behind ``scripts/bench.py --what proxy`` 
 ``bench_proxy`` samples random allocations at a FLOPs budget (EagleEye's sampler), fine-tunes each
 with the report's recipe, and scores each with every evaluation a search could reward (BN
 recalibration on a few or all batches, a short-term fine-tune, the distillation loss; on the dense
-model and on the supernet); ``proxy_table`` gives each evaluation's Spearman rank correlation with
-the fine-tuned test accuracy and loss. ``bench_finetune`` measures one allocation's test accuracy
-against the fine-tune's length over fine-tune seeds. ``bench_scoring`` times the search's reward
-(one candidate BN-recalibrated and scored) on the sliced sub-network and soft-masked at full width.
-They print figures and assert nothing.
+model and on the supernet; the full fine-tune's own reward-split loss and accuracy); ``proxy_table``
+gives each evaluation's Spearman rank correlation with the fine-tuned test accuracy and loss.
+``allocation_headroom`` says how much any of the candidates fine-tunes better than the uniform widths,
+fine-tuned beside them: what no search among them could exceed. ``bench_finetune`` measures one
+allocation's test accuracy against the fine-tune's length over fine-tune seeds. ``bench_scoring``
+times the search's reward (one candidate BN-recalibrated and scored) on the sliced sub-network and
+soft-masked at full width. They print figures and assert nothing.
 """
 
 from __future__ import annotations
@@ -332,8 +334,8 @@ def format_proxy(r: dict[str, Any]) -> str:
                 if r["supernet_epochs"] else "")]
     for source in sources:
         acc = 100 * truth[source]
-        spread = 100 * np.asarray(r["finetuned_accuracy"][source]).std(axis=1, ddof=1).mean() \
-            if len(r["finetune_seeds"]) > 1 else float("nan")
+        spread = 100 * np.sqrt(np.asarray(r["finetuned_accuracy"][source]).var(axis=1, ddof=1).mean()) \
+            if len(r["finetune_seeds"]) > 1 else float("nan")  # pooled over the candidates
         lines.append(f"fine-tuned from {source}: test accuracy over candidates {acc.mean():.2f} ± {acc.std(ddof=1):.2f}"
                      f" (min {acc.min():.2f}, max {acc.max():.2f}); over fine-tune seeds ± {spread:.2f}; "
                      f"ρ between two fine-tune seeds {reliability.get(source, float('nan')):.2f}; "
@@ -345,7 +347,7 @@ def format_proxy(r: dict[str, Any]) -> str:
                 f"  against the uniform widths (FLOPs {r['uniform']['flops_ratio']:.3f}: {100 * ref:.2f}%, loss "
                 f"{h['uniform_loss']:.4f}): candidates' mean {100 * (h['candidates_accuracy'] - ref):+.2f}, best "
                 f"{100 * (h['best_accuracy'] - ref):+.2f}, {h['share_above']:.0%} above; spread between candidates "
-                f"± {100 * h['between_std']:.2f} beyond the fine-tune seeds' ± {100 * h['seed_std']:.2f};"
+                f"± {100 * h['between_std']:.2f} beyond the fine-tune seeds';"
                 f" oracle (best after one fine-tune seed, read after another) {100 * h['oracle']:+.2f} points,"
                 f" by loss {h['oracle_loss']:+.4f}")
     top1_over = any(source in headroom for source in sources)
