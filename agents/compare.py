@@ -42,7 +42,7 @@ from prunegym.compression.training import (
 from prunegym.envs import TASK_LOSSES
 
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
-from .config import FIRST_DEFAULTS
+from .config import BEFORE_THEY_EXISTED
 from .distributed import check_placement, require_ray, run_graph
 from .factory import ALGORITHMS, check_hyperparameters
 from .job import add_ratios, claim_output
@@ -213,11 +213,6 @@ _HOW = ("out", "device", "workers", "address", "methods", "budgets", "seeds")
 continues under others, and grows by methods, budgets or seeds with the cells it has"""
 
 
-_BEFORE_THEY_EXISTED = {"importance": FIRST_DEFAULTS["importance"]}
-"""what a comparison whose config.json lacks a setting (written before it existed) ran with, where today's
-default differs"""
-
-
 def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every method of ``config`` (reusing cells already in ``config.out``); return the results."""
     config.validate()
@@ -225,7 +220,7 @@ def compare(config: CompareConfig, *, progress: bool = False, log: Callable[[str
     resolve_device(config.device)
     started = time.perf_counter()
     lock = claim_output(Path(config.out), kind="comparison", config=config, free=_HOW,
-                        outputs=("results.json", "results.md", "pareto.png"), before_they_existed=_BEFORE_THEY_EXISTED)
+                        outputs=("results.json", "results.md", "pareto.png"), before_they_existed=BEFORE_THEY_EXISTED)
     try:
         return _compare(config, Path(config.out), started, progress=progress, log=log)
     finally:

@@ -25,9 +25,9 @@ from prunegym.envs.reward import check_lam
 
 from .factory import ALGORITHMS, check_hyperparameters
 
-__all__ = ["CONFIG_FORMAT", "DEFAULT_IMPORTANCE", "DEFAULT_TIMESTEPS", "ENVS", "FIRST_DEFAULTS", "INPUT_ALGORITHMS",
-           "RunDirError", "TrainConfig", "changed_settings", "env_kwargs", "field_docs", "load_config", "main_defaults",
-           "resolve_given", "resume_config"]
+__all__ = ["BEFORE_THEY_EXISTED", "CONFIG_FORMAT", "DEFAULT_IMPORTANCE", "DEFAULT_TIMESTEPS", "ENVS",
+           "FIRST_DEFAULTS", "INPUT_ALGORITHMS", "RunDirError", "TrainConfig", "changed_settings", "env_kwargs",
+           "field_docs", "load_config", "main_defaults", "resolve_given", "resume_config"]
 
 
 ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"}
@@ -53,8 +53,9 @@ _INPUT_NEUTRAL = {"flops_target": None, "task_loss": "cross_entropy"}
 FIRST_DEFAULTS = {"dataset": "digits", "flops_target": None, "task_loss": "cross_entropy", "importance": "l1"}
 
 
-# What a config.json written before a setting existed ran with, where today's default differs.
-_BEFORE_THEY_EXISTED = {"task_loss": FIRST_DEFAULTS["task_loss"], "importance": FIRST_DEFAULTS["importance"]}
+# What a config.json written before a setting existed ran with, where today's default differs (a run's,
+# and a comparison's, which shares these settings).
+BEFORE_THEY_EXISTED = {"task_loss": FIRST_DEFAULTS["task_loss"], "importance": FIRST_DEFAULTS["importance"]}
 
 
 class RunDirError(ValueError):
@@ -348,7 +349,7 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise RunDirError(f"{run_dir} is not a prunegym run directory (no config.json)")
     data = read_json(Path(run_dir) / "config.json")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{**_BEFORE_THEY_EXISTED, **{k: v for k, v in data["config"].items() if k in known}})
+    config = TrainConfig(**{**BEFORE_THEY_EXISTED, **{k: v for k, v in data["config"].items() if k in known}})
     if data.get("format", 1) < 2 and config.env == "layer":
         config.num_envs = 1  # runs from before num_envs applied to the layer env recorded the input env's 64
     return config

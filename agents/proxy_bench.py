@@ -46,8 +46,8 @@ def _named(source: str) -> str:
 
 
 def _proxy_sources(model_name: str, dataset: str, seed: int, base_epochs: int, supernet_epochs: int,
-                   min_keep: float, device: torch.device, supernet_budget: float | None = None,
-                   importance: str = "l1") -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
+                   min_keep: float, device: torch.device, supernet_budget: float | None, *,
+                   importance: str) -> tuple[Any, dict[str, tuple[nn.Module, Any, list]]]:
     """The splits, and each model candidates are pruned from: its channel graph and ranking (the dense
     model's by L1 norm; the supernet's channels put in ``importance`` order before it trains, its widths
     sampled at ``supernet_budget``, when given)."""
@@ -136,7 +136,7 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         raise ValueError(f"importance must be one of {sorted(IMPORTANCES)}, got {importance!r}")
     device = resolve_device(device)
     splits, sources = _proxy_sources(model_name, dataset, seed, base_epochs, supernet_epochs, min_keep, device,
-                                     budget if supernet_sampling == "budget" else None, importance)
+                                     budget if supernet_sampling == "budget" else None, importance=importance)
     _, graph, _ = sources["dense"]
     rng = np.random.default_rng([seed, round(budget * 1e6)])
     choices = width_choices(graph, min_keep)
