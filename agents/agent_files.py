@@ -1,4 +1,8 @@
-"""Reading a saved Stable-Baselines3 agent (its zip) and replay buffer without running code from them.
+"""A Stable-Baselines3 agent's files (its zip and replay buffer): written whole, read without running
+code from them.
+
+``save_agent`` and ``save_replay_buffer`` write through ``atomic_path``: a crash or a Ctrl-C never
+leaves a truncated file that looks like a checkpoint.
 
 SB3 restores the non-tensor parts of an agent zip (spaces, schedules, the policy class) and a whole
 replay buffer with cloudpickle, which can call any function a crafted file names. A run directory
@@ -32,9 +36,10 @@ from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule, LinearSchedule
 from torch import nn
 
+from prunegym.compression.checkpoint import atomic_path
 from prunegym.compression.unpickling import NUMPY_GLOBALS, restricted_loads
 
-__all__ = ["UntrustedFileError", "load_agent_file", "load_replay_buffer"]
+__all__ = ["UntrustedFileError", "load_agent_file", "load_replay_buffer", "save_agent", "save_replay_buffer"]
 
 _GLOBALS = NUMPY_GLOBALS | {
     ("collections", "deque"),
@@ -120,3 +125,15 @@ def load_replay_buffer(agent: BaseAlgorithm, path: str | os.PathLike, *, trust: 
         buffer.timeouts = np.zeros_like(buffer.dones)
     buffer.device = agent.device
     agent.replay_buffer = buffer
+
+
+def save_agent(agent: BaseAlgorithm, path: str | os.PathLike) -> None:
+    """``agent.save`` to ``path``, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        agent.save(file)
+
+
+def save_replay_buffer(agent: BaseAlgorithm, path: str | os.PathLike) -> None:
+    """``agent.save_replay_buffer`` to ``path``, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        agent.save_replay_buffer(file)

@@ -10,7 +10,9 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import HParam
 
-from prunegym.compression.checkpoint import read_json, write_json
+from prunegym.compression.checkpoint import interrupts_held, read_json, write_json
+
+from .agent_files import save_agent, save_replay_buffer
 
 __all__ = ["PruningCallback", "InputPruningCallback", "ResumableCheckpointCallback", "latest_checkpoint"]
 
@@ -201,20 +203,21 @@ class ResumableCheckpointCallback(BaseCallback):
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"agent_{self.num_timesteps}_steps"
-        self.model.save(self.directory / f"{name}.zip")
-        state = {"agent": f"{name}.zip", "num_timesteps": int(self.num_timesteps),
-                 "callback": self.pruning.state_dict()}
-        if self.env_state is not None:
-            state["env"] = self.env_state.state_dict()
-        if hasattr(self.model, "replay_buffer") and self.model.replay_buffer is not None:
-            self.model.save_replay_buffer(self.directory / f"{name}_replay_buffer.pkl")
-            state["replay_buffer"] = f"{name}_replay_buffer.pkl"
-        write_json(self.directory / "state.json", state)
-        self._last_saved = self.num_timesteps
-        old = sorted(self.directory.glob("agent_*_steps.zip"), key=lambda p: int(p.stem.split("_")[1]))
-        for path in old[: -self.keep]:
-            path.unlink(missing_ok=True)
-            (self.directory / f"{path.stem}_replay_buffer.pkl").unlink(missing_ok=True)
+        with interrupts_held():  # a Ctrl-C now stops the run once this checkpoint is whole
+            save_agent(self.model, self.directory / f"{name}.zip")
+            state = {"agent": f"{name}.zip", "num_timesteps": int(self.num_timesteps),
+                     "callback": self.pruning.state_dict()}
+            if self.env_state is not None:
+                state["env"] = self.env_state.state_dict()
+            if hasattr(self.model, "replay_buffer") and self.model.replay_buffer is not None:
+                save_replay_buffer(self.model, self.directory / f"{name}_replay_buffer.pkl")
+                state["replay_buffer"] = f"{name}_replay_buffer.pkl"
+            write_json(self.directory / "state.json", state)
+            self._last_saved = self.num_timesteps
+            old = sorted(self.directory.glob("agent_*_steps.zip"), key=lambda p: int(p.stem.split("_")[1]))
+            for path in old[: -self.keep]:
+                path.unlink(missing_ok=True)
+                (self.directory / f"{path.stem}_replay_buffer.pkl").unlink(missing_ok=True)
 
     def _on_training_start(self) -> None:
         self._period = self.num_timesteps // self.save_freq

@@ -350,7 +350,8 @@ def _results(config: CompareConfig, out: Path, rows: list[dict[str, Any]], faile
                "notes": notes, "seconds": time.perf_counter() - started}
     write_hparams(out, table)
     pareto_plot(table, out / "pareto.png", title=f"{config.model} on {config.dataset.split(':')[0]}")
-    (out / "results.md").write_text(markdown_table(table) + "\n\n" + notes + "\n")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(markdown_table(table) + "\n\n" + notes + "\n")
     write_json(out / "results.json", results)
     log(format_table(table))
     log(f"{notes}\nwritten to {out}/results.json, results.md, pareto.png")

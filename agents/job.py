@@ -27,7 +27,7 @@ from prunegym.compression.locking import LOCK_NAME, DirectoryLock, DirectoryLock
 from prunegym.compression.metrics import count_flops, count_params, measure_latency, model_bytes, relative_latency
 from prunegym.compression.training import evaluate
 
-from .agent_files import UntrustedFileError, load_agent_file, load_replay_buffer
+from .agent_files import UntrustedFileError, load_agent_file, load_replay_buffer, save_agent
 from .callbacks import ResumableCheckpointCallback, latest_checkpoint
 from .config import CONFIG_FORMAT, ENVS, RunDirError, TrainConfig, changed_settings, env_kwargs, load_config
 from .factory import ALGORITHMS, make_agent
@@ -257,5 +257,5 @@ def search(config: TrainConfig, env: Any, episode_length: int, make_callback: An
     if remaining > 0:
         agent.learn(remaining, callback=[callback, ckpt_cb], tb_log_name=config.algo,
                     reset_num_timesteps=checkpoint is None, progress_bar=progress_bar)
-    agent.save(run_dir / "agent.zip")
+    save_agent(agent, run_dir / "agent.zip")
     return agent, callback, run_dir

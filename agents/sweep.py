@@ -260,7 +260,8 @@ def _sweep(config: SweepConfig, out: Path, log: Callable[[str], None]) -> dict[s
     results = {"config": dataclasses.asdict(config), "trials": trials, "failed": failed,
                "seconds": time.perf_counter() - started}
     front_plot(trials, out / "front.png")
-    (out / "results.md").write_text(markdown_table(trials, failed) + "\n")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(markdown_table(trials, failed) + "\n")
     write_json(out / "results.json", results)
     log(markdown_table(trials, failed))
     log(f"written to {out}/results.json, results.md, front.png")

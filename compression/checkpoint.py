@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "atomic_path",
+    "interrupts_held",
     "write_json",
     "read_json",
 ]
@@ -34,24 +38,58 @@ _ARCH_KEYS = ("model", "in_channels", "num_classes", "image_size", "layers")
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike):
+def interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives while the body runs and raise it as ``KeyboardInterrupt``
+    once the body is done; a second Ctrl-C raises at once.
+
+    A write cut short is worse than a late stop: torch's zip writer, interrupted, replaces the
+    ``KeyboardInterrupt`` with a ``RuntimeError`` and the program dies with a traceback instead of
+    stopping cleanly. Python delivers SIGINT to the main thread only, so elsewhere (and where a
+    handler other than Python's own is installed, or inside another ``interrupts_held``) the body
+    runs as is.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:  # asked twice: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:  # after the body, whether it ended or raised: the user asked to stop
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the body succeeds.
 
-    A reader never sees a half-written file: it sees the old one, or the whole new one.
+    A reader never sees a half-written file: it sees the old one, or the whole new one. A Ctrl-C
+    during the write is held until the file is in place (``interrupts_held``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with interrupts_held():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

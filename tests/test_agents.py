@@ -3,6 +3,8 @@ env, ``pruning/*`` scalars reach TensorBoard, checkpoints rotate and name a comp
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -216,6 +218,35 @@ def test_checkpoint_callback_saves_the_replay_buffer_of_off_policy_agents(env, t
     assert (directory / state["replay_buffer"]).is_file()
     assert len(list(directory.glob("agent_*.zip"))) <= 2
     assert len(list(directory.glob("*_replay_buffer.pkl"))) <= 2
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="Python's own SIGINT handler is not installed here")
+def test_a_ctrl_c_while_a_checkpoint_is_written_stops_after_it(env, tmp_path, monkeypatch):
+    """Cut short, torch's zip writer turns the KeyboardInterrupt into a RuntimeError and leaves a
+    truncated zip; held, the checkpoint is whole and the run stops right after it."""
+    from stable_baselines3.common import save_util
+
+    torch_save = save_util.th.save
+    pressed = []
+
+    def interrupted_save(*args, **kwargs):
+        if not pressed:  # once: a second Ctrl-C would stop at once
+            pressed.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return torch_save(*args, **kwargs)
+
+    monkeypatch.setattr(save_util.th, "save", interrupted_save)
+    directory = tmp_path / "checkpoints"
+    agent = make_agent("ppo", env, episode_length=env.num_groups, device="cpu")
+    pruning = PruningCallback(_group_names(env))
+    with pytest.raises(KeyboardInterrupt):
+        agent.learn(128, callback=[pruning, ResumableCheckpointCallback(directory, save_freq=16, pruning=pruning)])
+    monkeypatch.undo()
+    state = read_json(directory / "state.json")
+    assert state["num_timesteps"] <= 32  # the first checkpoint, not one after the Ctrl-C
+    assert sorted(p.name for p in directory.iterdir()) == sorted([state["agent"], "state.json"])
+    assert ALGORITHMS["ppo"].load(directory / state["agent"], device="cpu").num_timesteps == state["num_timesteps"]
 
 
 def test_latest_checkpoint_of_an_empty_dir_is_none(tmp_path):

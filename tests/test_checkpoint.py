@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from prunegym.compression.checkpoint import (
     atomic_path,
     build_from_architecture,
     describe_architecture,
+    interrupts_held,
     load_checkpoint,
     read_json,
     save_checkpoint,
@@ -257,6 +260,62 @@ def test_atomic_path_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+needs_sigint = pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                                  reason="Python's own SIGINT handler is not installed here")
+
+
+@needs_sigint
+def test_a_ctrl_c_during_a_write_is_held_until_the_file_is_in_place(tmp_path):
+    target = tmp_path / "out.txt"
+    written = []
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C, half-way through the write
+        tmp.write_text("whole")
+        written.append(True)
+    assert written and target.read_text() == "whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@needs_sigint
+def test_a_second_ctrl_c_stops_at_once():
+    reached = []
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        signal.raise_signal(signal.SIGINT)
+        reached.append(1)
+        signal.raise_signal(signal.SIGINT)
+        reached.append(2)
+    assert reached == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@needs_sigint
+def test_a_held_ctrl_c_is_raised_when_the_body_fails_too(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as caught, atomic_path(tmp_path / "out.txt"):
+        signal.raise_signal(signal.SIGINT)
+        raise RuntimeError("disk full")
+    assert isinstance(caught.value.__context__, RuntimeError)  # the failure is kept beside it
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_in_another_thread_leaves_signals_alone(tmp_path):
+    """Only the main thread may set a signal handler (and only it receives SIGINT)."""
+    handler = signal.getsignal(signal.SIGINT)
+    errors = []
+
+    def write() -> None:
+        try:
+            write_json(tmp_path / "a.json", {"a": 1})
+        except Exception as err:  # noqa: BLE001 - reported to the main thread below
+            errors.append(err)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert not errors and read_json(tmp_path / "a.json") == {"a": 1}
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_json_round_trip(tmp_path):
