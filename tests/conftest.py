@@ -8,6 +8,7 @@ workers that train the same base model at once leave one good file).
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -38,3 +39,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (Ctrl-C raises KeyboardInterrupt) for one test: a shell that starts
+    a job in the background (CI, nohup) hands it SIGINT ignored, and Python then installs none."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

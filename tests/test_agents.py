@@ -220,8 +220,7 @@ def test_checkpoint_callback_saves_the_replay_buffer_of_off_policy_agents(env, t
     assert len(list(directory.glob("*_replay_buffer.pkl"))) <= 2
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="Python's own SIGINT handler is not installed here")
+@pytest.mark.usefixtures("python_sigint")
 def test_a_ctrl_c_while_a_checkpoint_is_written_stops_after_it(env, tmp_path, monkeypatch):
     """Cut short, torch's zip writer turns the KeyboardInterrupt into a RuntimeError and leaves a
     truncated zip; held, the checkpoint is whole and the run stops right after it."""

@@ -262,11 +262,7 @@ def test_atomic_path_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
 
 
-needs_sigint = pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                                  reason="Python's own SIGINT handler is not installed here")
-
-
-@needs_sigint
+@pytest.mark.usefixtures("python_sigint")
 def test_a_ctrl_c_during_a_write_is_held_until_the_file_is_in_place(tmp_path):
     target = tmp_path / "out.txt"
     written = []
@@ -279,7 +275,7 @@ def test_a_ctrl_c_during_a_write_is_held_until_the_file_is_in_place(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
-@needs_sigint
+@pytest.mark.usefixtures("python_sigint")
 def test_a_second_ctrl_c_stops_at_once():
     reached = []
     with pytest.raises(KeyboardInterrupt), interrupts_held():
@@ -291,7 +287,7 @@ def test_a_second_ctrl_c_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-@needs_sigint
+@pytest.mark.usefixtures("python_sigint")
 def test_a_held_ctrl_c_is_raised_when_the_body_fails_too(tmp_path):
     with pytest.raises(KeyboardInterrupt) as caught, atomic_path(tmp_path / "out.txt"):
         signal.raise_signal(signal.SIGINT)
