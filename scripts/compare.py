@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from prunegym.agents.cli import failure_status, json_dict, optional_int
 from prunegym.agents.compare import CompareConfig, compare, finished_table
@@ -84,11 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.pop("table_only"):
         return _table_only(parser, args)
     progress = sys.stderr.isatty() if progress is None else progress
+    config = None
     try:
-        results = compare(CompareConfig(**args), progress=progress)
+        config = CompareConfig(**args)
+        results = compare(config, progress=progress)
     except (ValueError, FileNotFoundError, RunDirError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        cells = Path(config.out) / "cells" if config is not None and config.out else None
+        done = len(list(cells.glob("*.json"))) if cells is not None and cells.is_dir() else 0
+        if done:
+            kept = "1 finished cell is" if done == 1 else f"{done} finished cells are"
+            print(f"\ninterrupted; {kept} kept in {cells}. Run the same command again to continue from there",
+                  file=sys.stderr)
+        else:
+            print("\ninterrupted before any cell finished; nothing to continue from", file=sys.stderr)
+        return 130
     return failure_status(results["failed"], "cell")
 
 

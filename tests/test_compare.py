@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +358,26 @@ def test_script_runs_and_reports(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "uniform L1" in result.stdout and "int8 (PTQ)" in result.stdout
     assert (out / "results.json").is_file()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGINT to a child process is POSIX")
+def test_a_ctrl_c_keeps_the_finished_cells_and_says_how_to_continue(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--methods", "rl_layer", "--budgets", "0.5", "--seeds", "0",
+                             "--layer-timesteps", "100000", "--base-epochs", "2", "--device", "cpu", "--out", str(out)],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    deadline = time.monotonic() + 300
+    while not list((out / "cells").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the dense cell comes first; the RL search runs far longer
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"1 finished cell is kept in {out / 'cells'}" in err and "same command again" in err
+    assert [p.name for p in (out / "cells").iterdir()] == ["dense__-__s0.json"]
+    assert not (out / "results.json").exists()
 
 
 def test_script_bad_budget_is_a_clear_error(tmp_path):
