@@ -16,9 +16,10 @@ def test_built_wheel_installs_and_imports(tmp_path):
                    check=True, capture_output=True, timeout=600)
     (wheel,) = wheel_dir.glob("prunegym-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for package in ("compression", "envs", "agents"):
-        assert f"prunegym/{package}/__init__.py" in names
-    assert not any(name.startswith(("compression/", "tests/", "scripts/")) for name in names)
+    for init in ("prunegym/compression/__init__.py", "prunegym/envs/__init__.py", "prunegym/agents/__init__.py"):
+        assert init in names
+    # everything under prunegym/ or the wheel's prunegym-*.dist-info/: no top-level package of the folder names
+    assert all(name.startswith(("prunegym/", "prunegym-")) for name in names), names
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=600)
     code = ("import gymnasium, prunegym.compression, prunegym.envs, prunegym.agents; "
