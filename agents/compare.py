@@ -48,7 +48,7 @@ from .factory import ALGORITHMS, check_hyperparameters
 from .job import add_ratios, claim_output
 from .methods import METHODS, SeedState, check_row
 
-__all__ = ["CompareConfig", "compare", "finished_table"]
+__all__ = ["CompareConfig", "cells_dir", "compare", "finished_table"]
 
 
 @dataclass
@@ -188,8 +188,13 @@ def _cells(config: CompareConfig) -> list[tuple[str, float | None, int]]:
     return cells
 
 
+def cells_dir(out: str | Path) -> Path:
+    """Where the comparison in ``out`` keeps its finished cells, one JSON file each."""
+    return Path(out) / "cells"
+
+
 def _cell_path(out: Path, method: str, budget: float | None, seed: int) -> Path:
-    return out / "cells" / f"{method}__{'-' if budget is None else f'b{budget:g}'}__s{seed}.json"
+    return cells_dir(out) / f"{method}__{'-' if budget is None else f'b{budget:g}'}__s{seed}.json"
 
 
 def _read_cell(path: Path, method: str, budget: float | None, seed: int) -> dict[str, Any]:

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 from prunegym.agents.cli import failure_status, json_dict, optional_int
-from prunegym.agents.compare import CompareConfig, compare, finished_table
+from prunegym.agents.compare import CompareConfig, cells_dir, compare, finished_table
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.factory import ALGORITHMS
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        cells = Path(config.out) / "cells" if config is not None and config.out else None
+        cells = cells_dir(config.out) if config is not None and config.out else None
         done = len(list(cells.glob("*.json"))) if cells is not None and cells.is_dir() else 0
         if done:
             kept = "1 finished cell is" if done == 1 else f"{done} finished cells are"
