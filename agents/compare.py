@@ -98,6 +98,9 @@ class CompareConfig:
     """RL per-layer, random search and uniform-from-supernet: the criterion that puts the channels in order
     before the supernet trains, or with ``supernet_epochs`` 0 ranks those RL and random search keep of the
     dense model (``train.py --importance``); the static methods keep their own"""
+    min_keep: float = 0.25
+    """RL per-layer, random search and the supernet: the smallest keep ratio of a group the search may choose,
+    and the narrowest width the supernet trains (``train.py --min-keep``)"""
     finalists: int = 0
     """RL per-layer and random search: fine-tune the search's this many best allocations by reward and keep
     the lowest loss on the reward split (``train.py --finalists``); 0: keep the best reward"""
@@ -154,6 +157,8 @@ class CompareConfig:
         if "uniform_supernet" in self.methods and not self.supernet_epochs:
             raise ValueError("method uniform_supernet prunes RL's supernet; it needs supernet_epochs > 0 "
                              "(or leave uniform_supernet out of the methods)")
+        if not isinstance(self.min_keep, int | float) or not 0 < self.min_keep <= 1:
+            raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep!r}")
         for name in ("finetune_epochs", "base_epochs", "supernet_epochs", "finalists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -400,6 +405,9 @@ def _notes(config: CompareConfig) -> str:
                     f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}")
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
+            + (f"RL per-layer and random search keep at least {config.min_keep:g} of every group"
+               + (", the narrowest width the supernet trains" if config.supernet_epochs else "") + ". "
+               if config.min_keep != CompareConfig.min_keep else "")
             + (f"RL per-layer and random search each keep, of their {config.finalists} best allocations by reward, "
                f"the one with the lowest reward-split {'error rate' if config.task_loss == 'error' else 'loss'} "
                "once fine-tuned (finalists). " if config.finalists else "")

@@ -85,7 +85,7 @@ class SeedState:
                                   timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                   supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
                                   task_loss=c.task_loss, supernet_sampling=c.supernet_sampling,
-                                  finalists=c.finalists, importance=c.importance,
+                                  finalists=c.finalists, importance=c.importance, min_keep=c.min_keep,
                                   hyperparameters=c.layer_hyperparameters, **overrides)
 
     def finetune(self, model: nn.Module, *, from_supernet: bool = False, **kwargs: Any) -> nn.Module:
@@ -104,7 +104,7 @@ class SeedState:
             defaults = TrainConfig()
             self._supernets[trained_for], _ = supernet_model(
                 self.config.model, self.dense, self.splits, self.seed, base_epochs=self.config.base_epochs,
-                epochs=self.config.supernet_epochs, min_keep=defaults.min_keep,
+                epochs=self.config.supernet_epochs, min_keep=self.config.min_keep,
                 importance=make_importance(self.config.importance), extremes=defaults.supernet_extremes,
                 budget=trained_for, device=self.device)
         return self._supernets[trained_for]
