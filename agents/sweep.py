@@ -32,7 +32,7 @@ from .distributed import TASK_RETRIES, check_placement, connect, require_ray
 from .job import claim_output
 from .run import run_or_reuse
 
-__all__ = ["SweepConfig", "DISTRIBUTIONS", "METRICS", "sweep", "trial_metrics", "front_plot"]
+__all__ = ["SweepConfig", "SweepInterrupted", "DISTRIBUTIONS", "METRICS", "sweep", "trial_metrics", "front_plot"]
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 """how ``search`` samples a setting: ``uniform:LOW:HIGH``, ``loguniform:LOW:HIGH``,
@@ -197,6 +197,11 @@ def _trial(params: dict[str, Any], *, config: SweepConfig, out: str) -> dict[str
     return metrics
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ray Tune stopped the sweep on a Ctrl-C before every trial ended (it saves its state first): the
+    final outputs are not written, and the same sweep continued with ``trust`` picks up from there."""
+
+
 def sweep(config: SweepConfig, *, trust: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the sweep, or continue the one in ``config.out`` (Tune's saved state is pickled and runs
     code as it loads: continuing needs ``trust``, for a folder you made or trust); return its results."""
@@ -246,13 +251,17 @@ def _sweep(config: SweepConfig, out: Path, log: Callable[[str], None]) -> dict[s
         grid = tuner.fit()
     finally:
         ray.shutdown()
+    # A trial ends with its report or an error; Tune stops on a Ctrl-C with others unfinished (or not begun).
+    ended = [r for r in grid if r.error is not None or "test_accuracy" in (r.metrics or {})]
+    planned = (config.trials if config.search else 1) * len(_grid_points(config.grid))
+    if len(ended) < planned:
+        raise SweepInterrupted(f"{len(ended)} of {planned} trials ended")
 
     trials, failed = [], []
-    for result in grid:
+    for result in ended:
         params = {k: v for k, v in (result.config or {}).items()}
-        if result.error is not None or "test_accuracy" not in (result.metrics or {}):
-            failed.append({"params": params, "error": f"{type(result.error).__name__}: {result.error}"
-                           if result.error is not None else "did not finish"})
+        if result.error is not None:
+            failed.append({"params": params, "error": f"{type(result.error).__name__}: {result.error}"})
             continue
         trials.append({"params": params, **{k: result.metrics[k] for k in (*METRICS, "run_dir")
                                             if k in result.metrics}})

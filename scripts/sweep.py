@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from prunegym.agents.cli import failure_status, train_setting
 from prunegym.agents.config import RunDirError, field_docs
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = None
     try:
         for option in ("set", "grid", "search"):
             names = [name for name, _ in getattr(args, option)]
@@ -73,7 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunDirError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return failure_status(results["failed"], "trial", " with --trust-sweep")
+    except KeyboardInterrupt:
+        out = Path(config.out) if config is not None and config.out else None
+        if out is None or not (out / "tune").is_dir():
+            print("\ninterrupted before the sweep started; nothing to continue from", file=sys.stderr)
+            return 130
+        done = len(list((out / "runs").glob("*/report.json")))
+        kept = "1 finished trial is" if done == 1 else f"{done} finished trials are"
+        print(f"\ninterrupted; {kept} kept in {out / 'runs'}, the others' checkpoints too. Run the same command "
+              f"{_continue(out)} to continue from there", file=sys.stderr)
+        return 130
+    return failure_status(results["failed"], "trial", " " + _continue(Path(config.out)))
+
+
+def _continue(out: Path) -> str:
+    """What to add to the command to continue the sweep in ``out`` (its default --out is new every time)."""
+    return f"with --out {out} --trust-sweep"
 
 
 if __name__ == "__main__":

@@ -33,10 +33,16 @@ def test_an_interrupted_sweep_resumes_without_running_a_finished_trial_again(tmp
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0] if proc.poll() else "slow"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # Ctrl-C mid-sweep: one trial done, one running
-    proc.communicate(timeout=300)
-    assert not (out / "results.json").is_file() or json.loads((out / "results.json").read_text())["failed"]
+    printed = proc.communicate(timeout=300)[0]
     finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/report.json")}
     assert 1 <= len(finished) < 3
+    # Tune saves its state and stops; the script says what is kept and how to go on, and writes no results.
+    assert proc.returncode == 130, printed
+    kept = "1 finished trial is" if len(finished) == 1 else f"{len(finished)} finished trials are"
+    assert f"interrupted; {kept} kept in {out / 'runs'}" in printed, printed
+    assert f"Run the same command with --out {out} --trust-sweep to continue" in printed, printed
+    assert "Traceback" not in printed, printed
+    assert not any((out / name).exists() for name in ("results.json", "results.md", "front.png"))
 
     # Tune's saved state is pickled: continuing it is refused without the trust flag, touching nothing.
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
