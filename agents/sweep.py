@@ -14,6 +14,7 @@ the others continue. The output folder holds ``config.json`` (the settings, firs
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -77,21 +78,25 @@ class SweepConfig:
             if name in self.settings or name in self.grid or name in self.search:
                 raise ValueError(f"{name} is set by the sweep for each trial (use the sweep's own --out and "
                                  f"--threads), not by {name}=...")
-        both = sorted(set(self.settings) & set(self.grid))
-        if both:
-            raise ValueError(f"{both} are given both as fixed settings and as a grid; give each once")
+        for (first, a), (second, b) in itertools.combinations((("fixed settings", self.settings),
+                                                                ("a grid", self.grid), ("a search", self.search)), 2):
+            both = sorted(set(a) & set(b))
+            if both:
+                raise ValueError(f"{both} are given both as {first} and as {second}; give each once")
         for name, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid {name} needs one or more values, got {values!r}")
         if not self.grid and not self.search:
             raise ValueError("a sweep needs a grid (--grid NAME=V1,V2) or a search (--search NAME=DISTRIBUTION)")
-        for name, spec in self.search.items():
-            _distribution(name, spec)  # raises on a bad one
+        ends = {name: _ends(name, spec) for name, spec in self.search.items()}  # raises on a bad one
         if self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
         check_placement(workers=self.workers, threads=self.threads, address=self.address, what="trials")
         for trial in _grid_points(self.grid):  # every trial's settings are checked before any runs
             _train_config(self, trial, "").validate()
+            for name, values in ends.items():  # with each searched setting at the ends of its range
+                for value in values:
+                    _train_config(self, {**trial, name: value}, "").validate()
         require_ray("sweep.py")
 
     def default_out(self) -> str:
@@ -106,10 +111,8 @@ def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return points
 
 
-def _distribution(name: str, spec: str):
-    """The Tune sampler of ``spec`` (``DISTRIBUTIONS``)."""
-    from ray import tune
-
+def _parse(name: str, spec: str) -> tuple[str, list[Any]]:
+    """``spec``'s kind and values (``DISTRIBUTIONS``): a choice's values, or a range's LOW and HIGH."""
     kind, _, rest = spec.partition(":")
     if kind not in DISTRIBUTIONS:
         raise ValueError(f"search {name}={spec!r}: the distribution must be one of {DISTRIBUTIONS}")
@@ -117,7 +120,7 @@ def _distribution(name: str, spec: str):
         values = [_number(v) for v in rest.split("|") if v]
         if not values:
             raise ValueError(f"search {name}={spec!r}: choice needs values, as choice:A|B|C")
-        return tune.choice(values)
+        return kind, values
     parts = rest.split(":")
     try:
         low, high = (int(p) if kind == "randint" else float(p) for p in parts)
@@ -125,7 +128,24 @@ def _distribution(name: str, spec: str):
         raise ValueError(f"search {name}={spec!r}: expected {kind}:LOW:HIGH with two numbers") from err
     if not low < high or (kind == "loguniform" and low <= 0):
         raise ValueError(f"search {name}={spec!r}: needs LOW < HIGH" + (", both > 0" if kind == "loguniform" else ""))
-    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](low, high)
+    return kind, [low, high]
+
+
+def _ends(name: str, spec: str) -> list[Any]:
+    """The values of ``spec`` that bound what it draws: a choice's every value, a range's two ends
+    (randint's HIGH is not drawn)."""
+    kind, values = _parse(name, spec)
+    return [values[0], values[1] - 1] if kind == "randint" else values
+
+
+def _distribution(name: str, spec: str):
+    """The Tune sampler of ``spec`` (``DISTRIBUTIONS``)."""
+    from ray import tune
+
+    kind, values = _parse(name, spec)
+    if kind == "choice":
+        return tune.choice(values)
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*values)
 
 
 def _number(text: str) -> Any:

@@ -66,6 +66,23 @@ def test_an_interrupted_sweep_resumes_without_running_a_finished_trial_again(tmp
     assert table.count("\n| lam=") == 3 and "*" in table
 
 
+def test_a_failing_trial_is_listed_and_the_others_kept(tmp_path):
+    """A trial that fails after the sweep's checks (here PPO refuses one-step rollouts, which A2C takes)
+    is tried again, then listed with its error; the others' results are written, and the exit status
+    and message say how to retry it."""
+    out = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--grid", "algo=ppo,a2c", "--set",
+                             'hyperparameters={"n_steps": 1}', *TINY, "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"1 trial(s) failed (listed above); run the same command again with --out {out} --trust-sweep "
+            "to retry them") in result.stderr, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [t["params"] for t in results["trials"]] == [{"algo": "a2c"}]
+    assert [f["params"] for f in results["failed"]] == [{"algo": "ppo"}]
+    assert "PPO refused the hyperparameters {'n_steps': 1}" in results["failed"][0]["error"]
+    assert "Failed (run the sweep again to retry): {'algo': 'ppo'}" in (out / "results.md").read_text()
+
 def test_a_hyperparameter_search_runs_optuna_trials(tmp_path):
     config = SweepConfig(settings={"timesteps": 64, "base_epochs": 2, "finetune_epochs": 1, "supernet_epochs": 1,
                                    "flops_target": 0.5},
@@ -85,6 +102,10 @@ def test_a_hyperparameter_search_runs_optuna_trials(tmp_path):
     (dict(grid={"lamb": [1, 2]}), "'lamb' is not a setting of train.py"),
     (dict(search={"learning_rate": "normal:0:1"}), "one of ('uniform'"),
     (dict(search={"learning_rate": "loguniform:0:1"}), "LOW < HIGH, both > 0"),
+    (dict(search={"learning_rat": "loguniform:1e-4:1e-2"}), "['learning_rat'] are not arguments of"),
+    (dict(search={"min_keep": "uniform:0.5:1.5"}), "min_keep must be in (0, 1], got 1.5"),  # a range's end
+    (dict(search={"min_keep": "choice:0.5|0"}), "min_keep must be in (0, 1], got 0"),  # any of a choice
+    (dict(settings={"seed": 1}, search={"seed": "randint:0:9"}), "both as fixed settings and as a search"),
     (dict(grid={"lam": [1, 2]}, settings={"run_dir": "x"}), "set by the sweep"),
     (dict(grid={"lam": [-1, 2]}), "lam"),
     (dict(grid={"lam": []}), "one or more values"),
