@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-__all__ = ["optional_int", "optional_float", "json_dict", "train_setting", "failure_status"]
+__all__ = ["optional_int", "optional_float", "json_dict", "train_setting", "failure_status",
+           "interrupted_status"]
 
 
 def _optional(kind: type, name: str):
@@ -68,3 +69,16 @@ def failure_status(failed: list, what: str, retry: str = "") -> int:
     print(f"error: {len(failed)} {what}(s) failed (listed above); run the same command again{retry} to retry them",
           file=sys.stderr)
     return 1
+
+
+def interrupted_status(done: int | None, what: str, where: object, how: str = "again", also: str = "") -> int:
+    """A grid's exit status after Ctrl-C, 130, with a line on stderr saying how many finished ``what`` are kept in
+    ``where`` (``also`` adds what else is kept there) and that the same command (``how``) continues from there;
+    ``done`` None: nothing was kept to continue from."""
+    if done is None:
+        print(f"\ninterrupted before any {what} finished; nothing to continue from", file=sys.stderr)
+        return 130
+    kept = f"1 finished {what} is" if done == 1 else f"{done} finished {what}s are"
+    print(f"\ninterrupted; {kept} kept in {where}{also}. Run the same command {how} to continue from there",
+          file=sys.stderr)
+    return 130

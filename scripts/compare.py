@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import sys
 
-from prunegym.agents.cli import failure_status, json_dict, optional_int
+from prunegym.agents.cli import failure_status, interrupted_status, json_dict, optional_int
 from prunegym.agents.compare import CompareConfig, cells_dir, compare, finished_table
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
@@ -94,13 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         cells = cells_dir(config.out) if config is not None and config.out else None
         done = len(list(cells.glob("*.json"))) if cells is not None and cells.is_dir() else 0
-        if done:
-            kept = "1 finished cell is" if done == 1 else f"{done} finished cells are"
-            print(f"\ninterrupted; {kept} kept in {cells}. Run the same command again to continue from there",
-                  file=sys.stderr)
-        else:
-            print("\ninterrupted before any cell finished; nothing to continue from", file=sys.stderr)
-        return 130
+        return interrupted_status(done or None, "cell", cells)
     return failure_status(results["failed"], "cell")
 
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from prunegym.agents.cli import failure_status, train_setting
+from prunegym.agents.cli import failure_status, interrupted_status, train_setting
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
 from prunegym.agents.sweep import DISTRIBUTIONS, SweepConfig, sweep
@@ -78,13 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out = Path(config.out) if config is not None and config.out else None
         if out is None or not (out / "tune").is_dir():
-            print("\ninterrupted before the sweep started; nothing to continue from", file=sys.stderr)
-            return 130
+            return interrupted_status(None, "trial", out)
         done = len(list((out / "runs").glob("*/report.json")))
-        kept = "1 finished trial is" if done == 1 else f"{done} finished trials are"
-        print(f"\ninterrupted; {kept} kept in {out / 'runs'}, the others' checkpoints too. Run the same command "
-              f"{_continue(out)} to continue from there", file=sys.stderr)
-        return 130
+        return interrupted_status(done, "trial", out / "runs", _continue(out), ", the others' checkpoints too")
     return failure_status(results["failed"], "trial", " " + _continue(Path(config.out)))
 
 

@@ -18,6 +18,7 @@ import pytest
 from helpers import load_script
 from helpers import tiny_comparison as tiny
 
+from prunegym.agents.cli import interrupted_status
 from prunegym.agents.compare import compare, finished_table
 from prunegym.agents.compare_table import format_table, markdown_table, summarize
 from prunegym.agents.methods import METHODS
@@ -390,6 +391,17 @@ def test_a_ctrl_c_keeps_the_finished_cells_and_says_how_to_continue(tmp_path):
     assert [p.name for p in (out / "cells").iterdir()] == ["dense__-__s0.json"]
     assert not (out / "results.json").exists()
 
+
+def test_an_interrupted_grid_says_what_is_kept_and_how_to_go_on(capsys):
+    assert interrupted_status(None, "cell", None) == 130
+    assert capsys.readouterr().err.strip() == "interrupted before any cell finished; nothing to continue from"
+    assert interrupted_status(1, "cell", Path("out/cells")) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted; 1 finished cell is kept in out/cells. "
+                                               "Run the same command again to continue from there")
+    assert interrupted_status(2, "trial", Path("s/runs"), "with --out s", ", the others' checkpoints too") == 130
+    assert capsys.readouterr().err.strip() == ("interrupted; 2 finished trials are kept in s/runs, the others' "
+                                               "checkpoints too. Run the same command with --out s to continue "
+                                               "from there")
 
 def test_script_bad_budget_is_a_clear_error(tmp_path):
     result = _script("--budgets", "2", "--out", str(tmp_path / "out"))
