@@ -44,7 +44,7 @@ from prunegym.envs import TASK_LOSSES
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
 from .config import BEFORE_THEY_EXISTED
 from .distributed import check_placement, require_ray, run_graph
-from .factory import ALGORITHMS, check_hyperparameters
+from .factory import ALGORITHMS, POLICY_STARTS, START_ALGORITHMS, check_hyperparameters
 from .job import add_ratios, claim_output
 from .methods import METHODS, SeedState, check_row
 
@@ -101,6 +101,9 @@ class CompareConfig:
     min_keep: float = 0.25
     """RL per-layer, random search and the supernet: the smallest keep ratio of a group the search may choose,
     and the narrowest width the supernet trains (``train.py --min-keep``)"""
+    policy_start: str = "middle"
+    """RL per-layer: where its first policy centres its actions, ``middle`` or ``uniform`` (the uniform
+    widths at the budget; ``train.py --policy-start``)"""
     finalists: int = 0
     """RL per-layer and random search: fine-tune the search's this many best allocations by reward and keep
     the lowest loss on the reward split (``train.py --finalists``); 0: keep the best reward"""
@@ -159,6 +162,11 @@ class CompareConfig:
                              "(or leave uniform_supernet out of the methods)")
         if not isinstance(self.min_keep, int | float) or not 0 < self.min_keep <= 1:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep!r}")
+        if self.policy_start not in POLICY_STARTS:
+            raise ValueError(f"policy_start {self.policy_start!r} is unknown; expected one of {POLICY_STARTS}")
+        if self.policy_start == "uniform" and self.algo not in START_ALGORITHMS:
+            raise ValueError(f"policy_start 'uniform' centres RL per-layer's first policy; it needs algo one of "
+                             f"{START_ALGORITHMS}, got {self.algo!r}")
         for name in ("finetune_epochs", "base_epochs", "supernet_epochs", "finalists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -408,6 +416,8 @@ def _notes(config: CompareConfig) -> str:
             + (f"RL per-layer and random search keep at least {config.min_keep:g} of every group"
                + (", the narrowest width the supernet trains" if config.supernet_epochs else "") + ". "
                if config.min_keep != CompareConfig.min_keep else "")
+            + ("RL per-layer's first policy proposes the uniform widths at the budget. "
+               if config.policy_start != CompareConfig.policy_start else "")
             + (f"RL per-layer and random search each keep, of their {config.finalists} best allocations by reward, "
                f"the one with the lowest reward-split {'error rate' if config.task_loss == 'error' else 'loss'} "
                "once fine-tuned (finalists). " if config.finalists else "")

@@ -23,7 +23,7 @@ from prunegym.compression.training import BASE_EPOCHS, check_seed, resolve_devic
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, TASK_LOSSES
 from prunegym.envs.reward import check_lam
 
-from .factory import ALGORITHMS, check_hyperparameters
+from .factory import ALGORITHMS, POLICY_STARTS, START_ALGORITHMS, check_hyperparameters
 
 __all__ = ["BEFORE_THEY_EXISTED", "CONFIG_FORMAT", "DEFAULT_IMPORTANCE", "DEFAULT_TIMESTEPS", "ENVS",
            "FIRST_DEFAULTS", "INPUT_ALGORITHMS", "RunDirError", "TrainConfig", "changed_settings", "env_kwargs",
@@ -125,6 +125,11 @@ class TrainConfig:
     min_keep: float = 0.25
     """the smallest keep ratio the agent may choose for a group (AMC bounds it likewise: thinner layers
     score well before fine-tuning but recover badly after it)"""
+    policy_start: str = "middle"
+    """layer env: where the search's first policy centres its actions, ``middle`` (the keep ratio halfway
+    between min_keep and 1) or ``uniform`` (the uniform widths' keep ratio at --flops-target; ppo and a2c).
+    ``uniform`` keeps a search at a small budget from first spending it on the first layers, where the
+    budget's clamp forces the later ones to min_keep and every draw scores alike (docs/search.md)"""
     importance: str | None = None
     """which channels stay inside a group: group_l1 (DepGraph's group magnitude: a channel's filter, BN scale
     and the next layers' weights that read it), l1, l2 or bn_scale; with a supernet, the order its channels
@@ -189,7 +194,7 @@ class TrainConfig:
             layer_only = [name for name in ("flops_target", "latency_target", "reward_finetune_steps", "min_keep",
                                             "channel_multiple", "supernet_epochs", "reward_model",
                                             "supernet_extremes", "supernet_sampling", "capacity_weight", "finalists",
-                                            "task_loss")
+                                            "task_loss", "policy_start")
                           if getattr(self, name) != neutral[name]]
             if layer_only:
                 raise ValueError(f"{layer_only} apply to the layer env only, not to --env input")
@@ -212,6 +217,12 @@ class TrainConfig:
         check_lam(self.lam)
         if not 0 < self.min_keep <= 1:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
+        if self.policy_start not in POLICY_STARTS:
+            raise ValueError(f"policy_start {self.policy_start!r} is unknown; expected one of {POLICY_STARTS}")
+        if self.policy_start == "uniform" and (self.flops_target is None or self.algo not in START_ALGORITHMS):
+            raise ValueError(f"policy_start 'uniform' centres the first policy on the uniform widths at the FLOPs "
+                             f"budget; it needs --flops-target (got {self.flops_target}) and algo one of "
+                             f"{START_ALGORITHMS} (got {self.algo!r})")
         if not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
             raise ValueError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr}")
         if not 0 <= self.supernet_extremes <= 1:

@@ -7,16 +7,23 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-__all__ = ["ALGORITHMS", "check_hyperparameters", "make_agent", "default_hyperparameters"]
+__all__ = ["ALGORITHMS", "POLICY_STARTS", "check_hyperparameters", "make_agent", "default_hyperparameters",
+           "start_policy_at"]
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "ddpg": DDPG,
                                               "dqn": DQN}
 _CONTINUOUS_ONLY = ("sac", "td3", "ddpg")
+POLICY_STARTS = ("middle", "uniform")
+"""where a new per-layer search's first policy centres its actions: ``middle`` (action 0, the keep ratio
+halfway between min_keep and 1) or ``uniform`` (the uniform widths' keep ratio at the FLOPs budget)"""
+START_ALGORITHMS = ("ppo", "a2c")
+"""the agents ``start_policy_at`` can centre: a Gaussian policy whose mean is its action net's output"""
 _DISCRETE_ONLY = ("dqn",)
 
 
@@ -113,3 +120,15 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
         # SB3 checks its arguments with asserts and plain errors; name the values the user gave
         raise ValueError(f"{ALGORITHMS[algo].__name__} refused the hyperparameters {hyperparameters}: "
                          f"{type(err).__name__}: {err or 'a value is out of range'}") from err
+
+
+def start_policy_at(agent: BaseAlgorithm, action: float) -> None:
+    """Centre a new on-policy agent's first policy on the continuous ``action``: its Gaussian's mean is
+    its action net's output, which SB3 initialises with weights of gain 0.01, so the net's bias sets it."""
+    if not isinstance(agent, PPO | A2C) or not isinstance(agent.action_space, gym.spaces.Box):
+        raise ValueError(f"only a ppo or a2c agent with a continuous action can start at an action, got "
+                         f"{type(agent).__name__} acting in {agent.action_space}")
+    if not -1 <= action <= 1:
+        raise ValueError(f"the starting action must be in [-1, 1], got {action}")
+    with torch.no_grad():
+        agent.policy.action_net.bias.fill_(float(action))

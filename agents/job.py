@@ -30,7 +30,7 @@ from prunegym.compression.training import evaluate
 from .agent_files import UntrustedFileError, load_agent_file, load_replay_buffer, save_agent
 from .callbacks import ResumableCheckpointCallback, latest_checkpoint
 from .config import CONFIG_FORMAT, ENVS, RunDirError, TrainConfig, changed_settings, env_kwargs, load_config
-from .factory import ALGORITHMS, make_agent
+from .factory import ALGORITHMS, make_agent, start_policy_at
 
 __all__ = ["add_ratios", "claim_output", "FINAL_OUTPUTS", "RATIO_BLOCKS", "batch_of_64",
            "check_resumable", "distillation", "finish_report", "measure_model", "measure_models", "release_run_dir",
@@ -218,13 +218,14 @@ def release_run_dir(run_dir: str | os.PathLike) -> None:
 
 def search(config: TrainConfig, env: Any, episode_length: int, make_callback: Any, *, device: torch.device,
            resume: bool, progress_bar: bool, log: Any, env_state: Any = None,
-           trust_run: bool = False) -> tuple[Any, Any, Path]:
+           trust_run: bool = False, start_action: float | None = None) -> tuple[Any, Any, Path]:
     """The RL search of either job: build the agent (or load the latest checkpoint when resuming),
     make the run directory, learn up to ``config.timesteps`` with the pruning callback
     (``make_callback(hparams)``) and checkpoints, and save ``agent.zip``. The agent is built before
     the run directory, so a bad setting leaves nothing behind. ``env_state``, an object with
     ``state_dict``/``load_state_dict`` (the env), is saved with each checkpoint and restored on resume.
-    Returns the agent, the callback and the run directory."""
+    ``start_action``: a new agent's first policy is centred there (``start_policy_at``). Returns the
+    agent, the callback and the run directory."""
     run_dir = Path(config.run_dir)
     agent_cls = ALGORITHMS[config.algo]
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
@@ -232,6 +233,8 @@ def search(config: TrainConfig, env: Any, episode_length: int, make_callback: An
     if checkpoint is None:
         agent = make_agent(config.algo, env, episode_length=episode_length, seed=config.seed, device=str(device),
                            tensorboard_log=str(run_dir / "tb"), hyperparameters=config.hyperparameters)
+        if start_action is not None:
+            start_policy_at(agent, start_action)
     else:  # everything the checkpoint holds is read before anything in the run directory is touched
         path, state = checkpoint
         try:

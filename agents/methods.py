@@ -133,7 +133,7 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
     c = state.config
     if env == "layer":
         run_dir = out / "runs" / f"layer__b{budget:g}__s{state.seed}"
-        config = state.layer_search_config(budget, run_dir=str(run_dir))
+        config = state.layer_search_config(budget, run_dir=str(run_dir), policy_start=c.policy_start)
     else:
         run_dir = out / "runs" / f"input__s{state.seed}"
         config = state._train_config(env="input", lam=c.input_lam,

@@ -183,7 +183,7 @@ def train_layer(config: TrainConfig, *, resume: bool, progress_bar: bool, log: A
                 config, searched, env.num_groups,
                 lambda hp: PruningCallback([g.name for g in env.graph.groups], hparams=hp), device=device,
                 resume=resume, progress_bar=progress_bar, log=log, env_state=env if config.num_envs == 1 else None,
-                trust_run=trust_run)
+                trust_run=trust_run, start_action=env.uniform_action() if config.policy_start == "uniform" else None)
     finally:
         if config.num_envs > 1:
             searched.close()

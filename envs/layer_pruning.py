@@ -18,6 +18,7 @@ from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.importance import make_importance
 from prunegym.compression.latency import LatencyTable
 from prunegym.compression.proxy import ProxyEvaluator
+from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.supernet import SUPERNET_SAMPLING, make_supernet, prefix_kept, supernet_model, width_choices
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
 
@@ -341,6 +342,19 @@ class LayerPruningEnv(gym.Env):
         if a.shape != (1,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(int(a[0])):
             raise ValueError(f"action must be an int in [0, {self.action_levels}), got {action!r}")
         return self.min_keep + int(a[0]) / (self.action_levels - 1) * (1.0 - self.min_keep)
+
+    def uniform_action(self) -> float:
+        """The continuous action whose keep ratio is the uniform widths' at the FLOPs budget (the mean
+        keep ratio of ``uniform_keep_counts``, as rounded to channels): where a search that starts from
+        the uniform rule centres its first policy."""
+        if self.flops_target is None or self.action_levels is not None:
+            raise ValueError("the uniform widths' action needs a FLOPs budget (flops_target) and a continuous "
+                             f"action; got flops_target={self.flops_target}, action_levels={self.action_levels}")
+        if self.min_keep >= 1:
+            return 0.0  # every action keeps every channel
+        counts = uniform_keep_counts(self.graph, self.flops_target, self.channel_multiple)
+        ratio = float(np.mean(counts / self.graph.num_channels))
+        return float(np.clip(2.0 * (ratio - self.min_keep) / (1.0 - self.min_keep) - 1.0, -1.0, 1.0))
 
     def _fitting(self, t: int) -> np.ndarray:
         """Which of group t's allowed counts meet the budget(s) if every later group kept only min_keep.

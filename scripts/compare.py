@@ -20,7 +20,7 @@ from prunegym.agents.cli import failure_status, interrupted_status, json_dict, o
 from prunegym.agents.compare import CompareConfig, cells_dir, compare, finished_table
 from prunegym.agents.config import RunDirError, field_docs
 from prunegym.agents.distributed import MissingExtraError
-from prunegym.agents.factory import ALGORITHMS
+from prunegym.agents.factory import ALGORITHMS, POLICY_STARTS
 from prunegym.agents.methods import METHODS
 from prunegym.compression.importance import IMPORTANCES
 from prunegym.compression.metrics import keep_freed_memory
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices={"algo": sorted(ALGORITHMS), "reward_model": list(REWARD_MODELS),
                                          "task_loss": list(TASK_LOSSES), "importance": sorted(IMPORTANCES),
-                                         "supernet_sampling": list(SUPERNET_SAMPLING)}.get(f.name))
+                                         "supernet_sampling": list(SUPERNET_SAMPLING),
+                                         "policy_start": list(POLICY_STARTS)}.get(f.name))
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction,
                         help="show a progress bar over the cells (default: when the terminal is interactive)")
     parser.add_argument("--table-only", action="store_true",

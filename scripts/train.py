@@ -18,6 +18,7 @@ from pathlib import Path
 from prunegym.agents import ALGORITHMS, RunDirError, TrainConfig, train
 from prunegym.agents.cli import train_setting
 from prunegym.agents.config import ENVS, field_docs, resolve_given, resume_config
+from prunegym.agents.factory import POLICY_STARTS
 from prunegym.compression import IMPORTANCES
 from prunegym.compression.metrics import keep_freed_memory
 from prunegym.compression.supernet import SUPERNET_SAMPLING
@@ -31,7 +32,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     choices = {"env": list(ENVS), "algo": sorted(ALGORITHMS), "density": list(DENSITY_KINDS),
                "importance": sorted(IMPORTANCES), "reward_model": list(REWARD_MODELS),
                "task_loss": list(TASK_LOSSES),
-               "supernet_sampling": list(SUPERNET_SAMPLING)}
+               "supernet_sampling": list(SUPERNET_SAMPLING), "policy_start": list(POLICY_STARTS)}
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = f"--{f.name.replace('_', '-')}"

@@ -12,6 +12,7 @@ from stable_baselines3.common.monitor import Monitor
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from prunegym.agents import ALGORITHMS, PruningCallback, ResumableCheckpointCallback, latest_checkpoint, make_agent
+from prunegym.agents.factory import start_policy_at
 from prunegym.compression.checkpoint import read_json, write_json
 from prunegym.envs import LayerPruningEnv
 
@@ -106,6 +107,23 @@ def test_ppo_updates_every_four_episodes_from_a_narrow_policy(env):
     with pytest.raises(ValueError, match="policy_kwargs must be a JSON object, got \\[16\\]"):
         make_agent("ppo", env, episode_length=env.num_groups, device="cpu", hyperparameters={"policy_kwargs": [16]})
 
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_a_policy_started_at_an_action_proposes_it_at_every_step(env, discrete_env, algo):
+    agent = make_agent(algo, env, episode_length=env.num_groups, device="cpu", seed=1)
+    start_policy_at(agent, -0.5)
+    obs, _ = env.reset()
+    for _ in range(env.num_groups):  # the action net's weights start near 0: its bias is the mean
+        action, _ = agent.predict(obs, deterministic=True)
+        assert action[0] == pytest.approx(-0.5, abs=0.05)
+        obs, *_ = env.step(action)
+    with pytest.raises(ValueError, match=r"in \[-1, 1\], got 1.5"):
+        start_policy_at(agent, 1.5)
+    with pytest.raises(ValueError, match="only a ppo or a2c agent with a continuous action.*Discrete"):
+        start_policy_at(make_agent(algo, discrete_env, episode_length=env.num_groups, device="cpu"), 0.0)
+    with pytest.raises(ValueError, match="only a ppo or a2c agent.*SAC"):
+        start_policy_at(make_agent("sac", env, episode_length=env.num_groups, device="cpu"), 0.0)
 
 @pytest.mark.parametrize("algo", ["sac", "td3", "ddpg"])
 def test_continuous_only_algorithms_reject_discrete_actions(discrete_env, algo):

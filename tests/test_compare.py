@@ -208,6 +208,8 @@ def test_a_foreign_folder_is_refused(tmp_path):
     ({"min_keep": 0.0}, r"min_keep must be in \(0, 1\], got 0.0"),
     ({"min_keep": 1.5}, r"min_keep must be in \(0, 1\], got 1.5"),
     ({"algo": "magic"}, "algo 'magic'"),
+    ({"policy_start": "warm"}, "policy_start 'warm'"),
+    ({"policy_start": "uniform", "algo": "td3"}, "policy_start 'uniform'.*got 'td3'"),
     ({"layer_hyperparameters": {"n_epochs_typo": 3}}, r"\['n_epochs_typo'\] are not arguments of PPO"),
     ({"layer_hyperparameters": [3]}, "JSON object.*3"),
     ({"supernet_sampling": "budget", "supernet_epochs": 0, "methods": ["rl_layer"]}, "budget.*supernet_epochs > 0"),
@@ -266,22 +268,26 @@ def test_uniform_supernet_needs_a_supernet(tmp_path):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
 
 
-def test_the_task_loss_and_min_keep_reach_rl_and_random_search_and_the_hyperparameters_rl(tmp_path, monkeypatch):
-    """and min_keep the supernet that RL's env and uniform-from-supernet share: one, trained from that width up"""
+def test_the_search_settings_reach_rl_and_random_search(tmp_path, monkeypatch):
+    """The task loss and min_keep reach both, the hyperparameters and the policy's start RL, and min_keep the
+    supernet that RL's env and uniform-from-supernet share: one, trained from that width up"""
     prunegym_cache = tmp_path / "cache"
     monkeypatch.setenv("PRUNEGYM_CACHE", str(prunegym_cache))
     out = tmp_path / "out"
     results = compare(tiny(out, methods=["rl_layer", "random_search", "uniform_supernet"], task_loss="error",
-                           min_keep=0.4, layer_hyperparameters={"n_epochs": 2}), log=lambda text: None)
+                           min_keep=0.4, layer_hyperparameters={"n_epochs": 2}, policy_start="uniform"),
+                     log=lambda text: None)
     assert not results["failed"]
     config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
     assert config["config"]["task_loss"] == config["env_kwargs"]["task_loss"] == "error"
     assert config["config"]["min_keep"] == config["env_kwargs"]["min_keep"] == 0.4
     assert config["config"]["hyperparameters"] == {"n_epochs": 2}
+    assert config["config"]["policy_start"] == "uniform"
     rows = {r["method"]: r for r in results["rows"]}
     for method in ("rl_layer", "random_search"):
         assert min(rows[method]["keep_ratios"]) >= 0.4 - 1e-9, method
     assert "keep at least 0.4 of every group" in results["notes"]
+    assert "first policy proposes the uniform widths" in results["notes"]
     assert [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*.pt")] == \
         [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.4_*.pt")] != []
     # a budget: the reward is minus the error rate on the reward split, between -1 and 0

@@ -13,6 +13,7 @@ import torch
 from gymnasium import spaces
 
 from prunegym.compression import base_model, evaluate, load_dataset, prune_channels, train_classifier
+from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.envs import DENSITY_KINDS, LAYER_PRUNING_ID, OBSERVATION_FEATURES, LayerPruningEnv
 
 SMALL = {"base_epochs": 2}  # every test not about accuracy: a briefly trained base model (cached per session)
@@ -307,6 +308,26 @@ def test_capacity_weight_adds_flops_ratio_to_a_budgeted_reward():
         assert traj["rewards"][-1] == pytest.approx(-info["loss"] + 0.5 * info["flops_ratio"], abs=1e-12)
     env.close()
 
+
+def test_the_uniform_action_asks_for_the_uniform_widths_at_the_budget():
+    """Asked at every step, the uniform action keeps the uniform widths (to a channel); the middle action
+    (0) spends a small budget on the first groups, and the clamp leaves the later ones narrower."""
+    env = _make(flops_target=0.1, min_keep=0.1)
+    channels = env.graph.num_channels
+    uniform = uniform_keep_counts(env.graph, 0.1, env.channel_multiple)
+    action = env.uniform_action()
+    assert -1 < action < 0
+    assert env.keep_ratio_of(_box(action)) == pytest.approx(np.mean(uniform / channels), abs=1e-6)
+    at_uniform = np.array(_episode(env, _box(action))["infos"][-1]["keep_counts"])
+    assert np.abs(at_uniform - uniform).max() <= 1
+    at_middle = np.array(_episode(env, _box(0.0))["infos"][-1]["keep_counts"])
+    assert at_middle[0] > at_uniform[0] and (at_middle[2:] < at_uniform[2:]).all()
+    env.close()
+    for kwargs in ({"lam": 1.0}, {"flops_target": 0.3, "action_levels": 5}):
+        env = _make(**kwargs)
+        with pytest.raises(ValueError, match="needs a FLOPs budget.*and a continuous action"):
+            env.uniform_action()
+        env.close()
 
 def test_budget_below_reachable_minimum_raises():
     with pytest.raises(ValueError, match="flops_target"):
