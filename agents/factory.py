@@ -19,12 +19,12 @@ __all__ = ["ALGORITHMS", "POLICY_STARTS", "check_hyperparameters", "make_agent",
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "ddpg": DDPG,
                                               "dqn": DQN}
 _CONTINUOUS_ONLY = ("sac", "td3", "ddpg")
+_DISCRETE_ONLY = ("dqn",)
 POLICY_STARTS = ("middle", "uniform")
 """where a new per-layer search's first policy centres its actions: ``middle`` (action 0, the keep ratio
 halfway between min_keep and 1) or ``uniform`` (the uniform widths' keep ratio at the FLOPs budget)"""
 START_ALGORITHMS = ("ppo", "a2c")
 """the agents ``start_policy_at`` can centre: a Gaussian policy whose mean is its action net's output"""
-_DISCRETE_ONLY = ("dqn",)
 
 
 def default_hyperparameters(algo: str, episode_length: int, action_dim: int | None,
