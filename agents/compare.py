@@ -44,7 +44,7 @@ from prunegym.envs import TASK_LOSSES
 from .compare_table import format_table, markdown_table, pareto_plot, summarize, write_hparams
 from .config import BEFORE_THEY_EXISTED
 from .distributed import check_placement, require_ray, run_graph
-from .factory import ALGORITHMS, POLICY_STARTS, START_ALGORITHMS, check_hyperparameters
+from .factory import ALGORITHMS, check_hyperparameters, check_policy_start
 from .job import add_ratios, claim_output
 from .methods import METHODS, SeedState, check_row
 
@@ -162,11 +162,7 @@ class CompareConfig:
                              "(or leave uniform_supernet out of the methods)")
         if not isinstance(self.min_keep, int | float) or not 0 < self.min_keep <= 1:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep!r}")
-        if self.policy_start not in POLICY_STARTS:
-            raise ValueError(f"policy_start {self.policy_start!r} is unknown; expected one of {POLICY_STARTS}")
-        if self.policy_start == "uniform" and self.algo not in START_ALGORITHMS:
-            raise ValueError(f"policy_start 'uniform' centres RL per-layer's first policy; it needs algo one of "
-                             f"{START_ALGORITHMS}, got {self.algo!r}")
+        check_policy_start(self.policy_start, self.algo)
         for name in ("finetune_epochs", "base_epochs", "supernet_epochs", "finalists"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from prunegym.compression.training import BASE_EPOCHS, check_seed, resolve_devic
 from prunegym.envs import DENSITY_KINDS, INPUT_DENSITY_KINDS, REWARD_MODELS, TASK_LOSSES
 from prunegym.envs.reward import check_lam
 
-from .factory import ALGORITHMS, POLICY_STARTS, START_ALGORITHMS, check_hyperparameters
+from .factory import ALGORITHMS, check_hyperparameters, check_policy_start
 
 __all__ = ["BEFORE_THEY_EXISTED", "CONFIG_FORMAT", "DEFAULT_IMPORTANCE", "DEFAULT_TIMESTEPS", "ENVS",
            "FIRST_DEFAULTS", "INPUT_ALGORITHMS", "RunDirError", "TrainConfig", "changed_settings", "env_kwargs",
@@ -217,12 +217,10 @@ class TrainConfig:
         check_lam(self.lam)
         if not 0 < self.min_keep <= 1:
             raise ValueError(f"min_keep must be in (0, 1], got {self.min_keep}")
-        if self.policy_start not in POLICY_STARTS:
-            raise ValueError(f"policy_start {self.policy_start!r} is unknown; expected one of {POLICY_STARTS}")
-        if self.policy_start == "uniform" and (self.flops_target is None or self.algo not in START_ALGORITHMS):
-            raise ValueError(f"policy_start 'uniform' centres the first policy on the uniform widths at the FLOPs "
-                             f"budget; it needs --flops-target (got {self.flops_target}) and algo one of "
-                             f"{START_ALGORITHMS} (got {self.algo!r})")
+        check_policy_start(self.policy_start, self.algo)
+        if self.policy_start == "uniform" and self.flops_target is None:
+            raise ValueError("policy_start 'uniform' centres the first policy on the uniform widths at the FLOPs "
+                             f"budget; it needs --flops-target (got {self.flops_target})")
         if not math.isfinite(self.finetune_lr) or self.finetune_lr <= 0:
             raise ValueError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr}")
         if not 0 <= self.supernet_extremes <= 1:

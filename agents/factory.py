@@ -13,8 +13,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-__all__ = ["ALGORITHMS", "POLICY_STARTS", "check_hyperparameters", "make_agent", "default_hyperparameters",
-           "start_policy_at"]
+__all__ = ["ALGORITHMS", "POLICY_STARTS", "check_hyperparameters", "check_policy_start", "make_agent",
+           "default_hyperparameters", "start_policy_at"]
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3, "ddpg": DDPG,
                                               "dqn": DQN}
@@ -122,10 +122,21 @@ def make_agent(algo: str, env: gym.Env, *, episode_length: int, seed: int = 0, d
                          f"{type(err).__name__}: {err or 'a value is out of range'}") from err
 
 
+def check_policy_start(policy_start: str, algo: str) -> None:
+    """Refuse, by name, a ``policy_start`` not in ``POLICY_STARTS``, or ``uniform`` for an ``algo`` that
+    ``start_policy_at`` cannot centre."""
+    if policy_start not in POLICY_STARTS:
+        raise ValueError(f"policy_start {policy_start!r} is unknown; expected one of {POLICY_STARTS}")
+    if policy_start == "uniform" and algo not in START_ALGORITHMS:
+        raise ValueError(f"policy_start 'uniform' centres the first policy on the uniform widths at the FLOPs budget; "
+                         f"it needs algo one of {START_ALGORITHMS}, got {algo!r}")
+
+
 def start_policy_at(agent: BaseAlgorithm, action: float) -> None:
     """Centre a new on-policy agent's first policy on the continuous ``action``: its Gaussian's mean is
     its action net's output, which SB3 initialises with weights of gain 0.01, so the net's bias sets it."""
-    if not isinstance(agent, PPO | A2C) or not isinstance(agent.action_space, gym.spaces.Box):
+    centred = tuple(ALGORITHMS[name] for name in START_ALGORITHMS)
+    if not isinstance(agent, centred) or not isinstance(agent.action_space, gym.spaces.Box):
         raise ValueError(f"only a ppo or a2c agent with a continuous action can start at an action, got "
                          f"{type(agent).__name__} acting in {agent.action_space}")
     if not -1 <= action <= 1:

@@ -108,7 +108,6 @@ def test_ppo_updates_every_four_episodes_from_a_narrow_policy(env):
         make_agent("ppo", env, episode_length=env.num_groups, device="cpu", hyperparameters={"policy_kwargs": [16]})
 
 
-
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 def test_a_policy_started_at_an_action_proposes_it_at_every_step(env, discrete_env, algo):
     agent = make_agent(algo, env, episode_length=env.num_groups, device="cpu", seed=1)
@@ -124,6 +123,7 @@ def test_a_policy_started_at_an_action_proposes_it_at_every_step(env, discrete_e
         start_policy_at(make_agent(algo, discrete_env, episode_length=env.num_groups, device="cpu"), 0.0)
     with pytest.raises(ValueError, match="only a ppo or a2c agent.*SAC"):
         start_policy_at(make_agent("sac", env, episode_length=env.num_groups, device="cpu"), 0.0)
+
 
 @pytest.mark.parametrize("algo", ["sac", "td3", "ddpg"])
 def test_continuous_only_algorithms_reject_discrete_actions(discrete_env, algo):

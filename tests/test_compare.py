@@ -409,6 +409,7 @@ def test_an_interrupted_grid_says_what_is_kept_and_how_to_go_on(capsys):
                                                "checkpoints too. Run the same command with --out s to continue "
                                                "from there")
 
+
 def test_script_bad_budget_is_a_clear_error(tmp_path):
     result = _script("--budgets", "2", "--out", str(tmp_path / "out"))
     assert result.returncode == 2

@@ -329,6 +329,7 @@ def test_the_uniform_action_asks_for_the_uniform_widths_at_the_budget():
             env.uniform_action()
         env.close()
 
+
 def test_budget_below_reachable_minimum_raises():
     with pytest.raises(ValueError, match="flops_target"):
         _make(flops_target=0.01)

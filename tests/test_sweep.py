@@ -83,6 +83,7 @@ def test_a_failing_trial_is_listed_and_the_others_kept(tmp_path):
     assert "PPO refused the hyperparameters {'n_steps': 1}" in results["failed"][0]["error"]
     assert "Failed (run the sweep again to retry): {'algo': 'ppo'}" in (out / "results.md").read_text()
 
+
 def test_a_hyperparameter_search_runs_optuna_trials(tmp_path):
     config = SweepConfig(settings={"timesteps": 64, "base_epochs": 2, "finetune_epochs": 1, "supernet_epochs": 1,
                                    "flops_target": 0.5},
