@@ -88,9 +88,9 @@ class CompareConfig:
     reward_model: str = "supernet"
     """RL per-layer and random search: the model their reward scores candidates on, ``supernet`` or
     ``dense`` (``train.py --reward-model``)"""
-    task_loss: str = "cross_entropy"
-    """RL per-layer and random search: the task loss of their reward, ``cross_entropy`` or ``error``
-    (``train.py --task-loss``)"""
+    task_loss: str = "error"
+    """RL per-layer and random search: the task loss of their reward, ``error`` (the reward split's error
+    rate, as ``train.py`` by default) or ``cross_entropy`` (``train.py --task-loss``)"""
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""

@@ -274,12 +274,12 @@ def test_the_search_settings_reach_rl_and_random_search(tmp_path, monkeypatch):
     prunegym_cache = tmp_path / "cache"
     monkeypatch.setenv("PRUNEGYM_CACHE", str(prunegym_cache))
     out = tmp_path / "out"
-    results = compare(tiny(out, methods=["rl_layer", "random_search", "uniform_supernet"], task_loss="error",
+    results = compare(tiny(out, methods=["rl_layer", "random_search", "uniform_supernet"], task_loss="cross_entropy",
                            min_keep=0.4, layer_hyperparameters={"n_epochs": 2}, policy_start="uniform"),
                      log=lambda text: None)
     assert not results["failed"]
     config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
-    assert config["config"]["task_loss"] == config["env_kwargs"]["task_loss"] == "error"
+    assert config["config"]["task_loss"] == "cross_entropy" and "task_loss" not in config["env_kwargs"]  # the env's
     assert config["config"]["min_keep"] == config["env_kwargs"]["min_keep"] == 0.4
     assert config["config"]["hyperparameters"] == {"n_epochs": 2}
     assert config["config"]["policy_start"] == "uniform"
@@ -290,7 +290,25 @@ def test_the_search_settings_reach_rl_and_random_search(tmp_path, monkeypatch):
     assert "first policy proposes the uniform widths" in results["notes"]
     assert [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*.pt")] == \
         [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.4_*.pt")] != []
-    # a budget: the reward is minus the error rate on the reward split, between -1 and 0
+
+
+def test_the_rl_search_defaults_are_the_main_jobs(run):
+    """RL per-layer's row is what ``train.py`` gives at the same budget: every search setting the two share
+    defaults alike (the data set aside: the comparison's default is the digits as they ship)"""
+    from prunegym.agents.compare import CompareConfig
+    from prunegym.agents.config import DEFAULT_IMPORTANCE, TrainConfig
+
+    compare_defaults, train_defaults = CompareConfig(), TrainConfig()
+    shared = [f.name for f in dataclasses.fields(CompareConfig) if hasattr(train_defaults, f.name)]
+    assert {"task_loss", "min_keep", "policy_start", "reward_model", "supernet_sampling", "algo"} <= set(shared)
+    differ = {"dataset": "digits", "importance": DEFAULT_IMPORTANCE["layer"]}  # train.py resolves importance per env
+    for name in shared:
+        expected = differ.get(name, getattr(train_defaults, name))
+        assert getattr(compare_defaults, name) == expected, name
+    out, results, _ = run  # a budget: the reward is minus the error rate on the reward split, between -1 and 0
+    config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
+    assert config["config"]["task_loss"] == config["env_kwargs"]["task_loss"] == "error"
+    rows = {r["method"]: r for r in results["rows"]}
     assert -1.0 <= rows["random_search"]["best_reward"] <= 0.0
 
 
