@@ -409,6 +409,9 @@ def _notes(config: CompareConfig) -> str:
                     f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}")
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
+            + "RL per-layer and random search score an allocation by the "
+            + ("supernet's " if config.supernet_epochs and config.reward_model == "supernet" else "dense model's ")
+            + ("error rate" if config.task_loss == "error" else "cross-entropy") + " on the reward split. "
             + (f"RL per-layer and random search keep at least {config.min_keep:g} of every group"
                + (", the narrowest width the supernet trains" if config.supernet_epochs else "") + ". "
                if config.min_keep != CompareConfig.min_keep else "")

@@ -287,6 +287,7 @@ def test_the_search_settings_reach_rl_and_random_search(tmp_path, monkeypatch):
     for method in ("rl_layer", "random_search"):
         assert min(rows[method]["keep_ratios"]) >= 0.4 - 1e-9, method
     assert "keep at least 0.4 of every group" in results["notes"]
+    assert "by the supernet's cross-entropy on the reward split" in results["notes"]
     assert "first policy proposes the uniform widths" in results["notes"]
     assert [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*.pt")] == \
         [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.4_*.pt")] != []
@@ -310,6 +311,7 @@ def test_the_rl_search_defaults_are_the_main_jobs(run):
     assert config["config"]["task_loss"] == config["env_kwargs"]["task_loss"] == "error"
     rows = {r["method"]: r for r in results["rows"]}
     assert -1.0 <= rows["random_search"]["best_reward"] <= 0.0
+    assert "by the supernet's error rate on the reward split" in results["notes"]
 
 
 def test_finalists_choose_rl_and_random_search_answers_alike(tmp_path):
