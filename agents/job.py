@@ -167,7 +167,9 @@ def claim_output(out: Path, *, kind: str, config: Any, free: tuple[str, ...],
             before = {k: v for k, v in before.items() if k not in free}
             changed = sorted(k for k in kept if before.get(k) != kept[k])
             if changed:
-                raise ValueError(f"{out} holds a {kind} with other settings ({changed}); choose another --out")
+                values = "; ".join(f"{k} {before.get(k)!r} there, {kept[k]!r} here" for k in changed)
+                raise ValueError(f"{out} holds a {kind} with other settings ({changed}: {values}); give the settings "
+                                 "it ran with to continue it, or choose another --out")
         for name in outputs:
             (out / name).unlink(missing_ok=True)
         write_json(out / "config.json", {"config": settings, "torch": torch.__version__})

@@ -160,7 +160,7 @@ def test_a_comparison_grows_by_methods_budgets_and_seeds_with_the_cells_it_has(t
 def test_other_settings_in_the_same_out_are_refused(tmp_path):
     out = tmp_path / "out"
     compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
-    with pytest.raises(ValueError, match=r"other settings.*\['finetune_epochs'\]"):
+    with pytest.raises(ValueError, match=r"other settings.*\['finetune_epochs'\]: finetune_epochs 1 there, 2 here"):
         compare(tiny(out, methods=["uniform_l1"], finetune_epochs=2), log=lambda text: None)
     # A folder written before a setting existed continues with that setting at its default, not another.
     saved = json.loads((out / "config.json").read_text())
@@ -174,7 +174,7 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
     saved = json.loads((out / "config.json").read_text())
     del saved["config"]["importance"]
     (out / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"other settings.*\['importance'\]"):
+    with pytest.raises(ValueError, match=r"other settings.*\['importance'\]: importance 'l1' there, 'group_l1' here"):
         compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
     compare(tiny(out, methods=["uniform_l1"], importance="l1"), log=lambda text: None)
 
@@ -279,7 +279,8 @@ def test_the_search_settings_reach_rl_and_random_search(tmp_path, monkeypatch):
                      log=lambda text: None)
     assert not results["failed"]
     config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
-    assert config["config"]["task_loss"] == "cross_entropy" and "task_loss" not in config["env_kwargs"]  # the env's
+    # the run's setting; its env's kwargs leave out the env's own default
+    assert config["config"]["task_loss"] == "cross_entropy" and "task_loss" not in config["env_kwargs"]
     assert config["config"]["min_keep"] == config["env_kwargs"]["min_keep"] == 0.4
     assert config["config"]["hyperparameters"] == {"n_epochs": 2}
     assert config["config"]["policy_start"] == "uniform"
