@@ -90,7 +90,7 @@ class CompareConfig:
     ``dense`` (``train.py --reward-model``)"""
     task_loss: str = "error"
     """RL per-layer and random search: the task loss of their reward, ``error`` (the reward split's error
-    rate, as ``train.py`` by default) or ``cross_entropy`` (``train.py --task-loss``)"""
+    rate, ``train.py``'s default) or ``cross_entropy`` (``train.py --task-loss``)"""
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
@@ -106,7 +106,7 @@ class CompareConfig:
     widths at the budget; ``train.py --policy-start``)"""
     finalists: int = 0
     """RL per-layer and random search: fine-tune the search's this many best allocations by reward and keep
-    the lowest loss on the reward split (``train.py --finalists``); 0: keep the best reward"""
+    the lowest task loss on the reward split, the reward's (``train.py --finalists``); 0: keep the best reward"""
     input_lam: float = 2.0
     """λ of the per-input search: its density is the agent's choice, not a budget"""
     distill: bool = False
@@ -383,7 +383,8 @@ def finished_table(out: str | Path, *, log: Callable[[str], None] = print) -> di
         raise FileNotFoundError(f"{out} holds no comparison (no config.json); give the --out of one")
     known = {f.name for f in dataclasses.fields(CompareConfig)}
     saved = read_json(out / "config.json")["config"]
-    config = CompareConfig(**{k: v for k, v in saved.items() if k in known})  # a setting it lacks: its default
+    # a setting it lacks: what it ran with before the setting existed, else today's default
+    config = CompareConfig(**{**BEFORE_THEY_EXISTED, **{k: v for k, v in saved.items() if k in known}})
     cells = _cells(config)
     finished = [_read_cell(_cell_path(out, *cell), *cell) for cell in cells if _cell_path(out, *cell).is_file()]
     rows = _with_ratios(finished)
@@ -409,9 +410,11 @@ def _notes(config: CompareConfig) -> str:
                     f"every pruned model fine-tuned {config.finetune_epochs} epochs (lr {config.finetune_lr}")
     return (f"Test split; mean ± std over seeds {config.seeds}; {training}"
             + (", distilled from the dense model" if config.distill else "") + "). "
-            + "RL per-layer and random search score an allocation by the "
-            + ("supernet's " if config.supernet_epochs and config.reward_model == "supernet" else "dense model's ")
-            + ("error rate" if config.task_loss == "error" else "cross-entropy") + " on the reward split. "
+            + ("RL per-layer and random search score an allocation by the "
+               + ("supernet's " if config.supernet_epochs and config.reward_model == "supernet"
+                  else "soft-masked dense model's ")
+               + ("error rate" if config.task_loss == "error" else "cross-entropy") + " on the reward split. "
+               if {"rl_layer", "rl_layer_int8", "random_search"} & set(config.methods) else "")
             + (f"RL per-layer and random search keep at least {config.min_keep:g} of every group"
                + (", the narrowest width the supernet trains" if config.supernet_epochs else "") + ". "
                if config.min_keep != CompareConfig.min_keep else "")

@@ -177,6 +177,15 @@ def test_other_settings_in_the_same_out_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"other settings.*\['importance'\]: importance 'l1' there, 'group_l1' here"):
         compare(tiny(out, methods=["uniform_l1"]), log=lambda text: None)
     compare(tiny(out, methods=["uniform_l1"], importance="l1"), log=lambda text: None)
+    # likewise the reward's task loss: the cross-entropy before the setting existed, the error rate today
+    saved = json.loads((out / "config.json").read_text())
+    del saved["config"]["task_loss"]
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"\['task_loss'\]: task_loss 'cross_entropy' there, 'error' here"):
+        compare(tiny(out, methods=["uniform_l1"], importance="l1"), log=lambda text: None)
+    results = compare(tiny(out, methods=["uniform_l1"], importance="l1", task_loss="cross_entropy"),
+                      log=lambda text: None)
+    assert "score an allocation" not in results["notes"]  # neither RL per-layer nor random search ran
 
 
 def test_a_foreign_folder_is_refused(tmp_path):
