@@ -91,6 +91,9 @@ class CompareConfig:
     task_loss: str = "error"
     """RL per-layer and random search: the task loss of their reward, ``error`` (the reward split's error
     rate, ``train.py``'s default) or ``cross_entropy`` (``train.py --task-loss``)"""
+    refit_head: bool = False
+    """RL per-layer and random search: their reward re-fits each candidate's classifier to its features
+    of the BN-recalibration batches first (``train.py --refit-head``)"""
     supernet_sampling: str = "uniform"
     """the supernet's widths (``train.py --supernet-sampling``): ``uniform``, one supernet per seed, or
     ``budget``, one per seed and budget, trained on the candidates at that budget"""
@@ -413,7 +416,9 @@ def _notes(config: CompareConfig) -> str:
             + ("RL per-layer and random search score an allocation by the "
                + ("supernet's " if config.supernet_epochs and config.reward_model == "supernet"
                   else "soft-masked dense model's ")
-               + ("error rate" if config.task_loss == "error" else "cross-entropy") + " on the reward split. "
+               + ("error rate" if config.task_loss == "error" else "cross-entropy") + " on the reward split"
+               + (", its classifier first re-fitted to its features of the BN-recalibration batches"
+                  if config.refit_head else "") + ". "
                if {"rl_layer", "rl_layer_int8", "random_search"} & set(config.methods) else "")
             + (f"RL per-layer and random search keep at least {config.min_keep:g} of every group"
                + (", the narrowest width the supernet trains" if config.supernet_epochs else "") + ". "

@@ -84,7 +84,8 @@ class SeedState:
         return self._train_config(env="layer", algo=c.algo, flops_target=budget,
                                   timesteps=c.layer_timesteps or DEFAULT_TIMESTEPS["layer"],
                                   supernet_epochs=c.supernet_epochs, reward_model=c.reward_model,
-                                  task_loss=c.task_loss, supernet_sampling=c.supernet_sampling,
+                                  task_loss=c.task_loss, refit_head=c.refit_head,
+                                  supernet_sampling=c.supernet_sampling,
                                   finalists=c.finalists, importance=c.importance, min_keep=c.min_keep,
                                   hyperparameters=c.layer_hyperparameters, **overrides)
 

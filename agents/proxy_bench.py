@@ -147,7 +147,8 @@ def bench_proxy(model_name: str, dataset: str, budget: float, candidates: int, s
         prefix = _named(source)
         proxies += [(f"{prefix}BN 2 batches", source, {"recalibration_batches": 2}),
                     (f"{prefix}BN {all_batches} batches (adaptive BN)", source,
-                     {"recalibration_batches": all_batches})]
+                     {"recalibration_batches": all_batches}),
+                    (f"{prefix}BN 2 batches, head re-fitted", source, {"recalibration_batches": 2, "refit_head": True})]
         proxies += [(f"{prefix}fine-tune {n} steps", source, {"recalibration_batches": 0, "finetune_steps": n})
                     for n in finetune_steps]
 

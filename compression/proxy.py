@@ -14,12 +14,21 @@ costs; a model with layers the slicer cannot slice is soft-masked instead (``Sof
 computes the same outputs at the full width's cost (``sliced=False`` asks for that too:
 ``scripts/bench.py --what scoring`` times both ways).
 
+With ``refit_head``, a BN-recalibrated candidate's classifier (the model's last ``nn.Linear``) is also
+re-fitted, before it is scored, to the pooled features of the recalibration images: a multinomial
+logistic regression on them (L-BFGS from the classifier's own weights, an L2 penalty of
+``HEAD_REFIT_L2``). Batch-norm recalibration puts right the statistics a sub-network no longer shares
+with the full model; the classifier a weight-sharing supernet shares between all its widths stays as
+the widths' average left it, and penalises the candidates whose last features it fits least well,
+which the fine-tune after the search puts right (docs/search.md measures what it changes).
+
 Either way it reports the cross-entropy (``loss``), the ``accuracy``, and the ``distillation`` loss:
 the KL divergence from the full model's predictions on the same images (T = 1).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,9 +42,40 @@ from .data import Split
 from .slicing import ChannelSlicer, unsliceable
 from .training import train_classifier
 
-__all__ = ["ProxyEvaluator", "RECALIBRATION_BATCH"]
+__all__ = ["HEAD_REFIT_ITERATIONS", "HEAD_REFIT_L2", "ProxyEvaluator", "RECALIBRATION_BATCH", "classifier_of"]
 
 RECALIBRATION_BATCH = 128
+HEAD_REFIT_L2 = 1e-3
+"""the L2 penalty on the re-fitted classifier's weights (``refit_head``), beside the mean cross-entropy"""
+HEAD_REFIT_ITERATIONS = 100
+"""the most L-BFGS iterations of a head re-fit"""
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The model's classifier, its last ``nn.Linear`` (what ``refit_head`` re-fits); a model with none is
+    refused by its type."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"refit_head re-fits the model's classifier, its last nn.Linear; {type(model).__name__} "
+                         "has no nn.Linear")
+    return linears[-1]
+
+
+def _refit(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> nn.Linear:
+    """``head`` re-fitted to ``features`` and ``labels``: L-BFGS on the mean cross-entropy plus
+    ``HEAD_REFIT_L2`` times the squared weights, from ``head``'s weights (a copy; ``head`` is left as it is)."""
+    fitted = copy.deepcopy(head)
+    optimiser = torch.optim.LBFGS(fitted.parameters(), max_iter=HEAD_REFIT_ITERATIONS, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = F.cross_entropy(fitted(features), labels) + HEAD_REFIT_L2 * fitted.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return fitted.requires_grad_(False)
 
 
 class ProxyEvaluator:
@@ -50,18 +90,27 @@ class ProxyEvaluator:
 
     def __init__(self, model: nn.Module, graph: ChannelGraph, ranking: Sequence[torch.Tensor], train: Split, *,
                  recalibration_batches: int = 2, finetune_steps: int = 0, finetune_lr: float = 1e-3, seed: int = 0,
-                 device: torch.device | None = None, sliced: bool = True):
+                 device: torch.device | None = None, sliced: bool = True, refit_head: bool = False):
         if not isinstance(recalibration_batches, int | np.integer) or recalibration_batches < 0:
             raise ValueError(f"recalibration_batches must be an int >= 0, got {recalibration_batches!r}")
         if not isinstance(finetune_steps, int | np.integer) or finetune_steps < 0:
             raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
         if not finetune_lr > 0:
             raise ValueError(f"finetune_lr must be > 0, got {finetune_lr!r}")
+        if not isinstance(refit_head, bool):
+            raise ValueError(f"refit_head must be a bool, got {refit_head!r}")
+        if refit_head and (finetune_steps or not recalibration_batches):
+            raise ValueError("refit_head re-fits the classifier on the BN-recalibration batches; it needs "
+                             f"recalibration_batches >= 1 (got {recalibration_batches!r}) and no finetune_steps "
+                             f"(got {finetune_steps!r})")
+        if refit_head:
+            classifier_of(model)
         self.model, self.graph, self.ranking, self.train = model, graph, list(ranking), train
         self.recalibration_batches = int(recalibration_batches)
         self.finetune_steps = int(finetune_steps)
         self.finetune_lr = float(finetune_lr)
         self.seed = int(seed)
+        self.refit_head = refit_head
         self.device = device or next(model.parameters()).device
         self._slicer = ChannelSlicer(model, graph) if sliced and not unsliceable(model) else None
         self._mask = SoftMask(model, graph) if self._slicer is None else None
@@ -70,6 +119,7 @@ class ProxyEvaluator:
         b = RECALIBRATION_BATCH
         self._recalibration = [train.x[order[i * b:(i + 1) * b]].to(self.device)
                                for i in range(self.recalibration_batches) if i * b < len(train)]
+        self._recalibration_labels = train.y[order[:sum(len(x) for x in self._recalibration)]].to(self.device)
         self._teacher: dict[Split, torch.Tensor] = {}  # the full model's log-probabilities, per split
         self._scored: dict[tuple[Split, tuple[int, ...]], dict[str, float]] = {}
         self.evaluations = 0
@@ -124,14 +174,37 @@ class ProxyEvaluator:
         if self._slicer:
             sub = self._slicer(kept)
             recalibrate_bn(sub, self._recalibration)
-            return self._scores(sub, split)
+            return self._recalibrated_scores(sub, split)
         self._mask.set(kept)
         try:
             recalibrate_bn(self.model, self._recalibration)
-            return self._scores(self.model, split)
+            return self._recalibrated_scores(self.model, split)
         finally:
             self._mask.set(None)
             load_bn_state(self.model, self._bn_state)
+
+    def _recalibrated_scores(self, model: nn.Module, split: Split) -> dict[str, float]:
+        """``_scores`` of a BN-recalibrated candidate; with ``refit_head``, through its classifier re-fitted
+        to its pooled features of the recalibration images."""
+        if not self.refit_head:
+            return self._scores(model, split)
+        head = classifier_of(model)
+        features: list[torch.Tensor] = []
+        was_training = model.training
+        model.eval()
+        hook = head.register_forward_pre_hook(lambda module, args: features.append(args[0].detach()))
+        try:
+            for x in self._recalibration:
+                model(x)
+        finally:
+            hook.remove()
+            model.train(was_training)
+        fitted = _refit(head, torch.cat(features), self._recalibration_labels)
+        hook = head.register_forward_hook(lambda module, args, output: fitted(args[0]))
+        try:
+            return self._scores(model, split)
+        finally:
+            hook.remove()
 
     def close(self) -> None:
         """Detach the soft-mask hooks from the model, if any; the evaluator scores nothing after."""

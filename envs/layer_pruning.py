@@ -141,6 +141,12 @@ class LayerPruningEnv(gym.Env):
     - ``task_loss``: the reward's task loss on the reward split, ``cross_entropy`` or ``error`` (the
       error rate, 1 - accuracy). On the digits CNN the supernet's cross-entropy ranks candidates'
       fine-tuned accuracy against it and its accuracy ranks it (docs/search.md).
+    - ``refit_head``: before the task loss, re-fit the candidate's classifier (the model's last
+      ``nn.Linear``) to its pooled features of the recalibration batches (a logistic regression,
+      ``prunegym.compression.proxy``), as batch-norm recalibration re-estimates its statistics: a
+      supernet's classifier, shared by every width, otherwise scores the candidates whose last layer
+      it fits least well below what they fine-tune to. Needs ``recalibration_batches`` >= 1 and no
+      ``finetune_steps``.
     """
 
     metadata = {"render_modes": []}
@@ -171,6 +177,7 @@ class LayerPruningEnv(gym.Env):
         capacity_weight: float = 0.0,
         supernet_sampling: str = "uniform",
         task_loss: str = "cross_entropy",
+        refit_head: bool = False,
     ):
         check_lam(lam)
         check_lam(capacity_weight, "capacity_weight")
@@ -207,6 +214,12 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"reward_model must be one of {REWARD_MODELS}, got {reward_model!r}")
         if task_loss not in TASK_LOSSES:
             raise ValueError(f"task_loss must be one of {TASK_LOSSES}, got {task_loss!r}")
+        if not isinstance(refit_head, bool):
+            raise ValueError(f"refit_head must be a bool, got {refit_head!r}")
+        if refit_head and (finetune_steps or not recalibration_batches):
+            raise ValueError("refit_head re-fits the classifier on the BN-recalibration batches; it needs "
+                             f"recalibration_batches >= 1 (got {recalibration_batches!r}) and no finetune_steps "
+                             f"(got {finetune_steps!r})")
         if supernet_sampling not in SUPERNET_SAMPLING:
             raise ValueError(f"supernet_sampling must be one of {SUPERNET_SAMPLING}, got {supernet_sampling!r}")
         if supernet_sampling == "budget" and (flops_target is None or not supernet_epochs or supernet_extremes):
@@ -288,6 +301,7 @@ class LayerPruningEnv(gym.Env):
                 )
         self.reward_model = reward_model
         self.task_loss = task_loss
+        self.refit_head = refit_head
         self.supernet_sampling = supernet_sampling
         if reward_model == "dense":  # the same channels: the supernet's prefixes are the dense model's ranking
             dense_graph = ChannelGraph(self.dense, example)
@@ -296,7 +310,8 @@ class LayerPruningEnv(gym.Env):
             scored = (self.model, self.graph, self.ranking)
         self.proxy = ProxyEvaluator(*scored, self.splits.train,
                                     recalibration_batches=recalibration_batches, finetune_steps=self.finetune_steps,
-                                    finetune_lr=self.finetune_lr, seed=self.seed_value, device=self.device)
+                                    finetune_lr=self.finetune_lr, seed=self.seed_value, device=self.device,
+                                    refit_head=refit_head)
 
         groups = self.graph.groups
         group_flops = np.zeros(self.num_groups)

@@ -278,26 +278,29 @@ def test_uniform_supernet_needs_a_supernet(tmp_path):
 
 
 def test_the_search_settings_reach_rl_and_random_search(tmp_path, monkeypatch):
-    """The task loss and min_keep reach both, the hyperparameters and the policy's start RL, and min_keep the
-    supernet that RL's env and uniform-from-supernet share: one, trained from that width up"""
+    """The task loss, the head re-fit and min_keep reach both, the hyperparameters and the policy's start RL,
+    and min_keep the supernet that RL's env and uniform-from-supernet share: one, trained from that width up"""
     prunegym_cache = tmp_path / "cache"
     monkeypatch.setenv("PRUNEGYM_CACHE", str(prunegym_cache))
     out = tmp_path / "out"
     results = compare(tiny(out, methods=["rl_layer", "random_search", "uniform_supernet"], task_loss="cross_entropy",
-                           min_keep=0.4, layer_hyperparameters={"n_epochs": 2}, policy_start="uniform"),
+                           min_keep=0.4, layer_hyperparameters={"n_epochs": 2}, policy_start="uniform",
+                           refit_head=True),
                      log=lambda text: None)
     assert not results["failed"]
     config = json.loads((out / "runs" / "layer__b0.5__s0" / "config.json").read_text())
     # the run's setting; its env's kwargs leave out the env's own default
     assert config["config"]["task_loss"] == "cross_entropy" and "task_loss" not in config["env_kwargs"]
     assert config["config"]["min_keep"] == config["env_kwargs"]["min_keep"] == 0.4
+    assert config["config"]["refit_head"] is config["env_kwargs"]["refit_head"] is True
     assert config["config"]["hyperparameters"] == {"n_epochs": 2}
     assert config["config"]["policy_start"] == "uniform"
     rows = {r["method"]: r for r in results["rows"]}
     for method in ("rl_layer", "random_search"):
         assert min(rows[method]["keep_ratios"]) >= 0.4 - 1e-9, method
     assert "keep at least 0.4 of every group" in results["notes"]
-    assert "by the supernet's cross-entropy on the reward split" in results["notes"]
+    assert ("by the supernet's cross-entropy on the reward split, its classifier first re-fitted to its features "
+            "of the BN-recalibration batches" in results["notes"])
     assert "first policy proposes the uniform widths" in results["notes"]
     assert [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*.pt")] == \
         [p.name for p in (prunegym_cache / "supernet").glob("digits_cnn__*sn1_k0.4_*.pt")] != []

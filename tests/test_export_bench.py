@@ -161,8 +161,10 @@ def test_bench_proxy_scores_every_candidate_with_every_evaluation(tmp_path: Path
     assert set(r["finetuned_loss"]) == {"dense", "supernet"}
     assert all(len(per_seed) == 2 and min(per_seed) > 0 for per_seed in r["finetuned_loss"]["dense"])
     names = [p["proxy"] for p in r["proxies"]]
-    assert names[:3] == ["BN 2 batches", "BN 10 batches (adaptive BN)", "fine-tune 3 steps"]
-    assert {"supernet, BN 2 batches", "supernet, fine-tune 3 steps"} <= set(names)
+    assert names[:4] == ["BN 2 batches", "BN 10 batches (adaptive BN)", "BN 2 batches, head re-fitted",
+                         "fine-tune 3 steps"]
+    assert {"supernet, BN 2 batches", "supernet, BN 2 batches, head re-fitted",
+            "supernet, fine-tune 3 steps"} <= set(names)
     for proxy in r["proxies"]:
         assert len(proxy["scores"]) == 4 and proxy["seconds"] > 0
         assert {"loss", "accuracy", "distillation"} <= set(proxy["scores"][0])

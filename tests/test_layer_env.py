@@ -177,6 +177,25 @@ def test_task_loss_error_pays_the_error_rate():
         _make(task_loss="hinge")
 
 
+def test_refit_head_scores_the_same_candidate_through_a_refitted_classifier():
+    """refit_head: the same episode keeps the same channels, and its reward is the score of the candidate
+    with its classifier re-fitted (``ProxyEvaluator(refit_head=True)``); it is refused by name beside a
+    short-term fine-tune or without recalibration batches."""
+    env, plain = _make(refit_head=True, flops_target=0.5), _make(flops_target=0.5)
+    actions = lambda t: np.array([0.3 - 0.4 * t], dtype=np.float32)  # noqa: E731
+    info, ref = _episode(env, actions, seed=0)["infos"][-1], _episode(plain, actions, seed=0)["infos"][-1]
+    assert info["keep_counts"] == ref["keep_counts"] and info["loss"] != ref["loss"]
+    counts = np.asarray(info["keep_counts"])
+    assert env.proxy.refit_head and not plain.proxy.refit_head
+    assert info["loss"] == pytest.approx(env.proxy(counts, env.splits.reward)["loss"])
+    env.close(), plain.close()
+    for kwargs, match in (({"refit_head": "yes"}, "refit_head must be a bool, got 'yes'"),
+                          ({"refit_head": True, "finetune_steps": 3}, "no finetune_steps .got 3"),
+                          ({"refit_head": True, "recalibration_batches": 0}, "recalibration_batches >= 1 .got 0")):
+        with pytest.raises(ValueError, match=match):
+            _make(**kwargs)
+
+
 @pytest.mark.parametrize("density", [k for k in DENSITY_KINDS if k != "latency"])  # timed: test_latency.py
 def test_density_kinds(density):
     env = _make(density=density)

@@ -3,6 +3,8 @@ candidate sampler it is measured with (``sparsity.random_keep_counts``)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from helpers import trained_digits_cnn
 from prunegym.compression.channels import ChannelGraph, prune_channels, recalibrate_bn
 from prunegym.compression.data import load_dataset
 from prunegym.compression.importance import L1Importance
-from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator
+from prunegym.compression.proxy import RECALIBRATION_BATCH, ProxyEvaluator, classifier_of
 from prunegym.compression.sparsity import random_keep_counts
 from prunegym.compression.supernet import width_choices
 from prunegym.compression.training import evaluate
@@ -82,6 +84,48 @@ def test_short_finetune_trains_a_copy_and_helps_a_narrow_candidate(setup):
     tuned = ProxyEvaluator(model, graph, ranking, splits.train, finetune_steps=30)(counts, splits.reward)
     torch.testing.assert_close(_outputs(model, splits), before)
     assert tuned["loss"] < plain["loss"]
+
+
+@pytest.mark.parametrize("sliced", [True, False])
+def test_head_refit_scores_the_features_not_the_classifier_they_came_with(setup, sliced):
+    """With its classifier's classes shuffled a candidate scores near zero; with ``refit_head`` its classifier
+    is fitted again to its features of the recalibration batches (a convex fit), and it scores as the
+    intact model's candidate re-fitted does, above the intact one as it came, sliced or soft-masked; the
+    model is left as it was."""
+    splits, model, graph, ranking = setup
+    counts = np.array([12, 24, 24, 48])
+    intact = ProxyEvaluator(model, graph, ranking, splits.train, sliced=sliced)(counts, splits.reward)
+    intact_refitted = ProxyEvaluator(model, graph, ranking, splits.train, sliced=sliced,
+                                     refit_head=True)(counts, splits.reward)
+    shuffled = copy.deepcopy(model)
+    classifier = classifier_of(shuffled)
+    with torch.no_grad():
+        order = torch.roll(torch.arange(classifier.out_features), 1)
+        classifier.weight.copy_(classifier.weight[order]), classifier.bias.copy_(classifier.bias[order])
+    before = _outputs(shuffled, splits)
+    plain = ProxyEvaluator(shuffled, graph, ranking, splits.train, sliced=sliced)(counts, splits.reward)
+    proxy = ProxyEvaluator(shuffled, graph, ranking, splits.train, sliced=sliced, refit_head=True)
+    refitted = proxy(counts, splits.reward)
+    torch.testing.assert_close(_outputs(shuffled, splits), before)
+    assert plain["accuracy"] < 0.1 < 0.8 < intact["accuracy"] <= refitted["accuracy"]
+    assert refitted["accuracy"] == pytest.approx(intact_refitted["accuracy"])
+    assert refitted["loss"] == pytest.approx(intact_refitted["loss"], rel=1e-3) and refitted["loss"] < intact["loss"]
+    assert proxy(counts, splits.reward) == refitted  # remembered, as every score is
+    proxy.close()
+
+
+def test_head_refit_needs_a_classifier_and_recalibration_batches(setup):
+    splits, model, graph, ranking = setup
+    for kwargs, match in (({"refit_head": 1}, "refit_head must be a bool, got 1"),
+                          ({"refit_head": True, "recalibration_batches": 0}, "recalibration_batches >= 1 .got 0"),
+                          ({"refit_head": True, "finetune_steps": 5}, "no finetune_steps .got 5")):
+        with pytest.raises(ValueError, match=match):
+            ProxyEvaluator(model, graph, ranking, splits.train, **kwargs)
+    convolutional = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 3), torch.nn.BatchNorm2d(10),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    conv_graph = ChannelGraph(convolutional, splits.train.x[:1])
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear"):
+        ProxyEvaluator(convolutional, conv_graph, conv_graph.rankings(L1Importance()), splits.train, refit_head=True)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"recalibration_batches": -1}, "recalibration_batches"),
