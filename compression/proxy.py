@@ -28,7 +28,6 @@ the KL divergence from the full model's predictions on the same images (T = 1).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,8 +62,11 @@ def classifier_of(model: nn.Module) -> nn.Linear:
 
 def _refit(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> nn.Linear:
     """``head`` re-fitted to ``features`` and ``labels``: L-BFGS on the mean cross-entropy plus
-    ``HEAD_REFIT_L2`` times the squared weights, from ``head``'s weights (a copy; ``head`` is left as it is)."""
-    fitted = copy.deepcopy(head)
+    ``HEAD_REFIT_L2`` times the squared weights, from ``head``'s weights (a new layer: ``head``, and any
+    hook on it, are left as they are)."""
+    fitted = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                       device=head.weight.device, dtype=head.weight.dtype)
+    fitted.load_state_dict(head.state_dict())
     optimiser = torch.optim.LBFGS(fitted.parameters(), max_iter=HEAD_REFIT_ITERATIONS, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
