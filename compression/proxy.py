@@ -41,7 +41,8 @@ from .data import Split
 from .slicing import ChannelSlicer, unsliceable
 from .training import train_classifier
 
-__all__ = ["HEAD_REFIT_ITERATIONS", "HEAD_REFIT_L2", "ProxyEvaluator", "RECALIBRATION_BATCH", "classifier_of"]
+__all__ = ["HEAD_REFIT_ITERATIONS", "HEAD_REFIT_L2", "ProxyEvaluator", "RECALIBRATION_BATCH", "check_refit_head",
+           "classifier_of"]
 
 RECALIBRATION_BATCH = 128
 HEAD_REFIT_L2 = 1e-3
@@ -58,6 +59,17 @@ def classifier_of(model: nn.Module) -> nn.Linear:
         raise ValueError(f"refit_head re-fits the model's classifier, its last nn.Linear; {type(model).__name__} "
                          "has no nn.Linear")
     return linears[-1]
+
+
+def check_refit_head(refit_head: Any, recalibration_batches: int, finetune_steps: int) -> None:
+    """Refuse, by name, a ``refit_head`` that is not a bool, or one without recalibration batches to fit
+    on or beside a short-term fine-tune (which scores a trained copy instead)."""
+    if not isinstance(refit_head, bool):
+        raise ValueError(f"refit_head must be a bool, got {refit_head!r}")
+    if refit_head and (finetune_steps or not recalibration_batches):
+        raise ValueError("refit_head re-fits the classifier on the BN-recalibration batches; it needs "
+                         f"recalibration_batches >= 1 (got {recalibration_batches!r}) and no finetune_steps "
+                         f"(got {finetune_steps!r})")
 
 
 def _refit(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> nn.Linear:
@@ -99,12 +111,7 @@ class ProxyEvaluator:
             raise ValueError(f"finetune_steps must be an int >= 0, got {finetune_steps!r}")
         if not finetune_lr > 0:
             raise ValueError(f"finetune_lr must be > 0, got {finetune_lr!r}")
-        if not isinstance(refit_head, bool):
-            raise ValueError(f"refit_head must be a bool, got {refit_head!r}")
-        if refit_head and (finetune_steps or not recalibration_batches):
-            raise ValueError("refit_head re-fits the classifier on the BN-recalibration batches; it needs "
-                             f"recalibration_batches >= 1 (got {recalibration_batches!r}) and no finetune_steps "
-                             f"(got {finetune_steps!r})")
+        check_refit_head(refit_head, recalibration_batches, finetune_steps)
         if refit_head:
             classifier_of(model)
         self.model, self.graph, self.ranking, self.train = model, graph, list(ranking), train

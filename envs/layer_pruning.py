@@ -17,7 +17,7 @@ from prunegym.compression.channels import ChannelGraph, nearest_count
 from prunegym.compression.data import Splits, load_dataset
 from prunegym.compression.importance import make_importance
 from prunegym.compression.latency import LatencyTable
-from prunegym.compression.proxy import ProxyEvaluator
+from prunegym.compression.proxy import ProxyEvaluator, check_refit_head
 from prunegym.compression.sparsity import uniform_keep_counts
 from prunegym.compression.supernet import SUPERNET_SAMPLING, make_supernet, prefix_kept, supernet_model, width_choices
 from prunegym.compression.training import BASE_EPOCHS, base_model, resolve_device
@@ -214,12 +214,7 @@ class LayerPruningEnv(gym.Env):
             raise ValueError(f"reward_model must be one of {REWARD_MODELS}, got {reward_model!r}")
         if task_loss not in TASK_LOSSES:
             raise ValueError(f"task_loss must be one of {TASK_LOSSES}, got {task_loss!r}")
-        if not isinstance(refit_head, bool):
-            raise ValueError(f"refit_head must be a bool, got {refit_head!r}")
-        if refit_head and (finetune_steps or not recalibration_batches):
-            raise ValueError("refit_head re-fits the classifier on the BN-recalibration batches; it needs "
-                             f"recalibration_batches >= 1 (got {recalibration_batches!r}) and no finetune_steps "
-                             f"(got {finetune_steps!r})")
+        check_refit_head(refit_head, recalibration_batches, finetune_steps)
         if supernet_sampling not in SUPERNET_SAMPLING:
             raise ValueError(f"supernet_sampling must be one of {SUPERNET_SAMPLING}, got {supernet_sampling!r}")
         if supernet_sampling == "budget" and (flops_target is None or not supernet_epochs or supernet_extremes):
