@@ -120,9 +120,10 @@ class TrainConfig:
     (the error rate, 1 - accuracy)"""
     refit_head: bool = False
     """layer env: before the search's reward, re-fit each candidate's classifier to its features of the
-    BN-recalibration batches, as BN recalibration re-estimates its statistics (a supernet's shared
-    classifier otherwise undervalues the candidates whose last layer it fits least well); about 0.05 s
-    more a candidate. Not with --reward-finetune-steps"""
+    BN-recalibration batches, as BN recalibration re-estimates its statistics. On the digits CNN a
+    supernet's shared classifier undervalues the candidates with a thin last conv, and the re-fit makes
+    the reward rank them; on ResNet-20 it ranks worse (docs/search.md). About 0.1 s more a candidate on
+    the CNN. Not with --reward-finetune-steps"""
     finalists: int = 0
     """layer env: fine-tune the search's this many best distinct allocations by reward with the report's
     recipe and keep the one with the lowest task loss on the reward split (multi-fidelity: the reward ranks

@@ -143,9 +143,10 @@ class LayerPruningEnv(gym.Env):
       fine-tuned accuracy against it and its accuracy ranks it (docs/search.md).
     - ``refit_head``: before the task loss, re-fit the candidate's classifier (the model's last
       ``nn.Linear``) to its pooled features of the recalibration batches (a logistic regression,
-      ``prunegym.compression.proxy``), as batch-norm recalibration re-estimates its statistics: a
-      supernet's classifier, shared by every width, otherwise scores the candidates whose last layer
-      it fits least well below what they fine-tune to. Needs ``recalibration_batches`` >= 1 and no
+      ``prunegym.compression.proxy``), as batch-norm recalibration re-estimates its statistics. A
+      supernet's classifier, shared by every width, can score the candidates whose last layer it fits
+      least well below what they fine-tune to: on the digits CNN the re-fit makes the reward rank
+      them, on ResNet-20 it ranks worse (docs/search.md). Needs ``recalibration_batches`` >= 1 and no
       ``finetune_steps``.
     """
 
