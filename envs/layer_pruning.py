@@ -297,7 +297,6 @@ class LayerPruningEnv(gym.Env):
                 )
         self.reward_model = reward_model
         self.task_loss = task_loss
-        self.refit_head = refit_head
         self.supernet_sampling = supernet_sampling
         if reward_model == "dense":  # the same channels: the supernet's prefixes are the dense model's ranking
             dense_graph = ChannelGraph(self.dense, example)
