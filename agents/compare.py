@@ -432,7 +432,10 @@ def _notes(config: CompareConfig) -> str:
             "base model and split), with its 95% confidence interval (Student's t) and the seeds RL won; "
             "RL - this, test loss: the same for the test cross-entropy (negative: RL's is lower), with the "
             "seeds where RL's is lower. "
-            "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "
+            + ("Search: the reward of the allocation each search kept, RL per-layer's minus it paired over the "
+               "seeds (same env and reward) with the seeds where RL's is higher, and the search's seconds. "
+               if {"rl_layer", "random_search"} <= set(config.methods) else "")
+            + "FLOPs count 2 per multiply-add (FlopCounterMode); per-input methods give their mean density. "
             f"Latency: median ms on the CPU, {config.threads} thread(s), models in their inference form "
             "(BN folded). Bytes: the state dict as torch.save writes it (int8: int8 weights; unstructured: "
             "nonzero values and a bitmask). Unstructured AGP keeps dense shapes: its FLOPs and latency are the "

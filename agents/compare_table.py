@@ -1,6 +1,7 @@
 """The comparison's table from its cells: mean and spread over seeds, RL per-layer's paired
 advantage over each method (in test accuracy, and in test loss: finer where a test image is a
-quarter of a point), the terminal and Markdown tables, the Pareto plot and the TensorBoard hparams."""
+quarter of a point; for the searches also in the reward they kept), the terminal and Markdown
+tables, the Pareto plot and the TensorBoard hparams."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def _versus_rl(rows: list[dict[str, Any]], method: str, budget: float | None, ke
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, budget): mean ± std of accuracy over seeds, the mean test loss, means of the
     costs, and for every per-budget method RL per-layer's paired difference from it in test accuracy
-    (``rl_minus_this``, points) and in test loss (``rl_minus_this_loss``: negative where RL's is lower)."""
+    (``rl_minus_this``, points) and in test loss (``rl_minus_this_loss``: negative where RL's is lower);
+    for a search (RL per-layer, random search) also the reward of the allocation it kept (``best_reward``),
+    its seconds (``search_seconds``) and RL's paired difference in that reward (``rl_minus_this_reward``)."""
     table = []
     keys = []
     for r in rows:
@@ -49,7 +52,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                  "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                  "note": METHODS[method].note}
         for key in ("test_loss", "flops_ratio", "params", "bytes", "bytes_ratio", "latency_b1_ms", "latency_b64_ms",
-                    "latency_ratio_b1", "latency_ratio_b64", "sparsity", "nonzero_flops_ratio"):
+                    "latency_ratio_b1", "latency_ratio_b64", "sparsity", "nonzero_flops_ratio", "best_reward",
+                    "search_seconds"):
             if all(key in r for r in group):
                 entry[key] = float(np.mean([r[key] for r in group]))
         versus = _versus_rl(rows, method, budget)
@@ -58,20 +62,39 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         versus_loss = _versus_rl(rows, method, budget, key="test_loss", scale=1.0)
         if versus_loss is not None:
             entry["rl_minus_this_loss"] = versus_loss
+        versus_reward = _versus_rl(rows, method, budget, key="best_reward", scale=1.0)
+        if versus_reward is not None:
+            entry["rl_minus_this_reward"] = versus_reward
         table.append(entry)
     return table
 
 
-def _versus_text(entry: dict[str, Any], loss: bool = False) -> str:
+def _versus_text(entry: dict[str, Any], loss: bool = False, reward: bool = False) -> str:
     """RL per-layer's paired difference as ``+1.23 [-0.40, +2.86] 4/5``: mean, 95% interval and the seeds RL
     won, in accuracy points; with ``loss``, in test loss (``-0.012 [-0.030, +0.006] 4/5``, the seeds where
-    RL's loss is the lower)."""
-    v = entry.get("rl_minus_this_loss" if loss else "rl_minus_this")
+    RL's loss is the lower); with ``reward``, in the search's reward (``+0.0312 [...] 5/5``, the seeds where
+    RL's is the higher)."""
+    v = entry.get("rl_minus_this_reward" if reward else "rl_minus_this_loss" if loss else "rl_minus_this")
     if v is None:
         return "-"
-    f = "+.3f" if loss else "+.2f"
+    f = "+.4f" if reward else "+.3f" if loss else "+.2f"
     interval = "" if v["low"] is None else f" [{v['low']:{f}}, {v['high']:{f}}]"
     return f"{v['mean']:{f}}{interval} {v['lost'] if loss else v['won']}/{v['n']}"
+
+
+def _search_lines(table: list[dict[str, Any]], markdown: bool) -> list[str]:
+    """The searches' own figures: the reward of the allocation each kept (mean over seeds), RL per-layer's
+    minus it paired over the seeds, and the search's seconds. Whether the agent found better rewards than
+    random search, before asking whether the fine-tune kept the difference."""
+    rows = [(e["label"], _budget(e), f"{e['best_reward']:.4f}", _versus_text(e, reward=True),
+             f"{e['search_seconds']:.0f}" if "search_seconds" in e else "-") for e in table if "best_reward" in e]
+    if not rows:
+        return []
+    if markdown:
+        return ["| search | budget | reward of the allocation kept | RL per-layer − this [95% CI], seeds RL higher "
+                "| search seconds |", "|---|---:|---:|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows]
+    header = f"{'search':<22}{'budget':>7}{'reward kept':>13}  {'RL - this [95% CI] RL higher':<36}{'seconds':>9}"
+    return [header, "-" * len(header)] + [f"{a:<22}{b:>7}{c:>13}  {d:<36}{e:>9}" for a, b, c, d, e in rows]
 
 
 def _loss(entry: dict[str, Any]) -> str:
@@ -92,7 +115,8 @@ def format_table(table: list[dict[str, Any]]) -> str:
         lines.append(f"{e['label']:<22}{_budget(e):>7}{acc:>16}{e['flops_ratio']:>7.3f}{e['params']:>10,.0f}"
                      f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}  "
                      f"{_versus_text(e):<28}  {_versus_text(e, loss=True)}")
-    return "\n".join(lines)
+    search = _search_lines(table, markdown=False)
+    return "\n".join(lines + ([""] + search if search else []))
 
 
 def markdown_table(table: list[dict[str, Any]]) -> str:
@@ -109,7 +133,8 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
                      f"{_versus_text(e)} | {_loss(e)} | {_versus_text(e, loss=True)} | {e['flops_ratio']:.3f} | "
                      f"{e['params']:,.0f} | {e['bytes']:,.0f} | "
                      f"{e['latency_b1_ms']:.3f} | {e['latency_b64_ms']:.3f} | {note} |")
-    return "\n".join(lines)
+    search = _search_lines(table, markdown=True)
+    return "\n".join(lines + ([""] + search if search else []))
 
 
 def pareto_plot(table: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -149,9 +149,9 @@ def _rl_run(state: SeedState, out: Path, env: str, budget: float | None) -> tupl
 
 def _rl_layer(state: SeedState, out: Path, budget: float) -> dict[str, Any]:
     report, run_dir = _rl_run(state, out, "layer", budget)
-    row = dict(report["results"]["rl"])
-    row["run_dir"] = str(run_dir)
-    return row
+    search = report["search"]
+    return {**report["results"]["rl"], "search_episodes": search["episodes"], "search_seconds": search["seconds"],
+            "best_reward": search["best_reward"], "run_dir": str(run_dir)}
 
 
 def _rl_layer_int8(state: SeedState, out: Path, budget: float) -> dict[str, Any]:

@@ -272,6 +272,47 @@ def test_summarize_pairs_rl_test_loss_with_each_method():
     assert "2/3" in format_table([entry])
 
 
+def test_summarize_pairs_the_searches_rewards_and_shows_them_apart():
+    def row(method, seed, reward, **extra):
+        return {"method": method, "budget": 0.25, "seed": seed, "test_accuracy": 0.9, "flops_ratio": 0.25,
+                "params": 10, "bytes": 100, "latency_b1_ms": 1.0, "latency_b64_ms": 2.0, "best_reward": reward,
+                "search_seconds": 30.0, **extra}
+
+    rl = [-0.40, -0.30, -0.50]
+    other = [-0.45, -0.32, -0.49]  # RL - random search: +0.05, +0.02, -0.01: RL's reward higher on two seeds
+    rows = [row("rl_layer", s, v) for s, v in enumerate(rl)] + [row("random_search", s, v) for s, v in enumerate(other)]
+    uniform_row = row("uniform_l1", 0, 0.0)
+    del uniform_row["best_reward"], uniform_row["search_seconds"]
+    rows.append(uniform_row)
+    table = summarize(rows)
+    entry = next(e for e in table if e["method"] == "random_search")
+    assert entry["best_reward"] == pytest.approx(np.mean(other)) and entry["search_seconds"] == 30.0
+    versus = entry["rl_minus_this_reward"]
+    diffs = np.array([0.05, 0.02, -0.01])
+    half = 4.302652729911275 * diffs.std(ddof=1) / np.sqrt(3)
+    assert versus["mean"] == pytest.approx(diffs.mean()) and (versus["won"], versus["lost"], versus["n"]) == (2, 1, 3)
+    assert versus["low"] == pytest.approx(diffs.mean() - half)
+    uniform = next(e for e in table if e["method"] == "uniform_l1")
+    assert "best_reward" not in uniform and "rl_minus_this_reward" not in uniform  # not a search
+    mean = diffs.mean()
+    shown = f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] 2/3"
+    for text in (markdown_table(table), format_table(table)):
+        search = text.split("reward", 1)[1]  # the searches' table follows the main one
+        assert shown in search and "-0.4200" in search and METHODS["uniform_l1"].label not in search
+
+
+def test_the_searches_rewards_reach_the_table(run):
+    out, results, text = run
+    rows = {r["method"]: r for r in results["rows"]}
+    report = json.loads((out / "runs" / "layer__b0.5__s0" / "report.json").read_text())
+    assert rows["rl_layer"]["best_reward"] == report["search"]["best_reward"]
+    assert rows["rl_layer"]["search_episodes"] == report["search"]["episodes"]
+    entry = next(e for e in results["table"] if e["method"] == "random_search")
+    assert entry["rl_minus_this_reward"]["mean"] == pytest.approx(
+        rows["rl_layer"]["best_reward"] - rows["random_search"]["best_reward"])
+    assert "reward kept" in text and "reward of the allocation kept" in (out / "results.md").read_text()
+
+
 def test_uniform_supernet_needs_a_supernet(tmp_path):
     with pytest.raises(ValueError, match="supernet_epochs"):
         compare(tiny(tmp_path / "out", methods=["uniform_supernet"], supernet_epochs=0), log=lambda text: None)
