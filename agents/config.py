@@ -34,7 +34,7 @@ ENVS = {"layer": "prunegym/LayerPruning-v0", "input": "prunegym/InputPruning-v0"
 
 
 DEFAULT_TIMESTEPS = {"layer": 6000, "input": 200_000}
-# group_l1 was measured against l1 for the layer env's supernet (docs/search.md); the input env's figures are l1's.
+# group_l1 was measured against l1 for the layer env's supernet (docs/results.md); the input env's figures are l1's.
 DEFAULT_IMPORTANCE = {"layer": "group_l1", "input": "l1"}
 
 
@@ -135,7 +135,7 @@ class TrainConfig:
     """layer env: where the search's first policy centres its actions, ``middle`` (the keep ratio halfway
     between min_keep and 1) or ``uniform`` (the uniform widths' keep ratio at --flops-target; ppo and a2c).
     ``uniform`` keeps a search at a small budget from first spending it on the first layers, where the
-    budget's clamp forces the later ones to min_keep and every draw scores alike (docs/search.md)"""
+    budget's clamp forces the later ones to min_keep and every draw scores alike (docs/results.md)"""
     importance: str | None = None
     """which channels stay inside a group: group_l1 (DepGraph's group magnitude: a channel's filter, BN scale
     and the next layers' weights that read it), l1, l2 or bn_scale; with a supernet, the order its channels

@@ -37,8 +37,9 @@ def default_hyperparameters(algo: str, episode_length: int, action_dim: int | No
     minibatch of them) from a Gaussian policy whose standard deviation starts at 0.37 (``log_std_init``
     -1), not 1, which on a [-1, 1] action clips a third of the draws to a bound: so set, it finds
     higher rewards than random sampling in as many episodes on ResNet-20, which PPO with the
-    earlier rollouts of 16 episodes and std 1 did not (docs/search.md). ``num_envs`` copies of one env stepping in
-    parallel (``batched`` False) keep one env's rollout and update sizes: each holds its share of
+    earlier rollouts of 16 episodes and std 1 did not (docs/search.md, docs/results.md).
+    ``num_envs`` copies of one env stepping in parallel (``batched`` False) keep one env's rollout
+    and update sizes: each holds its share of
     the rollout, and off-policy agents take a gradient step per timestep. A ``batched`` env (the
     per-input env, many inputs at once) gets rollouts of a few episodes of each input, and PPO a
     small entropy bonus: every input is a new situation, and the policy must not settle on one

@@ -227,7 +227,7 @@ def _load_digits_distorted(_: Path | None) -> _Raw:
     """scikit-learn's digits, each rotated by up to ±20°, shifted by up to a pixel and noised (σ 2 on
     their 0-16 scale): 1,437 train images, each distorted once, and 3,600 test images, ten distortions
     of each of 360 other digits, the same for every seed. On this task a dense digits CNN scores about
-    91% and pruned allocations differ by points (docs/search.md gives the figures)."""
+    91% and pruned allocations differ by points (docs/results.md gives the figures)."""
     from scipy import ndimage  # imported here, as scikit-learn (which depends on SciPy) is
     from sklearn.datasets import load_digits
 

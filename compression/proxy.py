@@ -20,7 +20,8 @@ logistic regression on them (L-BFGS from the classifier's own weights, an L2 pen
 ``HEAD_REFIT_L2``). Batch-norm recalibration puts right the statistics a sub-network no longer shares
 with the full model; the classifier a weight-sharing supernet shares between all its widths stays as
 the widths' average left it, and penalises the candidates whose last features it fits least well,
-which the fine-tune after the search puts right (docs/search.md measures what it changes).
+which the fine-tune after the search puts right (docs/search.md measures how it ranks,
+docs/results.md what the search gains).
 
 Either way it reports the cross-entropy (``loss``), the ``accuracy``, and the ``distillation`` loss:
 the KL divergence from the full model's predictions on the same images (T = 1).

@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "budget (EagleEye's sampler; one supernet per budget) (default: uniform)")
     proxy.add_argument("--importance", choices=sorted(IMPORTANCES), default=None,
                        help="proxy and search: the order the supernet's channels are put in (default: train.py's, "
-                            "group_l1; the tables of docs/search.md before group_l1 became the default ran with l1)")
+                            "group_l1; the tables of docs/search.md and docs/results.md marked filter-L1 order ran "
+                            "with l1)")
     proxy.add_argument("--finetune-steps", type=_counts, default=[20, 60],
                        help="proxy: lengths of the short-term fine-tune evaluation, in batches of 64 "
                             "(default: 20,60)")
