@@ -69,24 +69,30 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def _versus_text(entry: dict[str, Any], loss: bool = False, reward: bool = False) -> str:
+# What RL per-layer's paired difference is taken in: the entry's key, its format, and which seeds are counted
+# (won: RL's is the higher; lost: RL's is the lower, the better for a loss).
+_VERSUS = {"accuracy": ("rl_minus_this", "+.2f", "won"), "loss": ("rl_minus_this_loss", "+.3f", "lost"),
+           "reward": ("rl_minus_this_reward", "+.4f", "won")}
+
+
+def _versus_text(entry: dict[str, Any], kind: str = "accuracy") -> str:
     """RL per-layer's paired difference as ``+1.23 [-0.40, +2.86] 4/5``: mean, 95% interval and the seeds RL
-    won, in accuracy points; with ``loss``, in test loss (``-0.012 [-0.030, +0.006] 4/5``, the seeds where
-    RL's loss is the lower); with ``reward``, in the search's reward (``+0.0312 [...] 5/5``, the seeds where
+    won, in accuracy points; ``kind`` loss: in test loss (``-0.012 [-0.030, +0.006] 4/5``, the seeds where
+    RL's loss is the lower); ``kind`` reward: in the search's reward (``+0.0312 [...] 5/5``, the seeds where
     RL's is the higher)."""
-    v = entry.get("rl_minus_this_reward" if reward else "rl_minus_this_loss" if loss else "rl_minus_this")
+    key, f, counted = _VERSUS[kind]
+    v = entry.get(key)
     if v is None:
         return "-"
-    f = "+.4f" if reward else "+.3f" if loss else "+.2f"
     interval = "" if v["low"] is None else f" [{v['low']:{f}}, {v['high']:{f}}]"
-    return f"{v['mean']:{f}}{interval} {v['lost'] if loss else v['won']}/{v['n']}"
+    return f"{v['mean']:{f}}{interval} {v[counted]}/{v['n']}"
 
 
 def _search_lines(table: list[dict[str, Any]], markdown: bool) -> list[str]:
     """The searches' own figures: the reward of the allocation each kept (mean over seeds), RL per-layer's
     minus it paired over the seeds, and the search's seconds. Whether the agent found better rewards than
     random search, before asking whether the fine-tune kept the difference."""
-    rows = [(e["label"], _budget(e), f"{e['best_reward']:.4f}", _versus_text(e, reward=True),
+    rows = [(e["label"], _budget(e), f"{e['best_reward']:.4f}", _versus_text(e, "reward"),
              f"{e['search_seconds']:.0f}" if "search_seconds" in e else "-") for e in table if "best_reward" in e]
     if not rows:
         return []
@@ -114,7 +120,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
         acc = f"{e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f}"
         lines.append(f"{e['label']:<22}{_budget(e):>7}{acc:>16}{e['flops_ratio']:>7.3f}{e['params']:>10,.0f}"
                      f"{e['bytes']:>10,.0f}{e['latency_b1_ms']:>8.3f}{e['latency_b64_ms']:>8.3f}  "
-                     f"{_versus_text(e):<28}  {_versus_text(e, loss=True)}")
+                     f"{_versus_text(e):<28}  {_versus_text(e, 'loss')}")
     search = _search_lines(table, markdown=False)
     return "\n".join(lines + ([""] + search if search else []))
 
@@ -130,7 +136,7 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         if "sparsity" in e:
             note += f"; sparsity {e['sparsity']:.2f}"
         lines.append(f"| {e['label']} | {_budget(e)} | {e['accuracy_mean']:.2f} ± {e['accuracy_std']:.2f} | "
-                     f"{_versus_text(e)} | {_loss(e)} | {_versus_text(e, loss=True)} | {e['flops_ratio']:.3f} | "
+                     f"{_versus_text(e)} | {_loss(e)} | {_versus_text(e, 'loss')} | {e['flops_ratio']:.3f} | "
                      f"{e['params']:,.0f} | {e['bytes']:,.0f} | "
                      f"{e['latency_b1_ms']:.3f} | {e['latency_b64_ms']:.3f} | {note} |")
     search = _search_lines(table, markdown=True)

@@ -39,8 +39,8 @@ def default_hyperparameters(algo: str, episode_length: int, action_dim: int | No
     higher rewards than random sampling in as many episodes on ResNet-20, which PPO with the
     earlier rollouts of 16 episodes and std 1 did not (docs/search.md, docs/results.md).
     ``num_envs`` copies of one env stepping in parallel (``batched`` False) keep one env's rollout
-    and update sizes: each holds its share of
-    the rollout, and off-policy agents take a gradient step per timestep. A ``batched`` env (the
+    and update sizes: each holds its share of the rollout, and off-policy agents take a gradient step
+    per timestep. A ``batched`` env (the
     per-input env, many inputs at once) gets rollouts of a few episodes of each input, and PPO a
     small entropy bonus: every input is a new situation, and the policy must not settle on one
     action early.
